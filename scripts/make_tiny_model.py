@@ -57,7 +57,7 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-_WORDS = (
+_WORD_TEXT = (
     "the a an one two three some many every this that these those my your our their "
     "cat dog bird fish horse river mountain city village forest ocean road bridge house "
     "garden window door table chair book letter story song music light shadow morning "
@@ -70,7 +70,8 @@ _WORDS = (
     "red green blue small large old new bright dark warm cold happy tired long short "
     "in on under over near behind before after with without through across into from "
     "and but or so because while when if then also still again"
-).split()
+)
+_WORDS = _WORD_TEXT.split()
 
 
 def _corpus(rng: random.Random, n: int = 4000) -> list[str]:
