@@ -1,0 +1,186 @@
+"""Admission control: per-stage token budgets, one bounded FIFO wait queue, fast rejection.
+
+A request needs room in BOTH stages before it is admitted: prefill (its prompt tokens, held
+until its prefill leg ends) and decode (prompt + max new tokens, held until its stream ends).
+Reserving the decode share up front is the rate matching: when decode is the bottleneck, new
+prefills wait instead of piling up finished prefills whose KV leases expire while they wait for
+a decode slot.
+
+Waiting is FIFO across stages (a small request never overtakes a big one, so nothing starves),
+bounded by the blocking stage's ``max_queue`` (beyond it: 429 at once) and by its
+``queue_timeout_s`` (then: 503). Both answers carry Retry-After and name the stage. A request
+larger than a stage's whole budget can never be admitted and gets 413 immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from lb.config import PoolConfig
+from lb.errors import Overloaded, PayloadTooLarge
+from lb.metrics import Metrics
+
+STAGES = ("prefill", "decode")
+
+
+@dataclass(slots=True)
+class _Stage:
+    name: str
+    limit: int | None
+    max_queue: int
+    queue_timeout_s: float
+    admitted: int = 0
+    waiting: int = 0
+
+    def fits(self, tokens: int) -> bool:
+        return self.limit is None or self.admitted + tokens <= self.limit
+
+
+@dataclass(slots=True)
+class _Waiter:
+    need: dict[str, int]
+    blocked_on: str
+    future: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Ticket:
+    """What an admitted request holds; releasing it (stage by stage, or all) admits others."""
+
+    __slots__ = ("_admission", "_held")
+
+    def __init__(self, admission: Admission, need: dict[str, int]) -> None:
+        self._admission = admission
+        self._held = dict(need)
+
+    def resize(self, stage: str, tokens: int) -> None:
+        """Correct a stage's charge (e.g. the prefill's real prompt_tokens); may exceed budget
+        briefly — the estimate was wrong, the tokens are already on the backend."""
+        if stage in self._held:
+            self._admission._stages[stage].admitted += tokens - self._held[stage]
+            self._held[stage] = tokens
+            self._admission._wake()
+
+    def release(self, stage: str | None = None) -> None:
+        """Release one stage's share, or everything still held (idempotent)."""
+        stages = [stage] if stage is not None else list(self._held)
+        for name in stages:
+            tokens = self._held.pop(name, None)
+            if tokens is not None:
+                self._admission._stages[name].admitted -= tokens
+        self._admission._wake()
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class Admission:
+    def __init__(self, pools: Mapping[str, PoolConfig], metrics: Metrics) -> None:
+        self._stages = {
+            name: _Stage(name, pools[name].max_inflight_tokens, pools[name].max_queue,
+                         pools[name].queue_timeout_s)
+            for name in STAGES
+        }
+        self._queue: deque[_Waiter] = deque()
+        self._metrics = metrics
+        for name, stage in self._stages.items():
+            metrics.watch("pdlb_admission_queue_depth", "Requests waiting for a stage's budget.",
+                          {"stage": name}, lambda s=stage: s.waiting)  # type: ignore[misc]
+            metrics.watch("pdlb_admitted_tokens", "Tokens admitted and not yet released, per"
+                          " stage.", {"stage": name}, lambda s=stage: s.admitted)  # type: ignore[misc]
+            if stage.limit is not None:
+                metrics.gauge("pdlb_admission_budget_tokens", "Configured token budget per stage.",
+                              ["stage"]).labels(stage=name).set(stage.limit)
+        self._wait_hist = {n: metrics.queue_wait.labels(stage=n) for n in STAGES}
+
+    def admitted_tokens(self, stage: str) -> int:
+        return self._stages[stage].admitted
+
+    def _blocking(self, need: dict[str, int]) -> str | None:
+        for name, tokens in need.items():
+            if not self._stages[name].fits(tokens):
+                return name
+        return None
+
+    def _take(self, need: dict[str, int]) -> None:
+        for name, tokens in need.items():
+            self._stages[name].admitted += tokens
+
+    def _wake(self) -> None:
+        while self._queue:
+            head = self._queue[0]
+            if head.future.done():  # timed out or cancelled; already uncounted
+                self._queue.popleft()
+                continue
+            blocked = self._blocking(head.need)
+            if blocked is not None:
+                if blocked != head.blocked_on:
+                    self._stages[head.blocked_on].waiting -= 1
+                    self._stages[blocked].waiting += 1
+                    head.blocked_on = blocked
+                return
+            self._queue.popleft()
+            self._stages[head.blocked_on].waiting -= 1
+            self._take(head.need)
+            head.future.set_result(None)
+
+    def _reject(self, stage: str, reason: str, status: int, message: str) -> Overloaded:
+        self._metrics.rejections.labels(stage=stage, reason=reason).inc()
+        return Overloaded(message, stage=stage, reason=reason, status=status,
+                          retry_after_s=max(1.0, self._stages[stage].queue_timeout_s / 4))
+
+    async def admit(self, prefill_tokens: int, decode_tokens: int) -> Ticket:
+        need = {"prefill": prefill_tokens, "decode": decode_tokens}
+        for name, tokens in need.items():
+            limit = self._stages[name].limit
+            if limit is not None and tokens > limit:
+                self._metrics.rejections.labels(stage=name, reason="too_large").inc()
+                raise PayloadTooLarge(
+                    f"request needs {tokens} {name} tokens but the {name} pool's budget is"
+                    f" {limit} (max_inflight_tokens); shorten the prompt or max_tokens",
+                    code="request_too_large",
+                )
+        blocked = None if self._queue else self._blocking(need)
+        if blocked is None and not self._queue:
+            self._take(need)
+            return Ticket(self, need)
+        blocked = blocked or self._blocking(need) or self._queue[-1].blocked_on
+        stage = self._stages[blocked]
+        if stage.waiting >= stage.max_queue:
+            raise self._reject(blocked, "queue_full", 429,
+                               f"{blocked} stage saturated and its wait queue is full"
+                               f" ({stage.max_queue}); retry later")
+        waiter = _Waiter(need, blocked)
+        self._queue.append(waiter)
+        stage.waiting += 1
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), stage.queue_timeout_s)
+        except BaseException as exc:
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Admitted at the very moment we gave up: hand the tokens back.
+                Ticket(self, need).release()
+            else:
+                waiter.future.cancel()
+                self._stages[waiter.blocked_on].waiting -= 1
+                self._wake()
+            if isinstance(exc, TimeoutError):
+                raise self._reject(
+                    waiter.blocked_on, "queue_timeout", 503,
+                    f"{waiter.blocked_on} stage saturated: no room within"
+                    f" {stage.queue_timeout_s:g} s; retry later",
+                ) from None
+            raise
+        self._wait_hist[blocked].observe(time.monotonic() - started)
+        return Ticket(self, need)

@@ -1,0 +1,211 @@
+"""The aiohttp application: routes, the error middleware, and the app's shared resources.
+
+Nothing is global: :func:`create_app` builds every object from the config and hangs it on
+the app under typed keys; the client session and background tasks live in ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from lb.admission import Admission
+from lb.config import Config
+from lb.connectors.registry import build_connector
+from lb.errors import InvalidRequest, NotFound, PayloadTooLarge, PdlbError
+from lb.health import HealthChecker
+from lb.metrics import Metrics
+from lb.pool import Pool
+from lb.proxy import Proxy
+from lb.request import Endpoint
+from lb.tokens import PromptTokenizer, make_counter
+from lb.upstream import Upstream
+from policies.registry import PolicyLoadError, build_policy
+
+log = logging.getLogger("pdlb.app")
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+POOLS = web.AppKey("pools", dict)
+UPSTREAM = web.AppKey("upstream", Upstream)
+PROXY = web.AppKey("proxy", Proxy)
+HEALTH = web.AppKey("health", HealthChecker)
+MODELS_CACHE = web.AppKey("models_cache", list)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), status=status, content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error_response(exc: PdlbError) -> web.Response:
+    return web.Response(
+        body=exc.body(), status=exc.status, content_type="application/json",
+        headers=exc.headers() or None,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI-shaped JSON error with the right status."""
+    metrics = request.app[METRICS]
+    endpoint = request.get("pdlb_endpoint")
+    try:
+        response = await handler(request)
+    except PdlbError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        response = _error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        response = _error_response(PayloadTooLarge(
+            f"request body is larger than the limit of {request.app[CONFIG].server.max_body_bytes}"
+            " bytes",
+            code="body_too_large"))
+    except web.HTTPNotFound:
+        response = _error_response(NotFound(
+            f"no route for {request.method} {request.path}", code="unknown_route"))
+    except web.HTTPMethodNotAllowed as exc:
+        response = _error_response(PdlbError(
+            f"method {exc.method} not allowed on {request.path}", status=405,
+            code="method_not_allowed"))
+    except web.HTTPException as exc:
+        response = _error_response(PdlbError(exc.reason, status=exc.status))
+    except asyncio.CancelledError:
+        if endpoint is not None:
+            metrics.client_disconnects.labels(phase="before_response").inc()
+            metrics.requests.labels(endpoint=endpoint, status="499").inc()
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = _error_response(PdlbError("internal error in pdlb", code="internal_error"))
+    if endpoint is not None:
+        metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
+    return response
+
+
+def _completion_handler(endpoint: Endpoint) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        request["pdlb_endpoint"] = endpoint
+        if request.content_type not in ("application/json", "", "application/octet-stream"):
+            raise InvalidRequest(
+                f"Content-Type must be application/json, got {request.content_type}",
+                code="unsupported_media_type", status=415)
+        return await request.app[PROXY].handle(request, endpoint)
+
+    return handle
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when each pool has a usable backend; 503 naming the pools that have none."""
+    pools: dict[str, Pool] = request.app[POOLS]
+    status = {
+        name: {
+            "usable_backends": sum(1 for b in pool.backends if b.healthy),
+            "backends": len(pool.backends),
+        }
+        for name, pool in pools.items()
+    }
+    down = [name for name, s in status.items() if s["usable_backends"] == 0]
+    if down:
+        return _json(503, {"status": "unavailable",
+                           "reason": f"no usable backend in pool(s): {', '.join(down)}",
+                           "pools": status})
+    return _json(200, {"status": "ok", "pools": status})
+
+
+async def models(request: web.Request) -> web.Response:
+    """The union of the models the decode and prefill backends serve (cached 5 s)."""
+    cache: list[Any] = request.app[MODELS_CACHE]
+    now = time.monotonic()
+    if cache and now - cache[0] < 5.0:
+        return _json(200, cache[1])
+    upstream = request.app[UPSTREAM]
+    pools: dict[str, Pool] = request.app[POOLS]
+    backends = [b for name in ("decode", "prefill") for b in pools[name].backends if b.healthy]
+    timeout = request.app[CONFIG].health.timeout_s * 2
+
+    async def fetch(url: str) -> Any:
+        try:
+            return await upstream.get_json(url + "/v1/models", timeout_s=timeout)
+        except PdlbError:
+            return None
+
+    answers = await asyncio.gather(*(fetch(b.url) for b in backends))
+    seen: dict[str, Any] = {}
+    for answer in answers:
+        if isinstance(answer, dict) and isinstance(answer.get("data"), list):
+            for model in answer["data"]:
+                if isinstance(model, dict) and isinstance(model.get("id"), str):
+                    seen.setdefault(model["id"], model)
+    if not seen:
+        raise PdlbError("no backend answered /v1/models", status=503,
+                        code="backends_unavailable")
+    payload = {"object": "list", "data": list(seen.values())}
+    cache[:] = [now, payload]
+    return _json(200, payload)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the pdlb application from a validated config (raises ConfigError at start-up)."""
+    from lb.errors import ConfigError
+
+    metrics = Metrics()
+    pools: dict[str, Pool] = {}
+    for name, pool_config in config.pools.items():
+        try:
+            policy = build_policy(pool_config.policy, pool_config.policy_options, pool=name)
+        except PolicyLoadError as exc:
+            raise ConfigError(f"{config.source}: {exc}") from None
+        pools[name] = Pool(pool_config, policy, metrics)
+    connector = build_connector(config.kv_transfer.connector, config.kv_transfer.options,
+                                config.source)
+    upstream = Upstream(config.server.timeouts)
+    tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
+    admission = Admission(config.pools, metrics)
+    proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics)
+    checker = HealthChecker(
+        [b for pool in pools.values() for b in pool.backends], upstream, config.health
+    )
+
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
+    )
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[POOLS] = pools
+    app[UPSTREAM] = upstream
+    app[PROXY] = proxy
+    app[HEALTH] = checker
+    app[MODELS_CACHE] = []
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        await upstream.start()
+        checker.start()
+        yield
+        await checker.stop()
+        await upstream.close()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_post("/v1/completions", _completion_handler("completions"))
+    app.router.add_post("/v1/chat/completions", _completion_handler("chat"))
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app

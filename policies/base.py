@@ -1,0 +1,140 @@
+"""The routing-policy plugin interface — everything a policy author needs is in this file.
+
+A policy picks ONE backend for ONE leg (prefill or decode) of one request. pdlb builds one
+policy object per pool at start-up (``policy = "name"`` and ``[pools.<pool>.policy_options]``
+in backends.toml) and calls :meth:`Policy.pick` for every request on the event loop, so:
+
+* ``pick`` is synchronous, does no I/O and should cost microseconds;
+* it gets only *usable* candidates (healthy, not at their own token budget), never an empty
+  sequence, and must return one of them;
+* it reads, never writes, the backend views: pdlb does all accounting itself.
+
+Optional hooks live in a second protocol, :class:`PolicyHooks`; pdlb calls
+``on_request_done`` after a leg finished on a backend (for learning or stateful policies).
+
+A minimal policy::
+
+    class FewestRequests:
+        def __init__(self, options: Mapping[str, Any]) -> None:
+            check_options("fewest_requests", options, {})
+
+        def pick(self, request: RouteRequest, candidates: Sequence[BackendView]) -> BackendView:
+            return min(candidates, key=lambda b: b.inflight_requests)
+
+Register it under the entry-point group ``pdlb.policies`` in your package's pyproject::
+
+    [project.entry-points."pdlb.policies"]
+    fewest_requests = "my_package.module:FewestRequests"
+
+and select it with ``policy = "fewest_requests"``. The factory (usually the class) is called
+with the pool's ``policy_options`` table; raise :class:`PolicyOptionError` for a bad option —
+pdlb reports it at start-up with the pool and option named. See ``examples/`` for a complete,
+installable plugin and ``policies.testing`` for fakes to unit-test ``pick``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Leg = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapedLoad:
+    """The backend's own view of its load, from its ``/metrics`` (vLLM names)."""
+
+    running: float = 0.0
+    """vllm:num_requests_running"""
+    waiting: float = 0.0
+    """vllm:num_requests_waiting"""
+    kv_usage: float = 0.0
+    """vllm:kv_cache_usage_perc, a 0..1 fraction"""
+    age_s: float = 0.0
+    """Seconds since this sample was taken."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What pdlb knows about the request when it routes one leg."""
+
+    request_id: str
+    leg: Leg
+    endpoint: str
+    """``completions`` or ``chat``."""
+    model: str | None
+    prompt_tokens: int
+    """Counted by pdlb (an estimate until the prefill's usage corrects it)."""
+    max_tokens: int
+    """The new tokens the decode may generate (the client's max_tokens, or pdlb's default)."""
+    session_key: str | None
+    """``X-Session-Id`` header, else the body's ``user`` field, else None."""
+    prefix_hashes: tuple[int, ...] = ()
+    """Hashes of the prompt's leading blocks, cumulative (hash i covers blocks 0..i): two
+    prompts sharing k blocks share their first k hashes. Empty when not computed."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """The client's request headers, lower-case names (Authorization removed)."""
+
+
+@runtime_checkable
+class BackendView(Protocol):
+    """Read-only view of one backend, as a policy sees it."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def index(self) -> int:
+        """Position in the pool's configured list (stable across requests)."""
+        ...
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def inflight_requests(self) -> int: ...
+    @property
+    def inflight_tokens(self) -> int:
+        """Tokens pdlb has dispatched to this backend and not yet seen finish."""
+        ...
+    @property
+    def load(self) -> ScrapedLoad | None:
+        """Latest scraped vLLM load, or None when not scraped (yet)."""
+        ...
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Picks one backend among usable candidates. Synchronous, no I/O."""
+
+    def pick(self, request: RouteRequest, candidates: Sequence[BackendView]) -> BackendView: ...
+
+
+@runtime_checkable
+class PolicyHooks(Protocol):
+    """Optional: implement to hear when a leg finished on the backend you picked."""
+
+    def on_request_done(
+        self, request: RouteRequest, backend: BackendView, ok: bool, duration_s: float
+    ) -> None: ...
+
+
+PolicyFactory = Callable[[Mapping[str, Any]], Policy]
+
+
+class PolicyOptionError(ValueError):
+    """Raised by a policy factory for a bad option; the message should name the option."""
+
+
+def check_options(
+    policy: str, options: Mapping[str, Any], allowed: Mapping[str, type | tuple[type, ...]]
+) -> None:
+    """Reject unknown options and options of the wrong type, naming them."""
+    for name, value in options.items():
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise PolicyOptionError(f"{policy}: unknown option {name!r} (known: {known})")
+        kind = allowed[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} has the wrong type")
+        if not isinstance(value, kind):
+            raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} has the wrong type")

@@ -1,0 +1,87 @@
+"""Find policies by name through the ``pdlb.policies`` entry-point group, and check them.
+
+Everything is checked when pdlb starts: an unknown name lists the available ones, a plugin
+that does not implement :class:`policies.base.Policy` is named with what it lacks, and a bad
+option is named by the factory's :class:`PolicyOptionError`. Built-ins are registered through
+pdlb's own pyproject like any plugin, with an in-code fallback so a source checkout that was
+never pip-installed still finds them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from policies.base import Policy, PolicyOptionError
+
+GROUP = "pdlb.policies"
+
+BUILTINS: Mapping[str, str] = {
+    "round_robin": "policies.round_robin:RoundRobin",
+    "least_tokens": "policies.least_tokens:LeastTokens",
+}
+
+
+class PolicyLoadError(ValueError):
+    """A policy could not be found, loaded, or built; the message says which and why."""
+
+
+def available() -> dict[str, str]:
+    """Name → "module:attr" for every registered policy (plugins may override nothing)."""
+    found = dict(BUILTINS)
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def _load(name: str, target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise PolicyLoadError(f"policy {name!r} ({target}): cannot load: {exc}") from exc
+    return obj
+
+
+def build_policy(name: str, options: Mapping[str, Any], *, pool: str) -> Policy:
+    """Build the policy ``name`` for ``pool`` with its options, or raise PolicyLoadError."""
+    registry = available()
+    if name not in registry:
+        raise PolicyLoadError(
+            f"pools.{pool}.policy = {name!r}: unknown policy"
+            f" (available: {', '.join(sorted(registry))})"
+        )
+    factory = _load(name, registry[name])
+    if not callable(factory):
+        raise PolicyLoadError(f"policy {name!r} ({registry[name]}) is not callable")
+    try:
+        policy = factory(dict(options))
+    except PolicyOptionError as exc:
+        raise PolicyLoadError(f"pools.{pool}.policy_options: {exc}") from None
+    except TypeError as exc:
+        raise PolicyLoadError(
+            f"policy {name!r} ({registry[name]}): its factory must accept one argument, the"
+            f" options mapping: {exc}"
+        ) from None
+    pick = getattr(policy, "pick", None)
+    if not callable(pick):
+        raise PolicyLoadError(
+            f"policy {name!r} ({registry[name]}) does not implement Policy: it has no pick() method"
+        )
+    if inspect.iscoroutinefunction(pick):
+        raise PolicyLoadError(
+            f"policy {name!r} ({registry[name]}): pick() must be synchronous (it runs on the"
+            " event loop for every request); it is declared async"
+        )
+    try:
+        inspect.signature(pick).bind(None, ())
+    except TypeError:
+        raise PolicyLoadError(
+            f"policy {name!r} ({registry[name]}): pick() must take (request, candidates)"
+        ) from None
+    return policy  # type: ignore[no-any-return]
