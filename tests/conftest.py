@@ -1,0 +1,79 @@
+"""Shared fixtures: real pdlb servers on ephemeral loopback ports, and the zero-counter check.
+
+Every pdlb started through :func:`start_pdlb` is checked after its test: all in-flight
+request and token counters — per backend, per pool and per admission stage — must be back
+to exactly zero. A leak anywhere fails the test that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from lb.app import POOLS, PROXY
+from lb.config import Config, parse_config
+from lb.server import start_site
+
+
+def make_config(prefill: list[str], decode: list[str], **extra: Any) -> Config:
+    """A Config from URLs plus optional TOML-shaped overrides (server=..., pools=...)."""
+    pools: dict[str, Any] = {
+        "prefill": {"backends": [{"url": u} for u in prefill]},
+        "decode": {"backends": [{"url": u} for u in decode]},
+    }
+    for name, table in (extra.pop("pools", None) or {}).items():
+        pools[name].update(table)
+    data: dict[str, Any] = {"pools": pools, "server": {"port": 0}, **extra}
+    data.setdefault("health", {"interval_s": 0.2, "timeout_s": 0.5})
+    return parse_config(data, "<test>")
+
+
+def counters(app: web.Application) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, pool in app[POOLS].items():
+        out[f"{name}.requests"] = pool.inflight_requests
+        out[f"{name}.tokens"] = pool.inflight_tokens
+        for b in pool.backends:
+            out[f"{name}.{b.url}.requests"] = b.inflight_requests
+            out[f"{name}.{b.url}.tokens"] = b.inflight_tokens
+    admission = app[PROXY].admission
+    for stage in ("prefill", "decode"):
+        out[f"admission.{stage}"] = admission.admitted_tokens(stage)
+    return out
+
+
+async def wait_idle(app: web.Application, timeout: float = 5.0) -> dict[str, int]:
+    """Wait until every counter is zero (handlers finish asynchronously after a disconnect)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        values = counters(app)
+        if not any(values.values()) or asyncio.get_running_loop().time() > deadline:
+            return values
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def start_pdlb() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: ``url, app = await start_pdlb(config)``; asserts zero counters afterwards."""
+    runners: list[web.AppRunner] = []
+
+    async def start(config: Config) -> tuple[str, web.Application]:
+        runner, url = await start_site(config, drain_s=1.0)
+        runners.append(runner)
+        return url, runner.app
+
+    yield start
+    try:
+        for runner in runners:
+            leftover = await wait_idle(runner.app)
+            nonzero = {k: v for k, v in leftover.items() if v}
+            assert not nonzero, f"in-flight counters not back to zero: {nonzero}"
+    finally:
+        for runner in runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
