@@ -37,6 +37,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 PROXY = web.AppKey("proxy", Proxy)
 HEALTH = web.AppKey("health", HealthChecker)
 MODELS_CACHE = web.AppKey("models_cache", list)
+ENDPOINT = web.RequestKey("endpoint", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,7 +60,6 @@ def _error_response(exc: PdlbError) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as an OpenAI-shaped JSON error with the right status."""
     metrics = request.app[METRICS]
-    endpoint = request.get("pdlb_endpoint")
     try:
         response = await handler(request)
     except PdlbError as exc:
@@ -81,6 +81,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         response = _error_response(PdlbError(exc.reason, status=exc.status))
     except asyncio.CancelledError:
+        endpoint = request.get(ENDPOINT)
         if endpoint is not None:
             metrics.client_disconnects.labels(phase="before_response").inc()
             metrics.requests.labels(endpoint=endpoint, status="499").inc()
@@ -88,6 +89,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = _error_response(PdlbError("internal error in pdlb", code="internal_error"))
+    endpoint = request.get(ENDPOINT)
     if endpoint is not None:
         metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
     return response
@@ -95,7 +97,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _completion_handler(endpoint: Endpoint) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        request["pdlb_endpoint"] = endpoint
+        request[ENDPOINT] = endpoint
         if request.content_type not in ("application/json", "", "application/octet-stream"):
             raise InvalidRequest(
                 f"Content-Type must be application/json, got {request.content_type}",

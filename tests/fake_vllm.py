@@ -48,7 +48,7 @@ def _usage(b: FakeBehaviour, prompt: int, completion: int, cached: int | None) -
 def make_fake(role: str, b: FakeBehaviour) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        b.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        b.requests.append({"path": request.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body})
         if b.delay_s:
             await asyncio.sleep(b.delay_s)
         if b.status != 200:
