@@ -38,15 +38,15 @@ async def start_site(config: Config, *, drain_s: float = 30.0) -> tuple[web.AppR
 
 
 async def serve(config: Config) -> None:
-    runner, url = await start_site(config)
-    print(f"pdlb listening on {url}", flush=True)
-    log.info("prefill: %s", ", ".join(b.url for b in config.prefill.backends))
-    log.info("decode: %s", ", ".join(b.url for b in config.decode.backends))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    runner, url = await start_site(config)
+    print(f"pdlb listening on {url}", flush=True)
+    log.info("prefill: %s", ", ".join(b.url for b in config.prefill.backends))
+    log.info("decode: %s", ", ".join(b.url for b in config.decode.backends))
     try:
         await stop.wait()
     finally:
