@@ -128,17 +128,16 @@ def test_cli_bad_flag_url():
 
 
 def test_cli_serve_prints_listening_line_and_stops_on_sigterm():
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "lb.cli", "serve", "--prefill", "http://127.0.0.1:9",
          "--decode", "http://127.0.0.1:9", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("pdlb listening on http://127.0.0.1:")
-        proc.terminate()
-        assert proc.wait(timeout=20) == 0
-    finally:
-        proc.kill()
-        proc.wait()
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("pdlb listening on http://127.0.0.1:")
+            proc.terminate()
+            assert proc.wait(timeout=20) == 0
+        finally:
+            proc.kill()
