@@ -1,0 +1,105 @@
+"""Token counting and the NIXL connector's handshake details."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from lb.config import TokenizerConfig
+from lb.connectors.nixl import NixlConnector
+from lb.errors import PrefillFailed
+from lb.pool import Backend
+from lb.request import parse_request
+from lb.tokens import EstimateCounter, PromptTokenizer, make_counter
+
+TIKTOKEN = PromptTokenizer(make_counter(TokenizerConfig()), offload_chars=16_384)
+
+
+async def test_tiktoken_counts_completions_forms():
+    assert await TIKTOKEN.count("completions", {"prompt": "hello world"}) == 2
+    assert await TIKTOKEN.count("completions", {"prompt": [1, 2, 3]}) == 3
+    assert await TIKTOKEN.count("completions", {"prompt": [[1, 2], [3]]}) == 3
+    assert await TIKTOKEN.count("completions", {"prompt": ["hello", "world"]}) == 2
+
+
+async def test_chat_counts_text_plus_template_allowance():
+    body = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": [{"type": "text", "text": "hello world"}]}]}
+    n = await TIKTOKEN.count("chat", body)
+    assert 10 < n < 25
+
+
+async def test_long_prompt_is_counted_off_the_loop():
+    """A 2 MB prompt is counted in a thread: the loop keeps ticking meanwhile."""
+    prompt = "lorem ipsum dolor sit amet " * 80_000
+    ticks = 0
+    stop = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    n = await TIKTOKEN.count("completions", {"prompt": prompt})
+    elapsed = time.perf_counter() - started
+    stop = True
+    await task
+    assert n > 300_000
+    if elapsed > 0.05:  # only meaningful when counting took a while
+        assert ticks > 3
+
+
+def test_estimate_counter():
+    assert EstimateCounter().count("abcd" * 10) == 10
+
+
+PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1]],
+          "remote_engine_id": "e", "remote_request_id": "r", "remote_host": "localhost",
+          "remote_port": 5600, "tp_size": 1, "remote_prefill_cached_tokens": 32}
+
+
+@pytest.mark.parametrize(
+    "mode,backend_url,advertised,expected",
+    [
+        ("auto", "http://10.1.2.3:8100", "localhost", "10.1.2.3"),
+        ("auto", "http://10.1.2.3:8100", "0.0.0.0", "10.1.2.3"),
+        ("auto", "http://10.1.2.3:8100", "10.9.9.9", "10.9.9.9"),
+        ("auto", "http://127.0.0.1:8100", "localhost", "localhost"),
+        ("never", "http://10.1.2.3:8100", "localhost", "localhost"),
+        ("always", "http://10.1.2.3:8100", "10.9.9.9", "10.1.2.3"),
+    ],
+)
+def test_remote_host_rewrite(mode, backend_url, advertised, expected):
+    connector = NixlConnector({"rewrite_remote_host": mode})
+    backend = Backend(backend_url, 0, "prefill", None)
+    result = connector.accept_prefill({"kv_transfer_params": {**PARAMS, "remote_host": advertised}},
+                                      backend)
+    assert result.handoff is not None and result.handoff["remote_host"] == expected
+    assert result.cached_tokens == 32  # from remote_prefill_cached_tokens
+
+
+def test_incomplete_params_are_a_prefill_failure():
+    connector = NixlConnector({})
+    backend = Backend("http://127.0.0.1:1", 0, "prefill", None)
+    with pytest.raises(PrefillFailed) as info:
+        connector.accept_prefill({"kv_transfer_params": {"remote_host": "x"}}, backend)
+    assert info.value.reason == "incomplete_kv_transfer_params"
+    with pytest.raises(PrefillFailed):
+        connector.accept_prefill({"kv_transfer_params": {}}, backend)
+
+
+def test_chat_prefill_body_caps_max_completion_tokens():
+    import orjson
+
+    req = parse_request(orjson.dumps({"messages": [{"role": "user", "content": "x"}],
+                                      "max_completion_tokens": 50, "stream": True,
+                                      "stream_options": {"include_usage": True}}), "chat", {})
+    body = NixlConnector({}).prefill_body(req)
+    assert body["max_tokens"] == 1 and body["max_completion_tokens"] == 1
+    assert body["stream"] is False and "stream_options" not in body
+    assert req.body["max_completion_tokens"] == 50  # the client's body is untouched
