@@ -47,9 +47,9 @@ def counters(app: web.Application) -> dict[str, int]:
     return out
 
 
-async def wait_idle(app: web.Application, timeout: float = 5.0) -> dict[str, int]:
+async def wait_idle(app: web.Application, limit_s: float = 5.0) -> dict[str, int]:
     """Wait until every counter is zero (handlers finish asynchronously after a disconnect)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + limit_s
     while True:
         values = counters(app)
         if not any(values.values()) or asyncio.get_running_loop().time() > deadline:

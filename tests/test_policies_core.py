@@ -54,7 +54,7 @@ def test_backend_token_budget_takes_it_out_of_rotation():
 
 
 def test_registry_errors_name_the_problem():
-    with pytest.raises(PolicyLoadError, match="available: .*least_tokens.*round_robin"):
+    with pytest.raises(PolicyLoadError, match=r"available: .*least_tokens.*round_robin"):
         build_policy("nope", {}, pool="prefill")
     with pytest.raises(PolicyLoadError, match="unknown option 'x'"):
         build_policy("round_robin", {"x": 1}, pool="prefill")
