@@ -24,6 +24,7 @@ from lb.metrics import Metrics
 from lb.pool import Pool
 from lb.proxy import Proxy
 from lb.request import Endpoint
+from lb.scrape import LoadScraper
 from lb.tokens import PromptTokenizer, make_counter
 from lb.upstream import Upstream
 from policies.registry import PolicyLoadError, build_policy
@@ -182,9 +183,10 @@ def create_app(config: Config) -> web.Application:
     tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
     admission = Admission(config.pools, metrics)
     proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics)
-    checker = HealthChecker(
-        [b for pool in pools.values() for b in pool.backends], upstream, config.health
-    )
+    all_backends = [b for pool in pools.values() for b in pool.backends]
+    checker = HealthChecker(all_backends, upstream, config.health)
+    scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
+                          config.scrape.timeout_s)
 
     app = web.Application(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
@@ -200,7 +202,9 @@ def create_app(config: Config) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         checker.start()
+        scraper.start()
         yield
+        await scraper.stop()
         await checker.stop()
         await upstream.close()
 

@@ -83,6 +83,13 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScrapeConfig:
+    interval_s: float = 1.0
+    """How often each backend's /metrics is read for policies; 0 turns scraping off."""
+    timeout_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class KVTransferConfig:
     connector: str = "nixl"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -95,6 +102,7 @@ class Config:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    scrape: ScrapeConfig = field(default_factory=ScrapeConfig)
     source: str = "<flags>"
 
     @property
@@ -282,6 +290,13 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         successes_to_restore=h.integer("successes_to_restore", 1, minimum=1) or 1,
     )
     h.finish()
+
+    sc = root.sub("scrape")
+    scrape = ScrapeConfig(
+        interval_s=sc.number("interval_s", 1.0),
+        timeout_s=sc.number("timeout_s", 0.5, minimum=0.01),
+    )
+    sc.finish()
     root.finish()
     return Config(
         pools=pools,
@@ -289,6 +304,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         kv_transfer=KVTransferConfig(connector=connector, options=options),
         tokenizer=tokenizer,
         health=health,
+        scrape=scrape,
         source=source,
     )
 

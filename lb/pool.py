@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from lb.config import PoolConfig
 from lb.errors import BackendUnavailable
 from lb.metrics import Metrics
-from policies.base import BackendView, Policy, PolicyHooks, RouteRequest, ScrapedLoad
+from policies.base import Policy, PolicyHooks, RouteRequest, ScrapedLoad
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""})
 
@@ -28,7 +28,7 @@ class Backend:
     __slots__ = (
         "consecutive_failures", "consecutive_successes", "healthy", "host", "index",
         "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "pool_name",
-        "url",
+        "tokens_since_scrape", "url",
     )
 
     def __init__(self, url: str, index: int, pool_name: str, max_inflight_tokens: int | None):
@@ -41,6 +41,7 @@ class Backend:
         self.inflight_requests = 0
         self.inflight_tokens = 0
         self.load: ScrapedLoad | None = None
+        self.tokens_since_scrape = 0
         self.consecutive_failures = 0
         self.consecutive_successes = 0
 
@@ -140,6 +141,7 @@ class Lease:
         self.started = time.monotonic()
         self.backend.inflight_requests += 1
         self.backend.inflight_tokens += self.tokens
+        self.backend.tokens_since_scrape += self.tokens
         self.pool.inflight_requests += 1
         self.pool.inflight_tokens += self.tokens
         return self
@@ -167,6 +169,3 @@ class Lease:
     ) -> None:
         self.release()
 
-
-def as_views(backends: Sequence[Backend]) -> Sequence[BackendView]:
-    return backends

@@ -27,6 +27,7 @@ from lb.connectors.base import Connector, PrefillResult
 from lb.errors import PdlbError, PrefillFailed, UpstreamError, error_payload
 from lb.metrics import Metrics
 from lb.pool import Backend, Pool
+from lb.prefix import prefix_hashes
 from lb.relay import DONE_EVENT, SSERelay, rewrite_response_usage, sse_event
 from lb.request import Endpoint, ProxyRequest, dumps, parse_request
 from lb.tokens import PromptTokenizer
@@ -61,6 +62,9 @@ class Proxy:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.timeouts = config.server.timeouts
+        self._want_prefix = any(
+            getattr(p.policy, "wants_prefix_hashes", False) for p in pools.values()
+        )
         self._ttft = {e: metrics.ttft.labels(endpoint=e) for e in ("completions", "chat")}
         self._e2e = {e: metrics.e2e.labels(endpoint=e) for e in ("completions", "chat")}
 
@@ -81,6 +85,7 @@ class Proxy:
                 request_id=request.request_id, leg="prefill", endpoint=endpoint,
                 model=request.model, prompt_tokens=prompt_tokens, max_tokens=max_new,
                 session_key=request.session_key,
+                prefix_hashes=prefix_hashes(endpoint, request.body) if self._want_prefix else (),
                 headers={k: v for k, v in headers.items() if k != "authorization"},
             )
             leg_headers = self._leg_headers(headers, request.request_id)

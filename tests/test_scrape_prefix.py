@@ -1,0 +1,42 @@
+"""Load scraping (vLLM /metrics lines) and prefix hashes."""
+
+from __future__ import annotations
+
+from lb.prefix import BLOCK_BYTES, prefix_hashes
+from lb.scrape import parse_vllm_load
+
+METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
+vllm:num_requests_running{engine="1",model_name="tiny"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 4.0
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="tiny"} 0.25
+vllm:prompt_tokens_total{engine="0",model_name="tiny"} 99.0
+"""
+
+
+def test_parse_vllm_load_sums_engines_and_averages_kv():
+    load = parse_vllm_load(METRICS)
+    assert load.running == 5 and load.waiting == 4 and load.kv_usage == 0.375
+
+
+def test_parse_vllm_load_old_kv_name_and_garbage():
+    load = parse_vllm_load("vllm:gpu_cache_usage_perc 0.9\nvllm:num_requests_running x\n")
+    assert load.kv_usage == 0.9 and load.running == 0
+
+
+def test_prefix_hashes_share_leading_blocks():
+    system = "You are a helpful assistant. " * 20
+    a = prefix_hashes("completions", {"prompt": system + "What is 2+2?"})
+    b = prefix_hashes("completions", {"prompt": system + "Name a colour, please, now."})
+    shared = len(system) // BLOCK_BYTES
+    assert a[:shared] == b[:shared]
+    assert prefix_hashes("completions", {"prompt": "x" * 10}) == ()
+
+
+def test_chat_prefix_covers_all_messages():
+    base = [{"role": "system", "content": "s" * 200}]
+    a = prefix_hashes("chat", {"messages": [*base, {"role": "user", "content": "a" * 200}]})
+    b = prefix_hashes("chat", {"messages": [*base, {"role": "user", "content": "b" * 200}]})
+    assert a[0] == b[0] and a[-1] != b[-1]
