@@ -22,12 +22,12 @@ from typing import Any
 import orjson
 
 from loadgen import report, scrape
-from loadgen.client import first_model, make_session
+from loadgen.client import Sender, first_model, make_session
 from loadgen.config import LoadConfig
 from loadgen.metrics import SLO, summarize
 from loadgen.progress import LinePrinter, Progress
 from loadgen.records import Record, read_jsonl, write_jsonl
-from loadgen.runner import build_workload, run_process
+from loadgen.runner import build_workload, preflight, run_process
 
 SCHEMA = "pdlb.loadgen.result/1"
 VERSION = "0.1.0"
@@ -135,7 +135,7 @@ async def run(
     called = time.time()
     printer = LinePrinter() if progress is True else None
     callback = printer if printer is not None else (progress if callable(progress) else None)
-    session = make_session(4, 30.0)
+    session = make_session(4, config.timeout_s)
     before = after = None
     metrics_url = config.metrics_url or config.url.rstrip("/") + "/metrics"
     try:
@@ -143,16 +143,29 @@ async def run(
         if config.api_key:
             hdrs["Authorization"] = f"Bearer {config.api_key}"
         model = config.model or await first_model(session, config.url, hdrs)
-        if config.scrape_metrics:
+        if config.preflight:
+            await preflight(Sender(session, api_url=config.api_url,
+                                   endpoint=config.resolved_endpoint, model=model, t0=0.0,
+                                   ignore_eos=config.ignore_eos,
+                                   continuous_usage=config.continuous_usage,
+                                   extra_body=config.extra_body, headers=config.headers,
+                                   api_key=config.api_key))
+        proc_config = config.replace(preflight=False)
+
+        async def scrape_before() -> None:
+            nonlocal before
             before = await scrape.scrape(session, metrics_url)
+
+        hook = scrape_before if config.scrape_metrics else None
         try:
             if config.workers > 1:
                 from loadgen.workers import run_workers
 
-                pr = await run_workers(config, model, callback, stopping)
+                pr = await run_workers(proc_config, model, callback, stopping, hook)
             else:
-                pr = await run_process(config, model=model, progress=callback,
-                                       workload=build_workload(config), stopping=stopping)
+                pr = await run_process(proc_config, model=model, progress=callback,
+                                       workload=build_workload(config), stopping=stopping,
+                                       before_start=hook)
         finally:
             if printer is not None:
                 printer.close()

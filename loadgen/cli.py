@@ -211,7 +211,7 @@ def _run_async(make: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
                   file=sys.stderr)
             stopping.set()
 
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
             loop.add_signal_handler(signal.SIGINT, on_sigint)
         return runner.run(make(stopping))
 

@@ -17,7 +17,7 @@ import contextlib
 import gc
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -34,6 +34,7 @@ from loadgen.workload import (
     Item,
     RandomWorkload,
     TextMaker,
+    Turn,
     Workload,
     detect_format,
     load_jsonl,
@@ -256,11 +257,13 @@ async def run_process(
     progress_interval_s: float = 1.0,
     workload: Workload | None = None,
     stopping: asyncio.Event | None = None,
+    before_start: Callable[[], Awaitable[None]] | None = None,
 ) -> ProcessResult:
     """Run this process's slice (``worker`` of ``n_workers``) and return its records.
 
     ``t0_epoch``, when given, is awaited-for time zero as wall-clock seconds (how worker
-    processes share one schedule); it is called once setup is done.
+    processes share one schedule); it is called once setup is done. ``before_start`` is
+    awaited just before time zero (after preflight and warm-up).
     """
     workload = workload or build_workload(config)
     offsets = schedule_for(config, workload)
@@ -285,9 +288,11 @@ async def run_process(
                         extra_body=config.extra_body, headers=config.headers,
                         api_key=config.api_key)
         if config.preflight and worker == 0:
-            await _preflight(sender, workload)
+            await preflight(sender)
         if config.warmup:
             await _warmup(sender, workload, config.warmup, worker, n_workers)
+        if before_start is not None:
+            await before_start()
         if t0_epoch is not None:
             epoch = t0_epoch()
             t0 = perf_counter() + (epoch - time.time())
@@ -334,11 +339,11 @@ async def _tick(run: _Run, progress: Callable[[Progress], None] | None, interval
         progress(run.counters.snapshot(perf_counter() - run.t0, planned))
 
 
-async def _preflight(sender: Sender, workload: Workload) -> None:
+async def preflight(sender: Sender) -> None:
     """One tiny request before time zero: fail fast, with the server's words."""
-    item = workload.item(0)
+    item = Item(index=-1, turns=(Turn(max_tokens=2, text="Hello"),))
     rec = Record(index=-1, scheduled=0.0)
-    await sender.send(sender.body(item, 0, max_tokens=2), rec)
+    await sender.send(sender.body(item, 0), rec)
     if not rec.ok:
         raise LoadgenError(f"preflight request to {sender.api_url} failed: {rec.error} "
                            "(use --no-preflight to skip this check)")

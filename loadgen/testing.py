@@ -26,11 +26,19 @@ class FakeServerOptions:
     role_chunk: bool = True      # chat: a first chunk with only the role, as vLLM sends
     usage: bool = True           # honour include_usage
     model: str = "fake-model"
-    metrics_text: str | None = None
+    metrics_text: str | None = None  # a fixed /metrics page
+    pdlb_metrics: bool = False   # serve pdlb-like stage histograms that grow per request
+    record_bodies: bool = False  # keep every request body in app[BODIES]
+
+# The stage durations the fake reports for each request when pdlb_metrics is on.
+FAKE_STAGE_SECONDS = {"prefill": 0.010, "handoff": 0.002, "decode": 0.030, "ttft": 0.012,
+                      "e2e": 0.045}
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 OPTIONS = web.AppKey("options", FakeServerOptions)
 COUNTER = web.AppKey("counter", list)
+BODIES = web.AppKey("bodies", list)
 
 
 def _chunk(chat: bool, model: str, text: str, finish: str | None,
@@ -57,6 +65,8 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     if opts.fail_every and n_req % opts.fail_every == 0:
         return web.json_response({"error": {"message": "injected failure"}}, status=500)
     body = orjson.loads(await request.read())
+    if opts.record_bodies:
+        request.app[BODIES].append(body)
     chat = request.path.endswith("/chat/completions")
     max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
     prompt_text = (orjson.dumps(body.get("messages")).decode() if chat
@@ -108,16 +118,37 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    text = request.app[OPTIONS].metrics_text
-    if text is None:
+    opts = request.app[OPTIONS]
+    if opts.pdlb_metrics:
+        return web.Response(text=_pdlb_metrics(request.app[COUNTER][0]),
+                            content_type="text/plain")
+    if opts.metrics_text is None:
         raise web.HTTPNotFound()
-    return web.Response(text=text, content_type="text/plain")
+    return web.Response(text=opts.metrics_text, content_type="text/plain")
+
+
+def _pdlb_metrics(n: int) -> str:
+    names = {"prefill": "pdlb_prefill_duration_seconds",
+             "handoff": "pdlb_handoff_duration_seconds",
+             "decode": "pdlb_decode_duration_seconds", "ttft": "pdlb_ttft_seconds",
+             "e2e": "pdlb_e2e_duration_seconds"}
+    lines = []
+    for stage, name in names.items():
+        v = FAKE_STAGE_SECONDS[stage]
+        lines.append(f"# TYPE {name} histogram")
+        for b in _BUCKETS:
+            lines.append(f'{name}_bucket{{le="{b}"}} {n if v <= b else 0}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {n}')
+        lines.append(f"{name}_sum {v * n}")
+        lines.append(f"{name}_count {n}")
+    return "\n".join(lines) + "\n"
 
 
 def make_app(options: FakeServerOptions | None = None) -> web.Application:
     app = web.Application()
     app[OPTIONS] = options or FakeServerOptions()
     app[COUNTER] = [0]
+    app[BODIES] = []
     app.router.add_post("/v1/completions", _generate)
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_get("/v1/models", _models)

@@ -15,7 +15,7 @@ import queue as queue_mod
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loadgen.client import LoadgenError
@@ -66,6 +66,7 @@ async def run_workers(
     model: str,
     progress: Callable[[Progress], None] | None = None,
     stopping: asyncio.Event | None = None,
+    before_start: Callable[[], Awaitable[None]] | None = None,
 ) -> ProcessResult:
     """Run ``config.workers`` processes and merge their records."""
     n = config.workers
@@ -104,6 +105,8 @@ async def run_workers(
             if kind == "ready":
                 ready.add(w)
                 if len(ready) == n:
+                    if before_start is not None:
+                        await before_start()
                     t0_value.value = time.time() + START_MARGIN_S
                     go.set()
             elif kind == "progress":
