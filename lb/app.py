@@ -182,9 +182,9 @@ def create_app(config: Config) -> web.Application:
     upstream = Upstream(config.server.timeouts)
     tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
     admission = Admission(config.pools, metrics)
-    proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics)
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
+    proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker)
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
                           config.scrape.timeout_s)
 

@@ -8,6 +8,7 @@ fall back to a default.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,9 @@ class PoolConfig:
     """Requests that may wait for this pool's budget; beyond it they get 429."""
     queue_timeout_s: float = 30.0
     """How long a request may wait for budget before it gets 503."""
+    api_key: str | None = None
+    """Sent to this pool's backends as ``Authorization: Bearer <api_key>`` (vLLM --api-key),
+    unless the client's own Authorization is forwarded (``[auth]``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,16 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 16 * 1024 * 1024
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    max_prompt_tokens: int | None = None
+    """Prompts longer than this (as pdlb counts them) get 400 before any backend is used."""
+    max_tokens_limit: int | None = None
+    """A max_tokens / max_completion_tokens above this gets 400."""
+    max_concurrent_requests: int | None = None
+    """Completion requests being served at once; beyond it: 503 at once."""
+    body_timeout_s: float = 30.0
+    """Longest time a client may take to send its request body (slow clients)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: how long in-flight requests may take to finish before they are cut."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +104,40 @@ class ScrapeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ResilienceConfig:
+    prefill_attempts: int = 2
+    """Tries of the prefill leg, each on a different backend when the pool has one."""
+    decode_attempts: int = 2
+    """Tries of the decode leg before its first byte reached the client."""
+    retry_budget_s: float = 30.0
+    """No new attempt starts later than this after the request arrived."""
+    prefill_fallback: str = "fail"
+    """When the prefill pool has no usable backend: ``fail`` (503) or ``decode_only`` (the
+    decode backend computes the prompt itself)."""
+    direct_decode_below_tokens: int = 0
+    """Prompts shorter than this skip the prefill hop (0 = always disaggregate)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    api_keys: tuple[str, ...] = ()
+    """Client keys accepted as ``Authorization: Bearer <key>``; empty = no client auth.
+    ``PDLB_API_KEYS`` (comma-separated) adds to them."""
+    forward_client_authorization: bool = False
+    """Forward the client's Authorization header to backends instead of the pool's api_key."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    enabled: bool = False
+    token: str | None = None
+    """Required as ``Authorization: Bearer <token>``; ``PDLB_ADMIN_TOKEN`` overrides it."""
+    host: str | None = None
+    """Serve /admin on its own address (host, port); default: on the main listener."""
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class KVTransferConfig:
     connector: str = "nixl"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -103,6 +151,9 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     scrape: ScrapeConfig = field(default_factory=ScrapeConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     source: str = "<flags>"
 
     @property
@@ -192,6 +243,20 @@ def check_backend_url(url: str, where: str) -> str:
     return url.rstrip("/")
 
 
+def _secret(r: _Reader, name: str) -> str | None:
+    """``name = "value"`` or ``name_env = "VARIABLE"`` (read from the environment)."""
+    value: str | None = r.get(name, str, None)
+    env_name = r.get(f"{name}_env", str, None)
+    if env_name is not None:
+        value = os.environ.get(env_name)
+        if not value:
+            raise ConfigError(
+                f"{r.source}: {r.key(name + '_env')} = {env_name!r}: the environment variable"
+                " is not set"
+            )
+    return value
+
+
 def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
     r = _Reader(source, table, f"pools.{name}")
     raw_backends = r.get("backends", list, None)
@@ -226,6 +291,7 @@ def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
         max_inflight_tokens=r.integer("max_inflight_tokens", None, minimum=1),
         max_queue=r.integer("max_queue", 1024, minimum=0) or 0,
         queue_timeout_s=r.number("queue_timeout_s", 30.0),
+        api_key=_secret(r, "api_key"),
     )
     r.finish()
     return pool
@@ -260,6 +326,11 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         port=port if port is not None else 8000,
         max_body_bytes=s.integer("max_body_bytes", 16 * 1024 * 1024, minimum=1) or 1,
         timeouts=timeouts,
+        max_prompt_tokens=s.integer("max_prompt_tokens", None, minimum=1),
+        max_tokens_limit=s.integer("max_tokens_limit", None, minimum=1),
+        max_concurrent_requests=s.integer("max_concurrent_requests", None, minimum=1),
+        body_timeout_s=s.number("body_timeout_s", 30.0, minimum=0.01),
+        drain_timeout_s=s.number("drain_timeout_s", 30.0),
     )
     s.finish()
 
@@ -297,6 +368,41 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         timeout_s=sc.number("timeout_s", 0.5, minimum=0.01),
     )
     sc.finish()
+
+    rs = root.sub("resilience")
+    resilience = ResilienceConfig(
+        prefill_attempts=rs.integer("prefill_attempts", 2, minimum=1) or 1,
+        decode_attempts=rs.integer("decode_attempts", 2, minimum=1) or 1,
+        retry_budget_s=rs.number("retry_budget_s", 30.0),
+        prefill_fallback=rs.get("prefill_fallback", str, "fail"),
+        direct_decode_below_tokens=rs.integer("direct_decode_below_tokens", 0) or 0,
+    )
+    if resilience.prefill_fallback not in ("fail", "decode_only"):
+        raise rs.fail("prefill_fallback", "expected \"fail\" or \"decode_only\"")
+    rs.finish()
+
+    au = root.sub("auth")
+    keys = au.get("api_keys", list, [])
+    if not all(isinstance(k, str) and k for k in keys):
+        raise au.fail("api_keys", "expected an array of non-empty strings")
+    env_keys = [k.strip() for k in os.environ.get("PDLB_API_KEYS", "").split(",") if k.strip()]
+    auth = AuthConfig(
+        api_keys=tuple(keys) + tuple(env_keys),
+        forward_client_authorization=au.get("forward_client_authorization", bool, False),
+    )
+    au.finish()
+
+    ad = root.sub("admin")
+    file_token = _secret(ad, "token")
+    admin = AdminConfig(
+        enabled=ad.get("enabled", bool, False),
+        token=os.environ.get("PDLB_ADMIN_TOKEN") or file_token,
+        host=ad.get("host", str, None),
+        port=ad.integer("port", None, minimum=0),
+    )
+    if admin.enabled and not admin.token:
+        raise ad.fail("token", "the admin API needs a token (token, token_env or PDLB_ADMIN_TOKEN)")
+    ad.finish()
     root.finish()
     return Config(
         pools=pools,
@@ -305,6 +411,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         tokenizer=tokenizer,
         health=health,
         scrape=scrape,
+        resilience=resilience,
+        auth=auth,
+        admin=admin,
         source=source,
     )
 

@@ -77,6 +77,18 @@ class Metrics:
             "pdlb_usage_rewrites", "Responses whose usage was stitched from the prefill's.",
             registry=r,
         )
+        self.retries = Counter(
+            "pdlb_retries", "Legs tried again after a failure, by leg and reason.",
+            ["leg", "reason"], registry=r,
+        )
+        self.direct_decode = Counter(
+            "pdlb_direct_decode", "Requests served by the decode pool alone (short prompt, or"
+            " prefill pool down with prefill_fallback = decode_only).", registry=r,
+        )
+        self.stream_errors = Counter(
+            "pdlb_stream_errors", "Streams that ended with an SSE error event, by code.",
+            ["code"], registry=r,
+        )
         self._gauges: dict[str, Gauge] = {}
 
     def gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:

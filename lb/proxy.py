@@ -7,6 +7,16 @@ path reads top to bottom in :meth:`Proxy.handle`.
 Accounting invariants: the admission ticket and every backend lease are context managers,
 so tokens and requests are refunded on every exit path — success, backend error, timeout,
 and the CancelledError aiohttp raises in the handler when the client disconnects.
+
+Retries (``[resilience]``), all within ``retry_budget_s`` of the request's arrival:
+
+* prefill — connection error, 5xx, timeout or unusable answer (no kv_transfer_params):
+  again on another prefill backend, up to ``prefill_attempts``;
+* decode, before its first byte reached the client — connection refused: again on another
+  decode backend with the same handoff (the prefill still holds the KV); a 5xx or a
+  connection lost after the backend had the request: the prefill is redone first, since the
+  KV may already have been pulled and freed;
+* after the first byte nothing is retried: the stream ends with an SSE error event + [DONE].
 """
 
 from __future__ import annotations
@@ -24,7 +34,17 @@ from aiohttp.client_exceptions import ClientConnectionResetError
 from lb.admission import Admission
 from lb.config import Config
 from lb.connectors.base import Connector, PrefillResult
-from lb.errors import PdlbError, PrefillFailed, UpstreamError, error_payload
+from lb.errors import (
+    BackendConnectError,
+    BackendUnavailable,
+    InvalidRequest,
+    Overloaded,
+    PdlbError,
+    PrefillFailed,
+    UpstreamError,
+    error_payload,
+)
+from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.pool import Backend, Pool
 from lb.prefix import prefix_hashes
@@ -37,9 +57,13 @@ from policies.base import RouteRequest
 log = logging.getLogger("pdlb.proxy")
 
 # Client headers a backend may need; everything else (cookies, hop-by-hop, host) stays here.
-FORWARDED_HEADERS = ("authorization", "x-data-parallel-rank", "traceparent", "tracestate")
+FORWARDED_HEADERS = ("x-data-parallel-rank", "traceparent", "tracestate")
 # Tokens budgeted for a request that names no max_tokens (vLLM would allow up to the context).
 DEFAULT_ASSUMED_MAX_TOKENS = 1024
+
+
+class _RedoPrefill(Exception):
+    """The decode leg failed in a way that may have consumed the prefill's KV."""
 
 
 class Proxy:
@@ -52,6 +76,7 @@ class Proxy:
         connector: Connector,
         tokenizer: PromptTokenizer,
         metrics: Metrics,
+        health: HealthChecker,
     ) -> None:
         self.config = config
         self.prefill_pool = pools["prefill"]
@@ -61,26 +86,54 @@ class Proxy:
         self.connector = connector
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.health = health
         self.timeouts = config.server.timeouts
+        self.resilience = config.resilience
+        self.active_requests = 0
         self._want_prefix = any(
             getattr(p.policy, "wants_prefix_hashes", False) for p in pools.values()
         )
         self._ttft = {e: metrics.ttft.labels(endpoint=e) for e in ("completions", "chat")}
         self._e2e = {e: metrics.e2e.labels(endpoint=e) for e in ("completions", "chat")}
+        self._direct = metrics.direct_decode
 
     # ----------------------------------------------------------------- the journey
     async def handle(self, http: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        limit = self.config.server.max_concurrent_requests
+        if limit is not None and self.active_requests >= limit:
+            self.metrics.rejections.labels(stage="server", reason="too_many_requests").inc()
+            raise Overloaded(f"pdlb is serving its limit of {limit} concurrent requests",
+                             stage="server", reason="too_many_requests", status=503,
+                             retry_after_s=1.0)
+        self.active_requests += 1
+        try:
+            return await self._handle(http, endpoint)
+        finally:
+            self.active_requests -= 1
+
+    async def _handle(self, http: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         started = time.monotonic()
-        raw = await http.read()
+        deadline = started + self.resilience.retry_budget_s
+        raw = await self._read_body(http)
         headers = {k.lower(): v for k, v in http.headers.items()}
         request = parse_request(raw, endpoint, headers)
+        self._check_max_tokens(request)
 
         t = time.perf_counter()
         prompt_tokens = await self.tokenizer.count(endpoint, request.body)
         self.metrics.tokenize.observe(time.perf_counter() - t)
+        limit = self.config.server.max_prompt_tokens
+        if limit is not None and prompt_tokens > limit:
+            raise InvalidRequest(
+                f"prompt has about {prompt_tokens} tokens; this server accepts at most {limit}",
+                param="prompt" if endpoint == "completions" else "messages",
+                code="prompt_too_long",
+            )
         max_new = request.max_tokens or DEFAULT_ASSUMED_MAX_TOKENS
+        direct = self._skip_prefill(prompt_tokens)
 
-        with await self.admission.admit(prompt_tokens, prompt_tokens + max_new) as ticket:
+        prefill_need = 0 if direct else prompt_tokens
+        with await self.admission.admit(prefill_need, prompt_tokens + max_new) as ticket:
             route = RouteRequest(
                 request_id=request.request_id, leg="prefill", endpoint=endpoint,
                 model=request.model, prompt_tokens=prompt_tokens, max_tokens=max_new,
@@ -88,47 +141,57 @@ class Proxy:
                 prefix_hashes=prefix_hashes(endpoint, request.body) if self._want_prefix else (),
                 headers={k: v for k, v in headers.items() if k != "authorization"},
             )
-            leg_headers = self._leg_headers(headers, request.request_id)
-
-            prefill = await self._prefill(request, route, leg_headers)
+            prefill = None if direct else await self._prefill(request, route, headers, deadline)
             ticket.release("prefill")
-            if prefill.prompt_tokens is not None and prefill.prompt_tokens != prompt_tokens:
+            if prefill is None:
+                self._direct.inc()
+            elif prefill.prompt_tokens is not None and prefill.prompt_tokens != prompt_tokens:
                 prompt_tokens = prefill.prompt_tokens
                 ticket.resize("decode", prompt_tokens + max_new)
-            prefill_done = time.monotonic()
-
-            decode_route = _replace_leg(route, prompt_tokens)
-            backend = self.decode_pool.pick(decode_route)
-            body = dumps(self.connector.decode_body(request, prefill))
-            url = backend.url + request.path
-            with self.decode_pool.lease(backend, prompt_tokens + max_new) as lease:
-                ok = False
-                try:
-                    if request.stream:
-                        response = await self._relay_stream(
-                            http, request, url, body, leg_headers, prefill, prefill_done, started
-                        )
-                    else:
-                        response = await self._relay_json(
-                            request, url, body, leg_headers, prefill, prefill_done, started
-                        )
-                    ok = True
-                except UpstreamError:
-                    self._count_backend_error(backend, "decode")
-                    raise
-                finally:
-                    self.decode_pool.finished(
-                        decode_route, backend, ok, time.monotonic() - lease.started
-                    )
+            response = await self._decode(
+                http, request, _for_decode(route, prompt_tokens), headers, prefill, started,
+                deadline,
+            )
         self._e2e[endpoint].observe(time.monotonic() - started)
         return response
 
+    def _skip_prefill(self, prompt_tokens: int) -> bool:
+        """Conditional disaggregation: short prompts, or a dead prefill pool when allowed."""
+        if prompt_tokens < self.resilience.direct_decode_below_tokens:
+            return True
+        return (self.resilience.prefill_fallback == "decode_only"
+                and not self.prefill_pool.has_usable_backend())
+
     # ----------------------------------------------------------------- prefill leg
     async def _prefill(
-        self, request: ProxyRequest, route: RouteRequest, headers: Mapping[str, str]
-    ) -> PrefillResult:
-        backend = self.prefill_pool.pick(route)
+        self, request: ProxyRequest, route: RouteRequest, client_headers: Mapping[str, str],
+        deadline: float,
+    ) -> PrefillResult | None:
         body = dumps(self.connector.prefill_body(request))
+        headers = self._leg_headers(self.prefill_pool, client_headers, request.request_id)
+        tried: list[Backend] = []
+        for attempt in range(1, self.resilience.prefill_attempts + 1):
+            try:
+                backend = self._pick(self.prefill_pool, route, tried)
+            except BackendUnavailable:
+                if self.resilience.prefill_fallback == "decode_only":
+                    return None
+                raise
+            tried.append(backend)
+            try:
+                return await self._prefill_once(request, route, backend, body, headers)
+            except PrefillFailed as exc:
+                if attempt == self.resilience.prefill_attempts or time.monotonic() > deadline:
+                    raise
+                self.metrics.retries.labels(leg="prefill", reason=exc.reason).inc()
+                log.info("request %s: prefill on %s failed (%s); retrying", request.request_id,
+                         backend.url, exc.reason)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _prefill_once(
+        self, request: ProxyRequest, route: RouteRequest, backend: Backend, body: bytes,
+        headers: Mapping[str, str],
+    ) -> PrefillResult:
         with self.prefill_pool.lease(backend, route.prompt_tokens) as lease:
             ok = False
             try:
@@ -136,6 +199,7 @@ class Proxy:
                     backend.url + request.path, body, headers,
                     timeout_s=self.timeouts.prefill_s, what=f"prefill {backend.url}",
                 )
+                self.health.report_success(backend)
                 result = self.connector.accept_prefill(response, backend)
                 ok = True
             except PrefillFailed as exc:
@@ -146,7 +210,7 @@ class Proxy:
                     raise  # the backend judged the request itself: pass its 4xx through
                 reason = exc.code or "backend_error"
                 self.metrics.prefill_failures.labels(reason=reason).inc()
-                self._count_backend_error(backend, "prefill")
+                self._backend_failed(backend, "prefill")
                 raise PrefillFailed(f"prefill failed: {exc.message}", reason=reason) from exc
             finally:
                 duration = time.monotonic() - lease.started
@@ -155,18 +219,87 @@ class Proxy:
         return result
 
     # ----------------------------------------------------------------- decode leg
+    async def _decode(
+        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
+        client_headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
+        deadline: float,
+    ) -> web.StreamResponse:
+        headers = self._leg_headers(self.decode_pool, client_headers, request.request_id)
+        tried: list[Backend] = []
+        attempts = self.resilience.decode_attempts
+        for attempt in range(1, attempts + 1):
+            backend = self._pick(self.decode_pool, route, tried)
+            tried.append(backend)
+            body = dumps(self.connector.decode_body(request, prefill) if prefill is not None
+                         else request.body)
+            try:
+                return await self._decode_once(
+                    http, request, route, backend, body, headers, prefill, started
+                )
+            except BackendConnectError as exc:
+                last = attempt == attempts or time.monotonic() > deadline
+                reached = exc.code != "backend_connect_error"
+                if last:
+                    raise
+                self.metrics.retries.labels(leg="decode", reason=exc.code or "error").inc()
+                if reached and prefill is not None:
+                    prefill = await self._redo_prefill(request, route, client_headers, deadline)
+            except _RedoPrefill as exc:
+                cause = exc.__cause__
+                if attempt == attempts or time.monotonic() > deadline:
+                    assert isinstance(cause, PdlbError)
+                    raise cause from None
+                self.metrics.retries.labels(leg="decode", reason="backend_5xx").inc()
+                if prefill is not None:
+                    prefill = await self._redo_prefill(request, route, client_headers, deadline)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _redo_prefill(
+        self, request: ProxyRequest, route: RouteRequest, client_headers: Mapping[str, str],
+        deadline: float,
+    ) -> PrefillResult | None:
+        prefill_route = _for_leg(route, "prefill")
+        return await self._prefill(request, prefill_route, client_headers, deadline)
+
+    async def _decode_once(
+        self, http: web.Request, request: ProxyRequest, route: RouteRequest, backend: Backend,
+        body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
+    ) -> web.StreamResponse:
+        url = backend.url + request.path
+        with self.decode_pool.lease(backend, route.prompt_tokens + route.max_tokens) as lease:
+            ok = False
+            try:
+                if request.stream:
+                    response = await self._relay_stream(
+                        http, request, url, body, headers, prefill, started
+                    )
+                else:
+                    response = await self._relay_json(request, url, body, headers, prefill, started)
+                ok = True
+                self.health.report_success(backend)
+                return response
+            except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(
+                    pool="decode", backend=backend.url, kind=exc.code or "error").inc()
+                if exc.status >= 500 or isinstance(exc, BackendConnectError):
+                    self._backend_failed(backend, "decode")
+                if _may_have_consumed_kv(exc):
+                    raise _RedoPrefill() from exc
+                raise
+            finally:
+                self.decode_pool.finished(route, backend, ok, time.monotonic() - lease.started)
+
     async def _relay_json(
         self, request: ProxyRequest, url: str, body: bytes, headers: Mapping[str, str],
-        prefill: PrefillResult, prefill_done: float, started: float,
+        prefill: PrefillResult | None, started: float,
     ) -> web.Response:
         sent = time.monotonic()
         data = await self.upstream.post_json(
             url, body, headers, timeout_s=self.timeouts.first_byte_s, what=f"decode {url}"
         )
-        now = time.monotonic()
-        self.metrics.handoff.observe(now - prefill_done)
-        self.metrics.decode.observe(now - sent)
-        if rewrite_response_usage(data, prefill):
+        self.metrics.handoff.observe(time.monotonic() - sent)
+        self.metrics.decode.observe(time.monotonic() - sent)
+        if prefill is not None and rewrite_response_usage(data, prefill):
             self.metrics.usage_rewrites.inc()
         data.pop("kv_transfer_params", None)
         response = web.Response(
@@ -178,11 +311,11 @@ class Proxy:
 
     async def _relay_stream(
         self, http: web.Request, request: ProxyRequest, url: str, body: bytes,
-        headers: Mapping[str, str], prefill: PrefillResult, prefill_done: float, started: float,
+        headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
     ) -> web.StreamResponse:
         sent = time.monotonic()
         async with self.upstream.open_stream(url, body, headers, what=f"decode {url}") as upstream:
-            self.metrics.handoff.observe(time.monotonic() - prefill_done)
+            self.metrics.handoff.observe(time.monotonic() - sent)
             response = web.StreamResponse(
                 headers={
                     "Content-Type": "text/event-stream",
@@ -192,24 +325,31 @@ class Proxy:
                 }
             )
             await response.prepare(http)
-            relay = SSERelay(prefill)
+            relay = SSERelay(prefill) if prefill is not None else None
             first = True
             loop = asyncio.get_running_loop()
             idle = self.timeouts.idle_s
+            done = False
             try:
                 async with asyncio.timeout(loop.time() + self.timeouts.first_byte_s) as watchdog:
                     async for data in upstream.content.iter_any():
                         watchdog.reschedule(loop.time() + idle)
-                        out = relay.feed(data)
-                        if out:
-                            await response.write(out)
-                            if first:
-                                first = False
-                                self._ttft[request.endpoint].observe(time.monotonic() - started)
-                    tail = relay.flush()
-                    if tail:
-                        await response.write(tail)
-                if not relay.saw_done:
+                        if relay is not None:
+                            data = relay.feed(data)
+                            if not data:
+                                continue
+                        elif not done and b"data: [DONE]" in data:
+                            done = True
+                        await response.write(data)
+                        if first:
+                            first = False
+                            self._ttft[request.endpoint].observe(time.monotonic() - started)
+                    if relay is not None:
+                        tail = relay.flush()
+                        if tail:
+                            await response.write(tail)
+                        done = relay.saw_done
+                if not done:
                     raise UpstreamError(
                         "decode stream ended before [DONE]", code="truncated_stream"
                     )
@@ -222,38 +362,85 @@ class Proxy:
             except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
                 message, code = _describe_stream_failure(exc)
                 log.warning("request %s: %s", request.request_id, message)
+                self.metrics.stream_errors.labels(code=code).inc()
                 await _finish_with_error(response, message, code)
-                if relay.rewrites:
-                    self.metrics.usage_rewrites.inc()
                 self.metrics.decode.observe(time.monotonic() - sent)
                 return response
-            if relay.rewrites:
-                self.metrics.usage_rewrites.inc()
+            finally:
+                if relay is not None and relay.rewrites:
+                    self.metrics.usage_rewrites.inc()
             await response.write_eof()
         self.metrics.decode.observe(time.monotonic() - sent)
         return response
 
     # ----------------------------------------------------------------- helpers
-    def _leg_headers(self, client: Mapping[str, str], request_id: str) -> dict[str, str]:
+    async def _read_body(self, http: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self.config.server.body_timeout_s):
+                return await http.read()
+        except TimeoutError:
+            raise PdlbError(
+                f"request body not received within {self.config.server.body_timeout_s:g} s",
+                status=408, code="body_timeout",
+            ) from None
+
+    def _check_max_tokens(self, request: ProxyRequest) -> None:
+        limit = self.config.server.max_tokens_limit
+        if limit is not None and request.max_tokens is not None and request.max_tokens > limit:
+            raise InvalidRequest(
+                f"max_tokens = {request.max_tokens} exceeds this server's limit of {limit}",
+                param="max_tokens", code="max_tokens_too_large",
+            )
+
+    def _pick(self, pool: Pool, route: RouteRequest, tried: list[Backend]) -> Backend:
+        """A backend not tried yet when there is one, else any usable one."""
+        if tried:
+            try:
+                return pool.pick(route, exclude=tried)
+            except BackendUnavailable:
+                pass
+        return pool.pick(route)
+
+    def _leg_headers(
+        self, pool: Pool, client: Mapping[str, str], request_id: str
+    ) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         for name in FORWARDED_HEADERS:
             value = client.get(name)
             if value is not None:
                 headers[name] = value
+        if self.config.auth.forward_client_authorization and "authorization" in client:
+            headers["Authorization"] = client["authorization"]
+        elif pool.config.api_key:
+            headers["Authorization"] = f"Bearer {pool.config.api_key}"
         return headers
 
-    def _count_backend_error(self, backend: Backend, kind: str) -> None:
-        self.metrics.upstream_errors.labels(
-            pool=backend.pool_name, backend=backend.url, kind=kind
-        ).inc()
+    def _backend_failed(self, backend: Backend, leg: str) -> None:
+        self.health.report_failure(backend)
 
 
-def _replace_leg(route: RouteRequest, prompt_tokens: int) -> RouteRequest:
+def _for_leg(route: RouteRequest, leg: str) -> RouteRequest:
+    return RouteRequest(
+        request_id=route.request_id, leg="prefill" if leg == "prefill" else "decode",
+        endpoint=route.endpoint, model=route.model, prompt_tokens=route.prompt_tokens,
+        max_tokens=route.max_tokens, session_key=route.session_key,
+        prefix_hashes=route.prefix_hashes, headers=route.headers,
+    )
+
+
+def _for_decode(route: RouteRequest, prompt_tokens: int) -> RouteRequest:
     return RouteRequest(
         request_id=route.request_id, leg="decode", endpoint=route.endpoint, model=route.model,
         prompt_tokens=prompt_tokens, max_tokens=route.max_tokens,
         session_key=route.session_key, prefix_hashes=route.prefix_hashes, headers=route.headers,
     )
+
+
+def _may_have_consumed_kv(exc: UpstreamError) -> bool:
+    """A decode 5xx (not a timeout, not unreachable): the backend had the request and may
+    have pulled the prefill's KV, so a retry needs a fresh prefill."""
+    return (exc.status >= 500 and exc.status != 504
+            and not isinstance(exc, BackendConnectError | BackendUnavailable))
 
 
 def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:
@@ -272,4 +459,3 @@ async def _finish_with_error(response: web.StreamResponse, message: str, code: s
         await response.write_eof()
     except (ClientConnectionResetError, ConnectionResetError):
         pass
-

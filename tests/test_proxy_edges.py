@@ -64,7 +64,27 @@ async def test_non_stream_two_legs_and_usage(pair, start_pdlb, http):
     assert db["kv_transfer_params"]["remote_host"] == "localhost"  # loopback backend: kept
     for leg in (prefill_leg, decode_leg):
         assert leg["headers"]["x-request-id"] == "abc-123"
-        assert leg["headers"]["authorization"] == "Bearer k"
+        assert "authorization" not in leg["headers"]  # not forwarded unless configured
+
+
+async def test_authorization_forwarding_and_pool_keys(pair, start_pdlb, http):
+    """Client Authorization reaches backends only when configured; else the pool's key."""
+    p, d, pu, du = pair
+    cfg = make_config([pu], [du], pools={"prefill": {"api_key": "pk"},
+                                         "decode": {"api_key": "dk"}})
+    url, _ = await start_pdlb(cfg)
+    async with http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                         headers={"Authorization": "Bearer client"}) as r:
+        assert r.status == 200
+    assert p.requests[-1]["headers"]["authorization"] == "Bearer pk"
+    assert d.requests[-1]["headers"]["authorization"] == "Bearer dk"
+    cfg = make_config([pu], [du], auth={"forward_client_authorization": True})
+    url, _ = await start_pdlb(cfg)
+    async with http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                         headers={"Authorization": "Bearer client"}) as r:
+        assert r.status == 200
+    assert p.requests[-1]["headers"]["authorization"] == "Bearer client"
+    assert d.requests[-1]["headers"]["authorization"] == "Bearer client"
 
 
 @pytest.mark.parametrize("split,crlf", [(False, False), (True, False), (False, True), (True, True)])
@@ -113,9 +133,10 @@ async def test_prefill_without_kv_params_is_a_clean_502(pair, start_pdlb, http):
     assert err["code"] == "missing_kv_transfer_params"
     assert err["type"] == "upstream_error"
     assert d.requests == []
+    assert len(p.requests) == 2  # tried twice (prefill_attempts = 2), then a clean error
     async with http.get(url + "/metrics") as r:
         text = await r.text()
-    assert 'pdlb_prefill_failures_total{reason="missing_kv_transfer_params"} 1.0' in text
+    assert 'pdlb_prefill_failures_total{reason="missing_kv_transfer_params"} 2.0' in text
 
 
 async def test_decode_dies_mid_stream_gives_error_event_then_done(pair, start_pdlb, http):
@@ -203,17 +224,22 @@ async def test_oversized_body_is_413(pair, start_pdlb, http):
 
 
 async def test_unreachable_backends(pair, start_pdlb, http):
-    """A dead prefill is a 502 counted as a prefill failure; a dead decode is a 502 too."""
+    """A dead prefill is a 502 (or 503 once ejected); a dead decode likewise — never a hang."""
     p, d, pu, du = pair
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    url, _ = await start_pdlb(make_config([dead], [du], health={"interval_s": 60}))
+    no_checks = {"interval_s": 60, "failures_to_eject": 10}
+    url, _ = await start_pdlb(make_config([dead], [du], health=no_checks))
     async with http.post(url + "/v1/completions", json={"prompt": "x"}) as r:
         assert r.status == 502
         assert (await r.json())["error"]["code"] == "backend_connect_error"
-    url, _ = await start_pdlb(make_config([pu], [dead], health={"interval_s": 60}))
+    url, _ = await start_pdlb(make_config([pu], [dead], health=no_checks))
     async with http.post(url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
         assert r.status == 502
         assert (await r.json())["error"]["type"] == "upstream_error"
+    url, _ = await start_pdlb(make_config([dead], [du], health={"interval_s": 60}))
+    async with http.post(url + "/v1/completions", json={"prompt": "x"}) as r:
+        assert r.status == 503  # ejected after two failures: the pool has no usable backend
+        assert (await r.json())["error"]["code"] == "prefill_unavailable"
 
 
 async def test_decode_timeout_is_504(pair, start_pdlb, http):
