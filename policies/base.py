@@ -33,10 +33,19 @@ and select it with ``policy = "fewest_requests"``. The factory (usually the clas
 with the pool's ``policy_options`` table; raise :class:`PolicyOptionError` for a bad option —
 pdlb reports it at start-up with the pool and option named. See ``examples/`` for a complete,
 installable plugin and ``policies.testing`` for fakes to unit-test ``pick``.
+
+Helpers for factories: :func:`check_options` rejects unknown options and wrong types;
+:func:`number_option` and :func:`int_option` read one option with a default and a range,
+naming the option when it is out of range. Randomised policies take an optional ``seed``
+option and draw from :func:`seeded_rng`, so tests are reproducible. Per-policy state (a
+cursor, an LRU of prefixes) lives on the policy object: pdlb builds one per pool, never
+shared, and a new one on a config reload. State keyed by :attr:`BackendView.index` is only
+meaningful within one policy object.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -145,3 +154,41 @@ def check_options(
             raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} has the wrong type")
         if not isinstance(value, kind):
             raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} has the wrong type")
+
+
+def number_option(
+    policy: str, options: Mapping[str, Any], name: str, default: float,
+    *, minimum: float | None = None, maximum: float | None = None,
+) -> float:
+    """Read a numeric option (an int is accepted) within ``[minimum, maximum]``, naming it."""
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} must be a number")
+    if value != value or (minimum is not None and value < minimum) or (
+        maximum is not None and value > maximum
+    ):
+        low = "-inf" if minimum is None else f"{minimum:g}"
+        high = "inf" if maximum is None else f"{maximum:g}"
+        raise PolicyOptionError(
+            f"{policy}: option {name!r} = {value!r} is out of range ({low} .. {high})"
+        )
+    return float(value)
+
+
+def int_option(
+    policy: str, options: Mapping[str, Any], name: str, default: int,
+    *, minimum: int | None = None, maximum: int | None = None,
+) -> int:
+    """Read an integer option within ``[minimum, maximum]``, naming it."""
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} must be an integer")
+    number_option(policy, {name: value}, name, default, minimum=minimum, maximum=maximum)
+    return value
+
+
+def seeded_rng(options: Mapping[str, Any]) -> random.Random:
+    """A private generator for a randomised policy: seeded by its ``seed`` option when given
+    (reproducible tests), else from the OS. Never use the module-global ``random``."""
+    seed = options.get("seed")
+    return random.Random(seed) if seed is not None else random.Random()

@@ -21,7 +21,13 @@ GROUP = "pdlb.policies"
 
 BUILTINS: Mapping[str, str] = {
     "round_robin": "policies.round_robin:RoundRobin",
+    "random": "policies.random_choice:RandomChoice",
+    "least_requests": "policies.least_requests:LeastRequests",
     "least_tokens": "policies.least_tokens:LeastTokens",
+    "power_of_two": "policies.power_of_two:PowerOfTwo",
+    "prefix_affinity": "policies.prefix_affinity:PrefixAffinity",
+    "session_affinity": "policies.session_affinity:SessionAffinity",
+    "score": "policies.score:Score",
 }
 
 

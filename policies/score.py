@@ -1,0 +1,158 @@
+"""``score``: a weighted sum of scorers, in the spirit of llm-d's scorer plugins.
+
+Every scorer rates every candidate from 0 (worst) to 1 (best); the candidate with the
+highest weighted sum wins (ties rotate). Weights come from config; a scorer with weight 0
+is not computed. The scorers:
+
+* ``load`` — pdlb's in-flight tokens, live: ``1 - (t - t_min) / (t_max - t_min + r)`` where
+  ``r`` is this request's own tokens on the leg (prompt; for decode prompt + max_tokens).
+  Differences count relative to the request's size, not the absolute load level, so the
+  trade against a prefix hit stays the same at low and high load.
+* ``prefix`` — the fraction of the prompt's leading blocks the backend was last seen to
+  hold (the same bounded index as ``prefix_affinity``; every choice is recorded).
+* ``kv_usage`` — ``1 - vllm:kv_cache_usage_perc`` from the latest scrape.
+* ``queue`` — ``vllm:num_requests_waiting`` from the latest scrape, min-max scaled:
+  ``1 - (q - q_min) / (q_max - q_min + 1)``.
+
+Scraped scorers are up to one scrape interval old; a backend with no sample, or one older
+than ``max_scrape_age_s``, gets the mean of the others (neutral). With ``load = 1`` and
+``prefix = 1`` a backend holding a fraction ``f`` of the prompt wins while its excess load
+over the least-loaded backend is below ``f / (1 - f)`` times the request's size; raise the
+``load`` weight to tighten that.
+
+Options:
+
+* ``weights`` (table, default ``{load = 1.0, prefix = 1.0, kv_usage = 0.0, queue = 0.0}``):
+  names not given keep their default; each weight a number ≥ 0, at least one > 0.
+* ``max_scrape_age_s`` (number > 0, default 5.0).
+* ``max_entries`` (int ≥ 1, default 100000) and ``holders`` (int ≥ 1, default 2): the
+  prefix index, as for ``prefix_affinity``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from policies.base import (
+    BackendView,
+    PolicyOptionError,
+    RouteRequest,
+    check_options,
+    int_option,
+    number_option,
+)
+from policies.prefix_index import PrefixIndex
+
+NAME = "score"
+Scorer = Callable[[RouteRequest, Sequence[BackendView]], list[float]]
+DEFAULT_WEIGHTS: Mapping[str, float] = {"load": 1.0, "prefix": 1.0, "kv_usage": 0.0,
+                                        "queue": 0.0}
+
+
+def _weights(options: Mapping[str, Any]) -> dict[str, float]:
+    given = options.get("weights", {})
+    if not isinstance(given, Mapping):
+        raise PolicyOptionError(f"{NAME}: option 'weights' must be a table of scorer = weight")
+    weights = dict(DEFAULT_WEIGHTS)
+    for name in given:
+        if name not in DEFAULT_WEIGHTS:
+            raise PolicyOptionError(
+                f"{NAME}: option 'weights' names unknown scorer {name!r}"
+                f" (known: {', '.join(DEFAULT_WEIGHTS)})"
+            )
+        weights[name] = number_option(NAME, given, name, 0.0, minimum=0.0)
+    if not any(weights.values()):
+        raise PolicyOptionError(f"{NAME}: option 'weights' must give some scorer a weight > 0")
+    return weights
+
+
+def _neutral_fill(values: list[float | None]) -> list[float]:
+    known = [v for v in values if v is not None]
+    fill = sum(known) / len(known) if known else 0.0
+    return [fill if v is None else v for v in values]
+
+
+class Score:
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        check_options(NAME, options, {
+            "weights": dict, "max_scrape_age_s": (int, float), "max_entries": int,
+            "holders": int,
+        })
+        self.weights = _weights(options)
+        self.max_scrape_age_s = number_option(NAME, options, "max_scrape_age_s", 5.0,
+                                              minimum=1e-9)
+        self.index = PrefixIndex(
+            int_option(NAME, options, "max_entries", 100_000, minimum=1),
+            int_option(NAME, options, "holders", 2, minimum=1),
+        )
+        # An instance attribute: pdlb reads it from the policy object at start-up.
+        self.wants_prefix_hashes = self.weights["prefix"] > 0
+        scorers: dict[str, Scorer] = {
+            "load": self.score_load, "prefix": self.score_prefix,
+            "kv_usage": self.score_kv_usage, "queue": self.score_queue,
+        }
+        self._active = [(w, scorers[name]) for name, w in self.weights.items() if w > 0]
+        self._turn = 0
+
+    # ----------------------------------------------------------------- scorers
+    def score_load(self, request: RouteRequest, candidates: Sequence[BackendView]) -> list[float]:
+        own = request.prompt_tokens + (request.max_tokens if request.leg == "decode" else 0)
+        tokens = [b.inflight_tokens for b in candidates]
+        low = min(tokens)
+        span = max(tokens) - low + max(own, 1)
+        return [1.0 - (t - low) / span for t in tokens]
+
+    def score_prefix(
+        self, request: RouteRequest, candidates: Sequence[BackendView]
+    ) -> list[float]:
+        hashes = request.prefix_hashes
+        if not hashes:
+            return [0.0] * len(candidates)
+        depth = self.index.match(hashes)
+        total = len(hashes)
+        return [depth.get(b.index, 0) / total for b in candidates]
+
+    def score_kv_usage(
+        self, request: RouteRequest, candidates: Sequence[BackendView]
+    ) -> list[float]:
+        max_age = self.max_scrape_age_s
+        return _neutral_fill([
+            None if b.load is None or b.load.age_s > max_age else 1.0 - b.load.kv_usage
+            for b in candidates
+        ])
+
+    def score_queue(self, request: RouteRequest, candidates: Sequence[BackendView]) -> list[float]:
+        max_age = self.max_scrape_age_s
+        waiting = [None if b.load is None or b.load.age_s > max_age else b.load.waiting
+                   for b in candidates]
+        known = [w for w in waiting if w is not None]
+        if not known:
+            return [0.0] * len(candidates)
+        low = min(known)
+        span = max(known) - low + 1.0
+        return _neutral_fill([None if w is None else 1.0 - (w - low) / span for w in waiting])
+
+    # ----------------------------------------------------------------- the pick
+    def scores(self, request: RouteRequest, candidates: Sequence[BackendView]) -> list[float]:
+        """The weighted sum per candidate (exposed for tests and debugging)."""
+        total = [0.0] * len(candidates)
+        for weight, scorer in self._active:
+            for i, value in enumerate(scorer(request, candidates)):
+                total[i] += weight * value
+        return total
+
+    def pick(self, request: RouteRequest, candidates: Sequence[BackendView]) -> BackendView:
+        self._turn += 1
+        total = self.scores(request, candidates)
+        n = len(candidates)
+        start = self._turn % n
+        best = start
+        for k in range(1, n):
+            i = (start + k) % n
+            if total[i] > total[best]:
+                best = i
+        chosen = candidates[best]
+        if self.wants_prefix_hashes and request.prefix_hashes:
+            self.index.record(request.prefix_hashes, chosen.index)
+        return chosen
