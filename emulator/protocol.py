@@ -375,10 +375,8 @@ def _completion_prompt(
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return tokenizer.encode_prompt(prompt, add_bos), prompt
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
-    ):
-        if any(t < 0 for t in prompt):
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        if min(prompt) < 0:
             raise _type_error(
                 "prompt", "greater_than_equal", "Input should be greater than or equal to 0",
                 prompt,
