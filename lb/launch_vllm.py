@@ -84,6 +84,9 @@ class LaunchConfig:
     enforce_eager: bool | None = None
     extra_vllm_args: tuple[str, ...] = ()
     cpu_kvcache_space_gib: int = 1
+    # PDLB_NIXL_PTHR_DELAY_US for NIXL's UCX progress thread (honoured by the patched NIXL of
+    # scripts/vllm-cpu-env; NIXL itself spins with 0). None: 1000 on cpu, unset on gpu.
+    nixl_progress_delay_us: int | None = None
     gpus_per_server: int = 1
     gpus: tuple[int, ...] | None = None
     run_dir: Path | None = None
@@ -276,6 +279,11 @@ def plan_servers(
             side_port = side_ports[k]
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = side_host
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_port)
+            delay = config.nixl_progress_delay_us
+            if delay is None and config.device == "cpu":
+                delay = 1000
+            if delay is not None:
+                env["PDLB_NIXL_PTHR_DELAY_US"] = str(delay)
         if config.device == "cpu":
             argv += ["--dtype", "bfloat16"]
             env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gib)
@@ -538,6 +546,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpu-kvcache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE GiB (cpu)"
     )
+    p.add_argument(
+        "--nixl-progress-delay-us",
+        type=int,
+        help="poll timeout of NIXL's UCX progress thread, for the NIXL patched by "
+        "scripts/vllm-cpu-env (default: 1000 on cpu, NIXL's own 0 = busy spin on gpu)",
+    )
     p.add_argument("--gpus-per-server", type=int, default=1, help="(gpu) also the TP size")
     p.add_argument("--gpus", help="(gpu) comma-separated GPU ids to share out (default 0..)")
     p.add_argument("--write-config", type=Path, help="write a pdlb backends.toml here")
@@ -578,6 +592,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         enforce_eager=args.enforce_eager,
         extra_vllm_args=tuple(shlex.split(args.extra_vllm_args)),
         cpu_kvcache_space_gib=args.cpu_kvcache_space,
+        nixl_progress_delay_us=args.nixl_progress_delay_us,
         gpus_per_server=args.gpus_per_server,
         gpus=gpus,
         run_dir=args.run_dir,
