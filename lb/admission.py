@@ -104,6 +104,14 @@ class Admission:
                               ["stage"]).labels(stage=name).set(stage.limit)
         self._wait_hist = {n: metrics.queue_wait.labels(stage=n) for n in STAGES}
 
+    def reconfigure(self, pools: Mapping[str, PoolConfig]) -> None:
+        """Adopt new budgets and queue settings (hot reload); waiters re-check at once."""
+        for name, stage in self._stages.items():
+            stage.limit = pools[name].max_inflight_tokens
+            stage.max_queue = pools[name].max_queue
+            stage.queue_timeout_s = pools[name].queue_timeout_s
+        self._wake()
+
     def admitted_tokens(self, stage: str) -> int:
         return self._stages[stage].admitted
 

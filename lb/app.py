@@ -15,10 +15,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from lb.admin import Reloader, admin_routes, apply_reload, state
 from lb.admission import Admission
+from lb.auth import client_auth_middleware
 from lb.config import Config
 from lb.connectors.registry import build_connector
-from lb.errors import InvalidRequest, NotFound, PayloadTooLarge, PdlbError
+from lb.errors import ConfigError, InvalidRequest, NotFound, PayloadTooLarge, PdlbError
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.pool import Pool
@@ -39,6 +41,8 @@ PROXY = web.AppKey("proxy", Proxy)
 HEALTH = web.AppKey("health", HealthChecker)
 MODELS_CACHE = web.AppKey("models_cache", list)
 ENDPOINT = web.RequestKey("endpoint", str)
+RELOAD: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("reload")
+ADMIN_APP = web.AppKey("admin_app", web.Application)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -165,10 +169,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     )
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the pdlb application from a validated config (raises ConfigError at start-up)."""
-    from lb.errors import ConfigError
+def create_app(config: Config, reloader: Reloader | None = None) -> web.Application:
+    """Build the pdlb application from a validated config (raises ConfigError at start-up).
 
+    ``reloader`` re-reads the configuration for hot reloads (SIGHUP, POST /admin/reload).
+    """
     metrics = Metrics()
     pools: dict[str, Pool] = {}
     for name, pool_config in config.pools.items():
@@ -188,9 +193,10 @@ def create_app(config: Config) -> web.Application:
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
                           config.scrape.timeout_s)
 
-    app = web.Application(
-        middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
-    )
+    middlewares: list[Any] = [error_middleware]
+    if config.auth.api_keys:
+        middlewares.append(client_auth_middleware(config.auth.api_keys))
+    app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[METRICS] = metrics
     app[POOLS] = pools
@@ -198,6 +204,31 @@ def create_app(config: Config) -> web.Application:
     app[PROXY] = proxy
     app[HEALTH] = checker
     app[MODELS_CACHE] = []
+    current = [config]
+
+    def rebuild_all() -> None:
+        backends = [b for pool in pools.values() for b in pool.backends]
+        checker.set_backends(backends)
+        scraper.set_backends(backends)
+
+    def reload() -> dict[str, Any]:
+        if reloader is None:
+            raise ConfigError("this pdlb was started without a config file; nothing to reload")
+        new = reloader()
+        report = apply_reload(current[0], new, pools, admission, rebuild_all)
+        current[0] = new
+        return report
+
+    app[RELOAD] = reload
+    if config.admin.enabled and config.admin.token:
+        admin = admin_routes(config.admin.token, reload, lambda: state(pools, admission))
+        if config.admin.port is None:
+            app.router.add_routes(admin)
+        else:
+            admin_app = web.Application(middlewares=[error_middleware])
+            admin_app[METRICS] = metrics
+            admin_app.router.add_routes(admin)
+            app[ADMIN_APP] = admin_app
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()

@@ -46,7 +46,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    from lb.config import config_from_flags, load_config, override
+    from lb.config import Config, config_from_flags, load_config, override
 
     args = _serve_parser().parse_args(argv)
     logging.basicConfig(
@@ -72,7 +72,11 @@ def serve_main(argv: Sequence[str]) -> int:
         return 2
     from lb.server import run
 
-    return run(config)
+    def reloader() -> Config:
+        return override(load_config(args.config), prefill=args.prefill, decode=args.decode,
+                        host=args.host, port=args.port)
+
+    return run(config, reloader if args.config else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,9 @@ class HealthChecker:
         self.config = config
         self._task: asyncio.Task[None] | None = None
 
+    def set_backends(self, backends: Iterable[Backend]) -> None:
+        self.backends = list(backends)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pdlb-health")
 

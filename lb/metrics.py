@@ -7,6 +7,7 @@ per-request observations use label children bound once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -99,6 +100,12 @@ class Metrics:
     def watch(self, name: str, doc: str, labels: dict[str, str], read: Callable[[], float]) -> None:
         """Expose ``read()`` as a gauge sample, evaluated only when /metrics is scraped."""
         self.gauge(name, doc, list(labels)).labels(**labels).set_function(read)
+
+    def unwatch(self, name: str, labels: dict[str, str]) -> None:
+        gauge = self._gauges.get(name)
+        if gauge is not None:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels.values())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -73,6 +73,7 @@ class Pool:
         ]
         self.inflight_requests = 0
         self.inflight_tokens = 0
+        self.metrics = metrics
         self._register_metrics(metrics)
 
     def _register_metrics(self, metrics: Metrics) -> None:
@@ -84,13 +85,45 @@ class Pool:
         metrics.watch("pdlb_pool_usable_backends", "Backends currently usable per pool.", pool,
                       lambda: sum(1 for b in self.backends if b.healthy))
         for b in self.backends:
-            labels = {"pool": self.name, "backend": b.url}
-            metrics.watch("pdlb_backend_inflight_tokens", "Tokens in flight per backend.",
-                          labels, lambda b=b: b.inflight_tokens)  # type: ignore[misc]
-            metrics.watch("pdlb_backend_inflight_requests", "Requests in flight per backend.",
-                          labels, lambda b=b: b.inflight_requests)  # type: ignore[misc]
-            metrics.watch("pdlb_backend_healthy", "1 when the backend is in rotation.",
-                          labels, lambda b=b: 1.0 if b.healthy else 0.0)  # type: ignore[misc]
+            self._watch_backend(b)
+
+    _BACKEND_GAUGES = (
+        ("pdlb_backend_inflight_tokens", "Tokens in flight per backend."),
+        ("pdlb_backend_inflight_requests", "Requests in flight per backend."),
+        ("pdlb_backend_healthy", "1 when the backend is in rotation."),
+    )
+
+    def _watch_backend(self, b: Backend) -> None:
+        labels = {"pool": self.name, "backend": b.url}
+        reads = (lambda: b.inflight_tokens, lambda: b.inflight_requests,
+                 lambda: 1.0 if b.healthy else 0.0)
+        for (name, doc), read in zip(self._BACKEND_GAUGES, reads, strict=True):
+            self.metrics.watch(name, doc, labels, read)
+
+    def replace_backends(self, config: PoolConfig, policy: Policy) -> tuple[list[str], list[str]]:
+        """Hot reload: adopt a new backend list and policy. Backends kept by URL keep their
+        counters and health (in-flight leases refund them as usual); removed ones stop
+        receiving new requests and finish what they have. Returns (added, removed) URLs."""
+        current = {b.url: b for b in self.backends}
+        backends = []
+        added = []
+        for i, bc in enumerate(config.backends):
+            backend = current.pop(bc.url, None)
+            if backend is None:
+                backend = Backend(bc.url, i, self.name, bc.max_inflight_tokens)
+                self._watch_backend(backend)
+                added.append(bc.url)
+            backend.index = i
+            backend.max_inflight_tokens = bc.max_inflight_tokens
+            backends.append(backend)
+        for gone in current.values():
+            for name, _ in self._BACKEND_GAUGES:
+                self.metrics.unwatch(name, {"pool": self.name, "backend": gone.url})
+        self.backends = backends
+        self.config = config
+        self.policy = policy
+        self.hooks = policy if isinstance(policy, PolicyHooks) else None
+        return added, sorted(current)
 
     def has_usable_backend(self) -> bool:
         return any(b.healthy for b in self.backends)

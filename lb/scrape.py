@@ -66,6 +66,9 @@ class LoadScraper:
         self._task: asyncio.Task[None] | None = None
         self._taken: dict[int, float] = {}
 
+    def set_backends(self, backends: Iterable[Backend]) -> None:
+        self.backends = list(backends)
+
     def start(self) -> None:
         if self.interval_s > 0:
             self._task = asyncio.create_task(self._run(), name="pdlb-scrape")

@@ -3,6 +3,9 @@
 ``handler_cancellation=True`` makes aiohttp cancel a handler when its client disconnects —
 that is what lets pdlb abort the upstream legs at once instead of finishing a stream nobody
 reads (and holding the prefill's KV meanwhile).
+
+Signals: SIGTERM/SIGINT stop accepting connections, let in-flight requests finish for up to
+``[server] drain_timeout_s``, then exit. SIGHUP reloads the config file (see lb/admin.py).
 """
 
 from __future__ import annotations
@@ -17,40 +20,69 @@ from typing import Any
 
 from aiohttp import web
 
-from lb.app import create_app
+from lb.admin import Reloader
+from lb.app import ADMIN_APP, RELOAD, create_app
 from lb.config import Config
+from lb.errors import ConfigError
 
 log = logging.getLogger("pdlb.server")
 
 
-async def start_site(config: Config, *, drain_s: float = 30.0) -> tuple[web.AppRunner, str]:
+async def start_site(
+    config: Config, *, drain_s: float | None = None, reloader: Reloader | None = None
+) -> tuple[web.AppRunner, str]:
     """Start pdlb on config.server.host:port; returns the runner and the bound base URL."""
-    app = create_app(config)
+    app = create_app(config, reloader)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s
+        app, handler_cancellation=True, access_log=None,
+        shutdown_timeout=config.server.drain_timeout_s if drain_s is None else drain_s,
+        max_field_size=16384, max_line_size=16384,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096)
     await site.start()
     host, port = runner.addresses[0][:2]
+    admin_app = app.get(ADMIN_APP)
+    if admin_app is not None:
+        admin_runner = web.AppRunner(admin_app, access_log=None)
+        await admin_runner.setup()
+        admin_site = web.TCPSite(admin_runner, config.admin.host or config.server.host,
+                                 config.admin.port or 0)
+        await admin_site.start()
+        app.on_cleanup.append(lambda _: admin_runner.cleanup())
+        log.info("admin API on http://%s:%s", *admin_runner.addresses[0][:2])
+    return runner, _url(host, port)
+
+
+def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in str(host) else host
-    return runner, f"http://{shown}:{port}"
+    return f"http://{shown}:{port}"
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, reloader: Reloader | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    runner, url = await start_site(config)
+    runner, url = await start_site(config, reloader=reloader)
+
+    def on_sighup() -> None:
+        try:
+            runner.app[RELOAD]()
+        except ConfigError as exc:
+            log.error("reload refused, nothing changed: %s", exc)
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     print(f"pdlb listening on {url}", flush=True)
     log.info("prefill: %s", ", ".join(b.url for b in config.prefill.backends))
     log.info("decode: %s", ", ".join(b.url for b in config.decode.backends))
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: draining in-flight requests")
+        log.info("shutting down: draining in-flight requests (up to %g s)",
+                 config.server.drain_timeout_s)
         await runner.cleanup()
 
 
@@ -62,9 +94,9 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     return uvloop.run
 
 
-def run(config: Config) -> int:
+def run(config: Config, reloader: Reloader | None = None) -> int:
     try:
-        _event_loop_runner()(serve(config))
+        _event_loop_runner()(serve(config, reloader))
     except OSError as exc:
         print(f"pdlb: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
               file=sys.stderr)

@@ -1,0 +1,101 @@
+"""The admin surface — off by default; token-protected; optionally on its own address.
+
+``POST /admin/reload`` (and SIGHUP) re-reads backends.toml and applies what can change without
+dropping a request: each pool's backends (kept ones keep their counters and health, removed
+ones finish their in-flight requests), policy and options, backend keys, and the admission
+budgets. Anything else (listen address, timeouts, connector, tokenizer) needs a restart, and
+the reload answer lists what it ignored. ``GET /admin/state`` shows pools, backends and
+counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from lb.admission import Admission
+from lb.auth import bearer, matches
+from lb.config import Config
+from lb.errors import ConfigError, PdlbError, Unauthorized
+from lb.pool import Pool
+from policies.registry import PolicyLoadError, build_policy
+
+log = logging.getLogger("pdlb.admin")
+
+Reloader = Callable[[], Config]
+
+
+def apply_reload(
+    current: Config, new: Config, pools: dict[str, Pool], admission: Admission,
+    rebuild_all: Callable[[], None],
+) -> dict[str, Any]:
+    """Validate ``new`` fully, then apply it; raise ConfigError and change nothing on error."""
+    policies = {}
+    for name, pool_config in new.pools.items():
+        try:
+            policies[name] = build_policy(pool_config.policy, pool_config.policy_options,
+                                          pool=name)
+        except PolicyLoadError as exc:
+            raise ConfigError(f"{new.source}: {exc}") from None
+    report: dict[str, Any] = {"pools": {}}
+    for name, pool_config in new.pools.items():
+        added, removed = pools[name].replace_backends(pool_config, policies[name])
+        report["pools"][name] = {"added": added, "removed": removed,
+                                 "backends": [b.url for b in pools[name].backends]}
+    admission.reconfigure(new.pools)
+    rebuild_all()
+    ignored = [section for section in ("server", "kv_transfer", "tokenizer", "health", "scrape",
+                                       "resilience", "auth", "admin")
+               if getattr(current, section) != getattr(new, section)]
+    report["needs_restart_to_apply"] = ignored
+    log.warning("reloaded %s: %s", new.source, report)
+    return report
+
+
+def state(pools: dict[str, Pool], admission: Admission) -> dict[str, Any]:
+    return {
+        "pools": {
+            name: {
+                "policy": pool.config.policy,
+                "inflight_requests": pool.inflight_requests,
+                "inflight_tokens": pool.inflight_tokens,
+                "backends": [
+                    {"url": b.url, "healthy": b.healthy, "inflight_requests": b.inflight_requests,
+                     "inflight_tokens": b.inflight_tokens,
+                     "load": None if b.load is None else {
+                         "running": b.load.running, "waiting": b.load.waiting,
+                         "kv_usage": b.load.kv_usage}}
+                    for b in pool.backends
+                ],
+            }
+            for name, pool in pools.items()
+        },
+        "admission": {stage: admission.admitted_tokens(stage) for stage in ("prefill", "decode")},
+    }
+
+
+def admin_routes(token: str, reload: Callable[[], dict[str, Any]],
+                 get_state: Callable[[], dict[str, Any]]) -> list[web.RouteDef]:
+    def check(request: web.Request) -> None:
+        if not matches(bearer(request), [token]):
+            raise Unauthorized("admin token required: Authorization: Bearer <token>",
+                               code="invalid_admin_token")
+
+    async def do_reload(request: web.Request) -> web.Response:
+        check(request)
+        try:
+            report = reload()
+        except ConfigError as exc:
+            raise PdlbError(f"reload refused, nothing changed: {exc}", status=400,
+                            code="invalid_config") from None
+        return web.Response(body=orjson.dumps(report), content_type="application/json")
+
+    async def show_state(request: web.Request) -> web.Response:
+        check(request)
+        return web.Response(body=orjson.dumps(get_state()), content_type="application/json")
+
+    return [web.post("/admin/reload", do_reload), web.get("/admin/state", show_state)]
