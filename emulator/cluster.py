@@ -80,13 +80,13 @@ class EmulatorCluster:
 
     async def start(self) -> EmulatorCluster:
         try:
-            for config in self.configs:
-                if self.mode == "inprocess":
+            if self.mode == "inprocess":
+                for config in self.configs:
                     server = await EmulatorServer(config, self.host, 0).start()
                     self.servers.append(server)
                     self.urls.append(server.url)
-                else:
-                    self.urls.append(await self._spawn(config))
+            else:  # processes start in parallel (each imports tiktoken & co.)
+                self.urls = list(await asyncio.gather(*(self._spawn(c) for c in self.configs)))
         except BaseException:
             await self.stop()
             raise

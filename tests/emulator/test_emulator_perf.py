@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import orjson
 
@@ -26,7 +27,7 @@ async def stream_gaps(http, url: str, body: dict) -> list[float]:
                 event, buffer = buffer.split(b"\n\n", 1)
                 if event != b"data: [DONE]" and orjson.loads(event[6:])["choices"]:
                     times.append(loop.time())
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 async def slow_itl_count(http, url: str, above_s: float) -> float:
