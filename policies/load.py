@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from policies.base import BackendView
+from policies.base import BackendView, RouteRequest
 
 B = TypeVar("B", bound=BackendView)
 
@@ -20,9 +20,20 @@ def mean_tokens(candidates: Sequence[BackendView]) -> float:
     return sum(b.inflight_tokens for b in candidates) / len(candidates)
 
 
-def load_limit(candidates: Sequence[BackendView], factor: float, slack_tokens: int) -> float:
-    """In-flight tokens above which a backend counts as overloaded: factor × mean + slack."""
-    return factor * mean_tokens(candidates) + slack_tokens
+def request_tokens(request: RouteRequest) -> int:
+    """The tokens this leg will charge its backend: the prompt; for decode also max_tokens."""
+    return request.prompt_tokens + (request.max_tokens if request.leg == "decode" else 0)
+
+
+def load_limit(
+    request: RouteRequest, candidates: Sequence[BackendView], factor: float,
+    slack_tokens: int | None,
+) -> float:
+    """In-flight tokens above which a backend counts as overloaded for this request:
+    ``factor × mean + slack``, the slack defaulting to the request's own tokens (so at low
+    load one request in flight does not make a backend "overloaded")."""
+    slack = request_tokens(request) if slack_tokens is None else slack_tokens
+    return factor * mean_tokens(candidates) + slack
 
 
 def token_key(backend: BackendView) -> tuple[int, int]:

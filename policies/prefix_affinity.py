@@ -7,7 +7,7 @@ so a shared system prompt *and* a shared conversation history both count; see
 (:class:`~policies.prefix_index.PrefixIndex`, a bounded LRU) and picks, among the candidates
 within the load bound, the one with the longest remembered match (ties: fewer in-flight
 tokens). A backend is within the bound while its in-flight tokens are at most
-``load_factor × mean + load_slack_tokens`` over the candidates, so a hot prefix cannot pile
+``load_factor × mean + load_slack_tokens`` (mean over the candidates), so a hot prefix cannot pile
 onto one backend: past the bound it goes to the least-loaded backend instead, which then
 holds it too. A prompt with no known prefix goes to the least-loaded backend. Every choice
 is recorded, so later prompts with the same prefix follow it.
@@ -15,8 +15,9 @@ is recorded, so later prompts with the same prefix follow it.
 Options:
 
 * ``load_factor`` (number ≥ 1, default 1.25): the bound, as a multiple of the mean load.
-* ``load_slack_tokens`` (int ≥ 0, default 0): tokens allowed above the bound, so that at low
-  load one long request in flight does not break affinity.
+* ``load_slack_tokens`` (int ≥ 0, default unset = the request's own tokens on the leg):
+  tokens allowed above ``load_factor × mean``, so that at low load one request in flight
+  does not break affinity. 0 is the bare ``load_factor × mean`` bound.
 * ``min_match_blocks`` (int ≥ 1, default 1): shorter matches (64-byte blocks) are ignored.
 * ``max_entries`` (int ≥ 1, default 100000): prefixes remembered (LRU; ~15 MB at the default).
 * ``holders`` (int ≥ 1, default 2): backends remembered per prefix, so a hot prefix that
@@ -44,7 +45,10 @@ class PrefixAffinity:
             "max_entries": int, "holders": int,
         })
         self.load_factor = number_option(NAME, options, "load_factor", 1.25, minimum=1.0)
-        self.load_slack_tokens = int_option(NAME, options, "load_slack_tokens", 0, minimum=0)
+        self.load_slack_tokens: int | None = None
+        if "load_slack_tokens" in options:
+            self.load_slack_tokens = int_option(NAME, options, "load_slack_tokens", 0,
+                                                minimum=0)
         self.min_match_blocks = int_option(NAME, options, "min_match_blocks", 1, minimum=1)
         self.index = PrefixIndex(
             int_option(NAME, options, "max_entries", 100_000, minimum=1),
@@ -59,7 +63,8 @@ class PrefixAffinity:
         if hashes:
             depth = self.index.match(hashes)
             if depth:
-                limit = load_limit(candidates, self.load_factor, self.load_slack_tokens)
+                limit = load_limit(request, candidates, self.load_factor,
+                                   self.load_slack_tokens)
                 best_key = (0, 0)
                 for backend in candidates:
                     matched = depth.get(backend.index, 0)

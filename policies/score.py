@@ -1,8 +1,12 @@
-"""``score``: a weighted sum of scorers, in the spirit of llm-d's scorer plugins.
+"""``score``: a load filter, then a weighted sum of scorers, in the spirit of llm-d's filter
+and scorer plugins.
 
-Every scorer rates every candidate from 0 (worst) to 1 (best); the candidate with the
-highest weighted sum wins (ties rotate). Weights come from config; a scorer with weight 0
-is not computed. The scorers:
+First, candidates over the load bound (in-flight tokens above ``load_factor × mean +
+load_slack_tokens``, as for ``prefix_affinity``) are dropped, unless that drops them all;
+this is what keeps a hot prefix from overloading one backend whatever the weights. Then
+every scorer rates every remaining candidate from 0 (worst) to 1 (best) and the highest
+weighted sum wins (ties rotate). Weights come from config; a scorer with weight 0 is not
+computed. The scorers:
 
 * ``load`` — pdlb's in-flight tokens, live: ``1 - (t - t_min) / (t_max - t_min + r)`` where
   ``r`` is this request's own tokens on the leg (prompt; for decode prompt + max_tokens).
@@ -15,15 +19,17 @@ is not computed. The scorers:
   ``1 - (q - q_min) / (q_max - q_min + 1)``.
 
 Scraped scorers are up to one scrape interval old; a backend with no sample, or one older
-than ``max_scrape_age_s``, gets the mean of the others (neutral). With ``load = 1`` and
-``prefix = 1`` a backend holding a fraction ``f`` of the prompt wins while its excess load
-over the least-loaded backend is below ``f / (1 - f)`` times the request's size; raise the
-``load`` weight to tighten that.
+than ``max_scrape_age_s``, gets the mean of the others (neutral). Within the bound, with
+``load = 1`` and ``prefix = 1`` a backend holding a fraction ``f`` of the prompt wins while
+its excess load over the least-loaded backend is below ``f / (1 - f)`` times the request's
+size; raise the ``load`` weight to trade cache hits for balance.
 
 Options:
 
 * ``weights`` (table, default ``{load = 1.0, prefix = 1.0, kv_usage = 0.0, queue = 0.0}``):
   names not given keep their default; each weight a number ≥ 0, at least one > 0.
+* ``load_factor`` (number ≥ 1, default 1.25) and ``load_slack_tokens`` (int ≥ 0, default
+  unset = the request's own tokens): the filter's bound; a huge factor disables it.
 * ``max_scrape_age_s`` (number > 0, default 5.0).
 * ``max_entries`` (int ≥ 1, default 100000) and ``holders`` (int ≥ 1, default 2): the
   prefix index, as for ``prefix_affinity``.
@@ -42,6 +48,7 @@ from policies.base import (
     int_option,
     number_option,
 )
+from policies.load import load_limit, request_tokens
 from policies.prefix_index import PrefixIndex
 
 NAME = "score"
@@ -76,10 +83,15 @@ def _neutral_fill(values: list[float | None]) -> list[float]:
 class Score:
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options(NAME, options, {
-            "weights": dict, "max_scrape_age_s": (int, float), "max_entries": int,
-            "holders": int,
+            "weights": dict, "load_factor": (int, float), "load_slack_tokens": int,
+            "max_scrape_age_s": (int, float), "max_entries": int, "holders": int,
         })
         self.weights = _weights(options)
+        self.load_factor = number_option(NAME, options, "load_factor", 1.25, minimum=1.0)
+        self.load_slack_tokens: int | None = None
+        if "load_slack_tokens" in options:
+            self.load_slack_tokens = int_option(NAME, options, "load_slack_tokens", 0,
+                                                minimum=0)
         self.max_scrape_age_s = number_option(NAME, options, "max_scrape_age_s", 5.0,
                                               minimum=1e-9)
         self.index = PrefixIndex(
@@ -97,7 +109,7 @@ class Score:
 
     # ----------------------------------------------------------------- scorers
     def score_load(self, request: RouteRequest, candidates: Sequence[BackendView]) -> list[float]:
-        own = request.prompt_tokens + (request.max_tokens if request.leg == "decode" else 0)
+        own = request_tokens(request)
         tokens = [b.inflight_tokens for b in candidates]
         low = min(tokens)
         span = max(tokens) - low + max(own, 1)
@@ -135,15 +147,24 @@ class Score:
 
     # ----------------------------------------------------------------- the pick
     def scores(self, request: RouteRequest, candidates: Sequence[BackendView]) -> list[float]:
-        """The weighted sum per candidate (exposed for tests and debugging)."""
+        """The weighted sum per candidate, before the load filter (for tests, debugging)."""
         total = [0.0] * len(candidates)
         for weight, scorer in self._active:
             for i, value in enumerate(scorer(request, candidates)):
                 total[i] += weight * value
         return total
 
+    def within_bound(
+        self, request: RouteRequest, candidates: Sequence[BackendView]
+    ) -> Sequence[BackendView]:
+        """The load filter: candidates within the bound, or all of them if none is."""
+        limit = load_limit(request, candidates, self.load_factor, self.load_slack_tokens)
+        allowed = [b for b in candidates if b.inflight_tokens <= limit]
+        return allowed or candidates
+
     def pick(self, request: RouteRequest, candidates: Sequence[BackendView]) -> BackendView:
         self._turn += 1
+        candidates = self.within_bound(request, candidates)
         total = self.scores(request, candidates)
         n = len(candidates)
         start = self._turn % n

@@ -12,8 +12,8 @@ backend.
 Options:
 
 * ``header`` (str, default unset): read the key from this request header instead.
-* ``load_factor`` (number ≥ 1, default 1.25) and ``load_slack_tokens`` (int ≥ 0, default 0):
-  the load bound, as for ``prefix_affinity``.
+* ``load_factor`` (number ≥ 1, default 1.25) and ``load_slack_tokens`` (int ≥ 0, default
+  unset = the request's own tokens): the load bound, as for ``prefix_affinity``.
 * ``max_sessions`` (int ≥ 1, default 100000): sessions remembered (LRU).
 """
 
@@ -47,7 +47,10 @@ class SessionAffinity:
             raise PolicyOptionError(f"{NAME}: option 'header' must name a header")
         self.header: str | None = header.strip().lower() if header is not None else None
         self.load_factor = number_option(NAME, options, "load_factor", 1.25, minimum=1.0)
-        self.load_slack_tokens = int_option(NAME, options, "load_slack_tokens", 0, minimum=0)
+        self.load_slack_tokens: int | None = None
+        if "load_slack_tokens" in options:
+            self.load_slack_tokens = int_option(NAME, options, "load_slack_tokens", 0,
+                                                minimum=0)
         self.max_sessions = int_option(NAME, options, "max_sessions", 100_000, minimum=1)
         self._sessions: OrderedDict[str, int] = OrderedDict()
         self._turn = 0
@@ -65,7 +68,8 @@ class SessionAffinity:
         sessions = self._sessions
         index = sessions.get(key)
         if index is not None:
-            limit = load_limit(candidates, self.load_factor, self.load_slack_tokens)
+            limit = load_limit(request, candidates, self.load_factor,
+                                   self.load_slack_tokens)
             for backend in candidates:
                 if backend.index == index:
                     if backend.inflight_tokens <= limit:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from policies.base import BackendView, Leg, Policy, PolicyHooks, RouteRequest, ScrapedLoad
+from policies.load import request_tokens
 
 _ids = itertools.count()
 
@@ -94,10 +95,6 @@ def make_request(
     )
 
 
-def _cost(request: RouteRequest) -> int:
-    return request.prompt_tokens + (request.max_tokens if request.leg == "decode" else 0)
-
-
 def simulate(
     policy: Policy,
     requests: Iterable[RouteRequest],
@@ -122,7 +119,7 @@ def simulate(
     def finish() -> None:
         request, backend = inflight.popleft()
         backend.inflight_requests -= 1
-        backend.inflight_tokens -= _cost(request)
+        backend.inflight_tokens -= request_tokens(request)
         if hooks is not None:
             hooks.on_request_done(request, backend, True, 0.0)
 
@@ -133,8 +130,8 @@ def simulate(
         backend = candidates[0] if len(candidates) == 1 else _checked(
             policy.pick(request, candidates), candidates)
         backend.inflight_requests += 1
-        backend.inflight_tokens += _cost(request)
-        backend.tokens_since_scrape += _cost(request)
+        backend.inflight_tokens += request_tokens(request)
+        backend.tokens_since_scrape += request_tokens(request)
         backend.picks += 1
         inflight.append((request, backend))
         chosen.append(backend.index)
