@@ -265,12 +265,16 @@ async def _stream(
             role = chunks.role_chunk()
             if role is not None:
                 parts.append(b"data: " + dumps(role) + b"\n\n")
-        last = end - 1
         done = seq.finished
+        last = end - 1 if done else end
+        texts = seq.texts
         for i in range(cursor, end):
+            if chunks.fast and 0 < i < last:
+                parts.append(chunks.plain(texts[i]))
+                continue
             final = done and i == last
             chunk = chunks.token_chunk(
-                seq.texts[i], [seq.output[i]], i + 1,
+                texts[i], [seq.output[i]], i + 1,
                 seq.finish_reason if final else None,
                 seq.stop_reason if final else None,
                 i == 0,

@@ -259,9 +259,8 @@ class Engine:
                 continue
             step_s = self._step_time(batch)
             deadline = max(deadline, loop.time()) + step_s / self._scale
-            delay = deadline - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Always yield, even when behind schedule: the handlers must get to write.
+            await asyncio.sleep(max(deadline - loop.time(), 0.0))
             self.counters.steps += 1
             self.counters.model_time_s += step_s
             self._apply(batch, step_s)
@@ -359,6 +358,7 @@ class Engine:
         bs = self.config.block_size
         metrics = self.metrics
         produced = 0
+        later = 0  # tokens after a sequence's first: each one saw step_s of ITL
         for seq, n in batch:
             if seq.phase is not Phase.RUNNING:
                 continue  # aborted or preempted while the step ran
@@ -382,12 +382,14 @@ class Engine:
                     0, (seq.prompt_len // bs) * bs - (seq.local_hit + seq.external)
                 )
             else:
-                metrics.inter_token_latency.observe(step_s)
+                later += 1
             seq.last_token_at = now
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)
             elif seq.stream:
                 seq.wake()
+        if later:
+            metrics.inter_token_latency.observe_n(step_s, later)
         if produced:
             metrics.generation_tokens.inc(produced)
             self.counters.generated_tokens += produced

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 from emulator.config import EmulatorConfig
 from emulator.tokens import ChatFormatError, Tokenizer
 
@@ -505,7 +507,7 @@ def completion_response(
 class StreamChunks:
     """Builds the SSE events of one streamed request (model_dump_json(exclude_unset))."""
 
-    __slots__ = ("_chat", "_created", "_id", "_model", "_req")
+    __slots__ = ("_chat", "_created", "_head", "_id", "_model", "_req", "_tail", "fast")
 
     def __init__(self, req: GenRequest, created: int) -> None:
         self._req = req
@@ -513,6 +515,21 @@ class StreamChunks:
         self._id = req.response_id
         self._created = created
         self._model = req.model
+        # The common event (a middle token, no running usage, no token ids) is built from
+        # two pre-serialised halves; token_chunk() gives the same bytes (a test checks).
+        self.fast = not (req.continuous_usage or req.return_token_ids)
+        envelope = orjson.dumps(self._envelope([]))[:-3]  # drop '[]}'
+        if self._chat:
+            self._head = b"data: " + envelope + b'[{"index":0,"delta":{"content":'
+            self._tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
+        else:
+            self._head = b"data: " + envelope + b'[{"index":0,"text":'
+            self._tail = (b',"logprobs":null,"finish_reason":null,"stop_reason":null,'
+                          b'"prompt_token_ids":null,"token_ids":null}]}\n\n')
+
+    def plain(self, text: str) -> bytes:
+        """The SSE event of a token that is not the first or the last (when ``fast``)."""
+        return self._head + orjson.dumps(text) + self._tail
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {

@@ -202,3 +202,21 @@ async def test_api_key_and_request_id_header(emulator, http):
                          headers={"Authorization": "Bearer sekret", "X-Request-Id": "abc"}) as r:
         assert r.status == 200 and r.headers["X-Request-Id"] == "abc"
         assert (await r.json())["id"] == "cmpl-abc"
+
+
+def test_fast_stream_events_equal_the_generic_ones():
+    """The pre-serialised middle-token event is byte-for-byte the generic one."""
+    import orjson
+
+    from emulator.config import EmulatorConfig
+    from emulator.protocol import StreamChunks, parse_request
+    from emulator.tokens import Tokenizer
+
+    tok, config = Tokenizer(), EmulatorConfig()
+    for kind, body in (("completion", {"prompt": "hi", "stream": True}),
+                       ("chat", {"messages": MESSAGES, "stream": True})):
+        req = parse_request(kind, body, None, tok, config)
+        chunks = StreamChunks(req, 1234)
+        assert chunks.fast
+        generic = chunks.token_chunk(' a "quoted" word', [1], 2, None, None, False)
+        assert chunks.plain(' a "quoted" word') == b"data: " + orjson.dumps(generic) + b"\n\n"
