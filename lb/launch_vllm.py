@@ -476,6 +476,8 @@ class VllmPool:
             _signal_group(r.proc, signal.SIGKILL)
             r.proc.wait()
             r.log.close()
+        for r in running:
+            _wait_group_gone(r.proc.pid, timeout_s=5.0)
         self._running = []
 
     def __enter__(self) -> VllmPool:
@@ -494,6 +496,17 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     # start_new_session=True made the child a group leader: its pid is the group id.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no process of the group is left (SIGKILL is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def _parser() -> argparse.ArgumentParser:
