@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 import tempfile
@@ -70,10 +71,8 @@ async def inject(http: aiohttp.ClientSession, prefill: list[str], decode: list[s
         async with http.post(target + "/_emulator/faults", json=knobs) as r:
             r.raise_for_status()
         log[name] += 1
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), hold)
-        except TimeoutError:
-            pass
         async with http.post(target + "/_emulator/reset") as r:
             r.raise_for_status()
 
@@ -135,7 +134,8 @@ async def main(args: argparse.Namespace) -> int:
     for key, n in statuses.most_common():
         print(f"    {n:6d}  {key}")
     for key in ("ttft_ms", "itl_ms", "e2el_ms"):
-        print(f"  {key:8s} p50 {s[key]['p50']:.1f}  p99 {s[key]['p99']:.1f}  max {s[key]['max']:.1f}")
+        q = s[key]
+        print(f"  {key:8s} p50 {q['p50']:.1f}  p99 {q['p99']:.1f}  max {q['max']:.1f}")
     print(f"  pdlb RSS before {rss_before / 1024:.1f} MiB, after {rss_after / 1024:.1f} MiB")
     print(f"  in-flight gauges before {before}")
     print(f"  in-flight gauges after  {after}")
