@@ -71,7 +71,7 @@ async def run(concurrency: int, duration: float, max_tokens: int, time_scale: fl
                 model0 = (await resp.json())["model_time_s"]
             tally = Tally()
             loop = asyncio.get_running_loop()
-            cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+            cpu0, t0, mine0 = _cpu_seconds(pid), time.perf_counter(), time.process_time()
             stop_at = loop.time() + duration
             await asyncio.gather(*(
                 _stream_forever(session, url + "/v1/completions", body, stop_at, tally)
@@ -79,6 +79,7 @@ async def run(concurrency: int, duration: float, max_tokens: int, time_scale: fl
             ))
             wall = time.perf_counter() - t0
             cpu = _cpu_seconds(pid) - cpu0
+            mine = time.process_time() - mine0
             async with session.get(url + "/_emulator/state") as resp:
                 model1 = (await resp.json())["model_time_s"]
     # Events include the usage-less final chunk count exactly once per token (no role chunk
@@ -89,6 +90,8 @@ async def run(concurrency: int, duration: float, max_tokens: int, time_scale: fl
         "requests_failed": tally.failed,
         "wall_s": wall,
         "emulator_cpu_pct": 100.0 * cpu / wall,
+        "tokens_per_cpu_s": tally.events / cpu if cpu > 0 else float("nan"),
+        "client_cpu_pct": 100.0 * mine / wall,
         "model_clock_kept_up": (model1 - model0) / (wall * time_scale),
     }
 
@@ -109,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  streamed tokens/s : {result['tokens_per_s']:.0f}")
     print(f"  requests done     : {result['requests_done']:.0f} "
           f"(failed {result['requests_failed']:.0f})")
-    print(f"  emulator CPU      : {result['emulator_cpu_pct']:.0f}% of one core")
+    print(f"  emulator CPU      : {result['emulator_cpu_pct']:.0f}% of one core "
+          f"(this client: {result['client_cpu_pct']:.0f}%)")
+    print(f"  tokens per emulator CPU-second: {result['tokens_per_cpu_s']:.0f} "
+          "(the ceiling of one unshared core; robust when other work shares the box)")
     print(f"  model clock kept up: {result['model_clock_kept_up']:.3f} "
           "(1.0 = wall x time_scale; below 1 = the emulator is the bottleneck)")
     return 0

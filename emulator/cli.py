@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         base = next(a for a in args if a is not type(None)) if optional else hint
         parse: Callable[[str], Any] = base
         parser.add_argument(_flag(f.name), type=_optional(parse) if optional else parse,
-                            default=f.default, help=help_text)
+                            default=f.default, help=help_text,
+                            choices=f.metadata.get("choices"))
     return parser
 
 

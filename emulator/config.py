@@ -20,8 +20,8 @@ ROLES = ("prefill", "decode", "both")
 KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class EmulatorConfig:
         "a request with kv_transfer_params.do_remote_decode has its KV held for a decode "
         "to pull; one with do_remote_prefill pulls it. both is a plain colocated server "
         "with no KV connector (kv_transfer_params are ignored).",
+        ROLES,
     )
     model: str = _f("emulated-model", "Served model name (/v1/models, `model` checks).")
     seed: int = _f(0, "Seed of the deterministic output text and of the fault dice.")
@@ -87,6 +88,7 @@ class EmulatorConfig:
         "fail",
         "What a decode does when the prefill cannot be reached: fail (vLLM 0.32 default: "
         "the request errors, 500 / an error event) or recompute (prefill locally).",
+        KV_LOAD_FAILURE_POLICIES,
     )
     decode_reports_transferred_as_cached: bool = _f(
         False,
