@@ -90,6 +90,9 @@ async def test_reused_mismatched_invalid_and_expired_params_recompute(emulator, 
     status, _ = await post(http, d.url + "/v1/completions", {
         "prompt": PROMPT + " and more", "max_tokens": 2, "kv_transfer_params": other})
     assert status == 200
+    foreign = (await prefill(http, p.url))["kv_transfer_params"]
+    assert (await post(http, d.url + "/v1/completions", {
+        **decode, "kv_transfer_params": {**foreign, "remote_engine_id": "someone-else"}}))[0] == 200
     broken = {k: v for k, v in params.items() if k != "remote_engine_id"}
     assert (await post(http, d.url + "/v1/completions", {
         **decode, "kv_transfer_params": broken}))[0] == 200
@@ -101,8 +104,9 @@ async def test_reused_mismatched_invalid_and_expired_params_recompute(emulator, 
     st = await state(http, d.url)
     assert st["kv_pulled"] == 1
     assert st["kv_recomputed_by_reason"] == {
-        "reused": 1, "prompt_mismatch": 1, "invalid_params": 1, "expired": 1}
-    assert st["kv_recomputed"] == 4
+        "reused": 1, "prompt_mismatch": 1, "engine_mismatch": 1, "invalid_params": 1,
+        "expired": 1}
+    assert st["kv_recomputed"] == 5
     local = await metric(http, d.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
     assert local > 0
 
