@@ -123,7 +123,10 @@ def _error(exc: APIError) -> web.Response:
     return _json(exc.body(), exc.status)
 
 
-async def _read_json(request: web.Request) -> Any:
+async def _read_json(request: web.Request, *, vllm_route: bool = True) -> Any:
+    """The JSON body; vLLM's routes (validate_json_request) take only application/json."""
+    if vllm_route and request.content_type != "application/json":
+        raise schema_error("Unsupported Media Type: Only 'application/json' is allowed", None)
     raw = await request.read()
     try:
         return orjson.loads(raw)
@@ -403,7 +406,7 @@ async def _get_faults(request: web.Request) -> web.Response:
 async def _set_faults(request: web.Request) -> web.Response:
     faults = request.app[ENGINE].faults
     try:
-        faults.update(await _read_json(request))
+        faults.update(await _read_json(request, vllm_route=False))
     except APIError as exc:
         return _error(exc)
     except FaultError as exc:
@@ -451,7 +454,7 @@ async def _kv_pull(request: web.Request) -> web.Response:
     """The emulated NIXL side channel: a decode takes this prefill's KV hold."""
     engine = request.app[ENGINE]
     try:
-        body = await _read_json(request)
+        body = await _read_json(request, vllm_route=False)
         request_id = str(body["remote_request_id"])
         engine_id = str(body["remote_engine_id"])
         prompt_hash = int(body["prompt_hash"])
@@ -465,7 +468,7 @@ async def _kv_pull(request: web.Request) -> web.Response:
 async def _kv_release(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
-        body = await _read_json(request)
+        body = await _read_json(request, vllm_route=False)
         request_id = str(body["remote_request_id"])
     except (APIError, KeyError, TypeError):
         return _json({"status": "bad_request"}, 400)

@@ -111,6 +111,11 @@ async def test_errors_have_vllm_bodies_and_statuses(emulator, http):
                          headers={"Content-Type": "application/json"}) as resp:
         assert resp.status == 400 and set((await resp.json())["error"]) == {
             "message", "type", "param", "code"}
+    async with http.post(s.url + "/v1/completions", data=b'{"prompt": "x"}',
+                         headers={"Content-Type": "text/plain"}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"] == {
+            "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' "
+                       "is allowed", "type": "Bad Request", "param": None, "code": 400}
     async with http.get(s.url + "/nowhere") as resp:
         assert resp.status == 404 and await resp.json() == {"detail": "Not Found"}
 
