@@ -175,8 +175,9 @@ class EmulatorConfig:
             raise bad("drop_after_chunks", "must be >= 0 or None")
         if self.side_channel_port is not None and not 0 < self.side_channel_port < 65536:
             raise bad("side_channel_port", "must be a TCP port or None")
-        if self.kv_capacity_tokens < self.block_size:
-            raise bad("kv_capacity_tokens", "must hold at least one block")
+        if self.kv_capacity_tokens < self.max_model_len:
+            # vLLM refuses to start when one max_model_len sequence does not fit in KV.
+            raise bad("kv_capacity_tokens", f"must hold max_model_len={self.max_model_len} tokens")
 
     def replace(self, **changes: Any) -> EmulatorConfig:
         """A copy with some fields changed (validated again)."""

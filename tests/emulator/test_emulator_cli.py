@@ -63,6 +63,8 @@ def test_config_round_trips_through_flags():
     assert config_from_args(args) == config
     with pytest.raises(ValueError, match="fail_rate"):
         EmulatorConfig(fail_rate=1.5)
+    with pytest.raises(ValueError, match="kv_capacity_tokens"):
+        EmulatorConfig(kv_capacity_tokens=1000)  # less than max_model_len 8192
 
 
 async def test_cluster_in_process_serves_a_pd_request(http):

@@ -158,7 +158,7 @@ async def test_decode_abort_releases_the_prefill_hold(emulator, http):
     """A decode aborted before it pulled tells the prefill to free the blocks."""
     p = await emulator(role="prefill")
     # A decode whose KV is full of a long-running request, so the next one waits.
-    d = await emulator(role="decode", kv_capacity_tokens=160, time_scale=1)
+    d = await emulator(role="decode", kv_capacity_tokens=160, max_model_len=160, time_scale=1)
     busy = asyncio.create_task(post(http, d.url + "/v1/completions",
                                     {"prompt": list(range(100, 230)), "max_tokens": 25}))
     await asyncio.sleep(0.05)

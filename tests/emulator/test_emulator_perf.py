@@ -102,7 +102,7 @@ async def test_repeated_prefix_prefills_faster_and_reports_cached_tokens(emulato
 
 async def test_requests_wait_when_kv_capacity_is_full(emulator, http):
     """With little KV, requests queue (num_requests_waiting > 0) and all still finish."""
-    s = await emulator(role="both", kv_capacity_tokens=320, time_scale=10)
+    s = await emulator(role="both", kv_capacity_tokens=320, max_model_len=320, time_scale=10)
     bodies = [{"prompt": list(range(i * 1000, i * 1000 + 100)), "max_tokens": 40}
               for i in range(1, 5)]
     tasks = [asyncio.create_task(post(http, s.url + "/v1/completions", b)) for b in bodies]
