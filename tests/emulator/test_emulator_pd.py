@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from tests.emulator import vllm_samples as samples
-from tests.emulator.conftest import metric, post, state
+from tests.emulator.conftest import metric, post, shape, state
 
 PROMPT = " ".join(f"Sentence {i}: the engine sends every token through the cache." for i in range(8))
 PREFILL_KV = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
@@ -175,3 +175,18 @@ async def test_decode_abort_releases_the_prefill_hold(emulator, http):
     assert p_state["kv_held"] == 0 and p_state["kv_holds_released"] == 1
     assert (await busy)[0] == 200
     assert (await state(http, d.url))["kv_used_blocks"] == 0
+
+
+async def test_prefill_shapes_for_chat_and_for_a_natural_eos(emulator, http):
+    """Chat prefill and an EOS-first prefill look like vLLM 0.32's (params still returned)."""
+    p = await emulator(role="prefill")
+    _, chat = await post(http, p.url + "/v1/chat/completions", {
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Name three rivers."}],
+        "max_tokens": 1, "ignore_eos": True, "stream": False, "kv_transfer_params": PREFILL_KV})
+    assert shape(chat) == shape(json.loads(samples.CHAT_PREFILL))
+    eos = await emulator(role="prefill", eos_probability=1.0)
+    body = await prefill(http, eos.url, "The cat runs", ignore_eos=False)
+    assert shape(body) == shape(json.loads(samples.PREFILL_EOS))
+    assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["text"] == ""
+    assert body["kv_transfer_params"]["remote_num_tokens"] == body["usage"]["prompt_tokens"]
