@@ -22,6 +22,7 @@ Retries (``[resilience]``), all within ``retry_budget_s`` of the request's arriv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -31,9 +32,9 @@ import orjson
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-from lb.admission import Admission
+from lb.admission import Admission, Ticket
 from lb.config import Config
-from lb.connectors.base import Connector, PrefillResult
+from lb.connectors.base import UNKNOWN_PREFILL, Connector, Dispatch, PrefillResult
 from lb.errors import (
     BackendConnectError,
     BackendUnavailable,
@@ -52,7 +53,7 @@ from lb.relay import DONE_EVENT, SSERelay, rewrite_response_usage, sse_event
 from lb.request import Endpoint, ProxyRequest, dumps, parse_request
 from lb.tokens import PromptTokenizer
 from lb.upstream import Upstream
-from policies.base import RouteRequest
+from policies.base import Leg, RouteRequest
 
 log = logging.getLogger("pdlb.proxy")
 
@@ -141,17 +142,17 @@ class Proxy:
                 prefix_hashes=prefix_hashes(endpoint, request.body) if self._want_prefix else (),
                 headers={k: v for k, v in headers.items() if k != "authorization"},
             )
-            prefill = None if direct else await self._prefill(request, route, headers, deadline)
-            ticket.release("prefill")
-            if prefill is None:
+            if direct:
+                ticket.release("prefill")
                 self._direct.inc()
-            elif prefill.prompt_tokens is not None and prefill.prompt_tokens != prompt_tokens:
-                prompt_tokens = prefill.prompt_tokens
-                ticket.resize("decode", prompt_tokens + max_new)
-            response = await self._decode(
-                http, request, _for_decode(route, prompt_tokens), headers, prefill, started,
-                deadline,
-            )
+                response = await self._decode_only(http, request, route, headers, started,
+                                                   deadline)
+            elif self.connector.concurrent:
+                response = await self._concurrent(http, request, route, headers, ticket,
+                                                  started, deadline)
+            else:
+                response = await self._sequential(http, request, route, headers, ticket,
+                                                  started, deadline)
         self._e2e[endpoint].observe(time.monotonic() - started)
         return response
 
@@ -162,13 +163,134 @@ class Proxy:
         return (self.resilience.prefill_fallback == "decode_only"
                 and not self.prefill_pool.has_usable_backend())
 
+    # ----------------------------------------------------------------- strategies
+    async def _sequential(
+        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
+        client_headers: Mapping[str, str], ticket: Ticket, started: float, deadline: float,
+    ) -> web.StreamResponse:
+        """Prefill, then decode with what it returned. Decode retries before the first byte:
+        same handoff when the connector allows it and the decode was never reached; else a
+        fresh prefill first (the KV may have been consumed)."""
+        tried: list[Backend] = []
+        handoff: tuple[PrefillResult, Dispatch] | None = None
+        attempts = self.resilience.decode_attempts
+        for attempt in range(1, attempts + 1):
+            decode_backend = (self._pick(self.decode_pool, _for_leg(route, "decode"), tried)
+                              if self.connector.decode_first else None)
+            if handoff is None:
+                handoff = await self._prefill(request, route, client_headers, deadline,
+                                              decode_backend)
+                ticket.release("prefill")
+                if handoff is None:  # prefill pool down and decode_only fallback allowed
+                    self._direct.inc()
+                    return await self._decode_only(http, request, route, client_headers,
+                                                   started, deadline)
+                route = self._corrected(route, handoff[0], ticket)
+            prefill, dispatch = handoff
+            backend = decode_backend or self._pick(self.decode_pool, _for_leg(route, "decode"),
+                                                   tried)
+            tried.append(backend)
+            body = dumps(self.connector.decode_body(request, dispatch, prefill))
+            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id)
+            try:
+                return await self._decode_once(http, request, _for_leg(route, "decode"),
+                                               backend, body, headers, prefill, started)
+            except (BackendConnectError, _RedoPrefill) as exc:
+                error = _cause(exc)
+                if attempt == attempts or time.monotonic() > deadline:
+                    raise error from None
+                self.metrics.retries.labels(leg="decode", reason=error.code or "error").inc()
+                never_reached = error.code == "backend_connect_error"
+                if not (never_reached and self.connector.reusable_handoff):
+                    handoff = None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _concurrent(
+        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
+        client_headers: Mapping[str, str], ticket: Ticket, started: float, deadline: float,
+    ) -> web.StreamResponse:
+        """Both legs at once. A leg that fails before the decode's first byte cancels the
+        other and the pair is retried with a fresh dispatch; the client leaving cancels both."""
+        prefill_tried: list[Backend] = []
+        decode_tried: list[Backend] = []
+        decode_route = _for_leg(route, "decode")
+        attempts = max(self.resilience.prefill_attempts, self.resilience.decode_attempts)
+        for attempt in range(1, attempts + 1):
+            prefill_backend = self._pick(self.prefill_pool, route, prefill_tried)
+            decode_backend = self._pick(self.decode_pool, decode_route, decode_tried)
+            prefill_tried.append(prefill_backend)
+            decode_tried.append(decode_backend)
+            dispatch = self.connector.new_dispatch(request, prefill_backend, decode_backend)
+            prefill_task = asyncio.create_task(self._prefill_once(
+                request, route, dispatch,
+                self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id)))
+            prefill_task.add_done_callback(lambda _: ticket.release("prefill"))
+            pending = _PendingPrefill(prefill_task, self.timeouts.prefill_s)
+            body = dumps(self.connector.decode_body(request, dispatch, None))
+            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id)
+            decode_task = asyncio.create_task(self._decode_once(
+                http, request, decode_route, decode_backend, body, headers, None, started,
+                pending))
+            try:
+                done, _ = await asyncio.wait({prefill_task, decode_task},
+                                             return_when=asyncio.FIRST_EXCEPTION)
+                if decode_task in done:
+                    return decode_task.result()  # raises the decode's error, if any
+                if not pending.responding.is_set():
+                    prefill_task.result()  # a failed prefill abandons the silent decode
+                return await decode_task
+            except (PrefillFailed, BackendConnectError, _RedoPrefill) as exc:
+                error = _cause(exc)
+                if attempt == attempts or time.monotonic() > deadline:
+                    raise error from None
+                leg = "prefill" if isinstance(error, PrefillFailed) else "decode"
+                self.metrics.retries.labels(leg=leg, reason=error.code or "error").inc()
+            finally:
+                for task in (decode_task, prefill_task):
+                    if not task.done():
+                        task.cancel()
+                await asyncio.gather(prefill_task, decode_task, return_exceptions=True)
+                ticket.release("prefill")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _decode_only(
+        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
+        client_headers: Mapping[str, str], started: float, deadline: float,
+    ) -> web.StreamResponse:
+        """No prefill hop: the decode backend computes the prompt itself."""
+        tried: list[Backend] = []
+        body = dumps(request.body)
+        headers = self._leg_headers(self.decode_pool, client_headers, request.request_id)
+        decode_route = _for_leg(route, "decode")
+        attempts = self.resilience.decode_attempts
+        for attempt in range(1, attempts + 1):
+            backend = self._pick(self.decode_pool, decode_route, tried)
+            tried.append(backend)
+            try:
+                return await self._decode_once(http, request, decode_route, backend, body,
+                                               headers, None, started)
+            except (BackendConnectError, _RedoPrefill) as exc:
+                error = _cause(exc)
+                if attempt == attempts or time.monotonic() > deadline:
+                    raise error from None
+                self.metrics.retries.labels(leg="decode", reason=error.code or "error").inc()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _corrected(self, route: RouteRequest, prefill: PrefillResult, ticket: Ticket
+                   ) -> RouteRequest:
+        """Replace pdlb's prompt estimate with the prefill's count in route and ticket."""
+        real = prefill.prompt_tokens
+        if real is None or real == route.prompt_tokens:
+            return route
+        ticket.resize("decode", real + route.max_tokens)
+        return dataclasses.replace(route, prompt_tokens=real)
+
     # ----------------------------------------------------------------- prefill leg
     async def _prefill(
         self, request: ProxyRequest, route: RouteRequest, client_headers: Mapping[str, str],
-        deadline: float,
-    ) -> PrefillResult | None:
-        body = dumps(self.connector.prefill_body(request))
-        headers = self._leg_headers(self.prefill_pool, client_headers, request.request_id)
+        deadline: float, decode_backend: Backend | None,
+    ) -> tuple[PrefillResult, Dispatch] | None:
+        """The prefill leg with retries on other backends; None = skip to decode-only."""
         tried: list[Backend] = []
         for attempt in range(1, self.resilience.prefill_attempts + 1):
             try:
@@ -178,8 +300,11 @@ class Proxy:
                     return None
                 raise
             tried.append(backend)
+            dispatch = self.connector.new_dispatch(request, backend, decode_backend)
+            headers = self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id)
             try:
-                return await self._prefill_once(request, route, backend, body, headers)
+                result = await self._prefill_once(request, route, dispatch, headers)
+                return result, dispatch
             except PrefillFailed as exc:
                 if attempt == self.resilience.prefill_attempts or time.monotonic() > deadline:
                     raise
@@ -189,9 +314,11 @@ class Proxy:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _prefill_once(
-        self, request: ProxyRequest, route: RouteRequest, backend: Backend, body: bytes,
+        self, request: ProxyRequest, route: RouteRequest, dispatch: Dispatch,
         headers: Mapping[str, str],
     ) -> PrefillResult:
+        backend = dispatch.prefill
+        body = dumps(self.connector.prefill_body(request, dispatch))
         with self.prefill_pool.lease(backend, route.prompt_tokens) as lease:
             ok = False
             try:
@@ -200,7 +327,7 @@ class Proxy:
                     timeout_s=self.timeouts.prefill_s, what=f"prefill {backend.url}",
                 )
                 self.health.report_success(backend)
-                result = self.connector.accept_prefill(response, backend)
+                result = self.connector.accept_prefill(response, dispatch)
                 ok = True
             except PrefillFailed as exc:
                 self.metrics.prefill_failures.labels(reason=exc.reason).inc()
@@ -219,62 +346,25 @@ class Proxy:
         return result
 
     # ----------------------------------------------------------------- decode leg
-    async def _decode(
-        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
-        client_headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
-        deadline: float,
-    ) -> web.StreamResponse:
-        headers = self._leg_headers(self.decode_pool, client_headers, request.request_id)
-        tried: list[Backend] = []
-        attempts = self.resilience.decode_attempts
-        for attempt in range(1, attempts + 1):
-            backend = self._pick(self.decode_pool, route, tried)
-            tried.append(backend)
-            body = dumps(self.connector.decode_body(request, prefill) if prefill is not None
-                         else request.body)
-            try:
-                return await self._decode_once(
-                    http, request, route, backend, body, headers, prefill, started
-                )
-            except BackendConnectError as exc:
-                last = attempt == attempts or time.monotonic() > deadline
-                reached = exc.code != "backend_connect_error"
-                if last:
-                    raise
-                self.metrics.retries.labels(leg="decode", reason=exc.code or "error").inc()
-                if reached and prefill is not None:
-                    prefill = await self._redo_prefill(request, route, client_headers, deadline)
-            except _RedoPrefill as exc:
-                cause = exc.__cause__
-                if attempt == attempts or time.monotonic() > deadline:
-                    assert isinstance(cause, PdlbError)
-                    raise cause from None
-                self.metrics.retries.labels(leg="decode", reason="backend_5xx").inc()
-                if prefill is not None:
-                    prefill = await self._redo_prefill(request, route, client_headers, deadline)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _redo_prefill(
-        self, request: ProxyRequest, route: RouteRequest, client_headers: Mapping[str, str],
-        deadline: float,
-    ) -> PrefillResult | None:
-        prefill_route = _for_leg(route, "prefill")
-        return await self._prefill(request, prefill_route, client_headers, deadline)
-
     async def _decode_once(
         self, http: web.Request, request: ProxyRequest, route: RouteRequest, backend: Backend,
         body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
+        pending: _PendingPrefill | None = None,
     ) -> web.StreamResponse:
+        """One decode attempt. ``pending`` (concurrent connectors) is the prefill still in
+        flight: its usage is awaited only when the final usage event needs it."""
         url = backend.url + request.path
         with self.decode_pool.lease(backend, route.prompt_tokens + route.max_tokens) as lease:
             ok = False
             try:
                 if request.stream:
                     response = await self._relay_stream(
-                        http, request, url, body, headers, prefill, started
+                        http, request, url, body, headers, prefill, started, pending
                     )
                 else:
-                    response = await self._relay_json(request, url, body, headers, prefill, started)
+                    response = await self._relay_json(
+                        request, url, body, headers, prefill, started, pending
+                    )
                 ok = True
                 self.health.report_success(backend)
                 return response
@@ -291,12 +381,15 @@ class Proxy:
 
     async def _relay_json(
         self, request: ProxyRequest, url: str, body: bytes, headers: Mapping[str, str],
-        prefill: PrefillResult | None, started: float,
+        prefill: PrefillResult | None, started: float, pending: _PendingPrefill | None,
     ) -> web.Response:
         sent = time.monotonic()
         data = await self.upstream.post_json(
             url, body, headers, timeout_s=self.timeouts.first_byte_s, what=f"decode {url}"
         )
+        if pending is not None:
+            pending.responding.set()
+            prefill = await pending.settle()
         self.metrics.handoff.observe(time.monotonic() - sent)
         self.metrics.decode.observe(time.monotonic() - sent)
         if prefill is not None and rewrite_response_usage(data, prefill):
@@ -312,6 +405,7 @@ class Proxy:
     async def _relay_stream(
         self, http: web.Request, request: ProxyRequest, url: str, body: bytes,
         headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
+        pending: _PendingPrefill | None,
     ) -> web.StreamResponse:
         sent = time.monotonic()
         async with self.upstream.open_stream(url, body, headers, what=f"decode {url}") as upstream:
@@ -325,7 +419,9 @@ class Proxy:
                 }
             )
             await response.prepare(http)
-            relay = SSERelay(prefill) if prefill is not None else None
+            if pending is not None:
+                pending.responding.set()
+            relay = SSERelay(prefill) if prefill is not None or pending is not None else None
             first = True
             loop = asyncio.get_running_loop()
             idle = self.timeouts.idle_s
@@ -335,6 +431,9 @@ class Proxy:
                     async for data in upstream.content.iter_any():
                         watchdog.reschedule(loop.time() + idle)
                         if relay is not None:
+                            if pending is not None and relay.prefill is None \
+                                    and relay.may_hold_final_usage(data):
+                                relay.prefill = await pending.settle()
                             data = relay.feed(data)
                             if not data:
                                 continue
@@ -419,21 +518,37 @@ class Proxy:
         self.health.report_failure(backend)
 
 
-def _for_leg(route: RouteRequest, leg: str) -> RouteRequest:
-    return RouteRequest(
-        request_id=route.request_id, leg="prefill" if leg == "prefill" else "decode",
-        endpoint=route.endpoint, model=route.model, prompt_tokens=route.prompt_tokens,
-        max_tokens=route.max_tokens, session_key=route.session_key,
-        prefix_hashes=route.prefix_hashes, headers=route.headers,
-    )
+class _PendingPrefill:
+    """A concurrent connector's prefill leg, still running while the decode streams."""
+
+    __slots__ = ("responding", "task", "wait_s")
+
+    def __init__(self, task: asyncio.Task[PrefillResult], wait_s: float) -> None:
+        self.task = task
+        self.wait_s = wait_s
+        self.responding = asyncio.Event()
+        """Set once the decode's answer started reaching the client: from then on a prefill
+        failure no longer matters (the decode has its KV) and nothing is retried."""
+
+    async def settle(self) -> PrefillResult:
+        """The prefill's result for usage stitching; if it failed or is too slow, a result
+        that knows nothing (stitching then drops the decode's cached-token figure)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.task), self.wait_s)
+        except (PdlbError, TimeoutError):
+            return UNKNOWN_PREFILL
 
 
-def _for_decode(route: RouteRequest, prompt_tokens: int) -> RouteRequest:
-    return RouteRequest(
-        request_id=route.request_id, leg="decode", endpoint=route.endpoint, model=route.model,
-        prompt_tokens=prompt_tokens, max_tokens=route.max_tokens,
-        session_key=route.session_key, prefix_hashes=route.prefix_hashes, headers=route.headers,
-    )
+def _for_leg(route: RouteRequest, leg: Leg) -> RouteRequest:
+    return route if route.leg == leg else dataclasses.replace(route, leg=leg)
+
+
+def _cause(exc: BaseException) -> PdlbError:
+    """The PdlbError behind a retry signal."""
+    error = exc.__cause__ if isinstance(exc, _RedoPrefill) else exc
+    if not isinstance(error, PdlbError):
+        raise TypeError(f"unexpected {type(error).__name__}") from exc
+    return error
 
 
 def _may_have_consumed_kv(exc: UpstreamError) -> bool:

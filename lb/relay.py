@@ -66,7 +66,7 @@ class SSERelay:
 
     __slots__ = ("_pending", "prefill", "rewrites", "saw_done", "saw_error")
 
-    def __init__(self, prefill: PrefillResult) -> None:
+    def __init__(self, prefill: PrefillResult | None) -> None:
         self.prefill = prefill
         self._pending = b""
         self.saw_done = False
@@ -91,6 +91,12 @@ class SSERelay:
             data = self._rewrite_events(data)
         return data
 
+    def may_hold_final_usage(self, data: bytes) -> bool:
+        """Whether ``data`` (with any held-back partial event) may complete the final usage
+        event — a concurrent connector's proxy then fetches the prefill's usage first."""
+        joined = self._pending + data if self._pending else data
+        return any(m in joined for m in _FINAL_USAGE_MARKERS)
+
     def flush(self) -> bytes:
         """At end of stream: whatever incomplete event remained (passed through as is)."""
         rest, self._pending = self._pending, b""
@@ -110,7 +116,7 @@ class SSERelay:
         return b"".join(out)
 
     def _rewrite_event(self, event: bytes) -> bytes:
-        if not any(m in event for m in _FINAL_USAGE_MARKERS):
+        if self.prefill is None or not any(m in event for m in _FINAL_USAGE_MARKERS):
             return event
         # An SSE event may hold several lines; only a single "data:" line is ours to touch.
         if not event.startswith(b"data:") or b"\n" in event.rstrip(b"\r"):

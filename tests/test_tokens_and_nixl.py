@@ -8,6 +8,7 @@ import time
 import pytest
 
 from lb.config import TokenizerConfig
+from lb.connectors.base import Dispatch
 from lb.connectors.nixl import NixlConnector
 from lb.errors import PrefillFailed
 from lb.pool import Backend
@@ -77,20 +78,22 @@ PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_id
 def test_remote_host_rewrite(mode, backend_url, advertised, expected):
     connector = NixlConnector({"rewrite_remote_host": mode})
     backend = Backend(backend_url, 0, "prefill", None)
+    dispatch = Dispatch(request_id="r", prefill=backend, decode=None)
     result = connector.accept_prefill({"kv_transfer_params": {**PARAMS, "remote_host": advertised}},
-                                      backend)
+                                      dispatch)
     assert result.handoff is not None and result.handoff["remote_host"] == expected
     assert result.cached_tokens == 32  # from remote_prefill_cached_tokens
 
 
 def test_incomplete_params_are_a_prefill_failure():
     connector = NixlConnector({})
-    backend = Backend("http://127.0.0.1:1", 0, "prefill", None)
+    dispatch = Dispatch(request_id="r", prefill=Backend("http://127.0.0.1:1", 0, "prefill", None),
+                        decode=None)
     with pytest.raises(PrefillFailed) as info:
-        connector.accept_prefill({"kv_transfer_params": {"remote_host": "x"}}, backend)
+        connector.accept_prefill({"kv_transfer_params": {"remote_host": "x"}}, dispatch)
     assert info.value.reason == "incomplete_kv_transfer_params"
     with pytest.raises(PrefillFailed):
-        connector.accept_prefill({"kv_transfer_params": {}}, backend)
+        connector.accept_prefill({"kv_transfer_params": {}}, dispatch)
 
 
 def test_chat_prefill_body_caps_max_completion_tokens():
@@ -99,7 +102,9 @@ def test_chat_prefill_body_caps_max_completion_tokens():
     req = parse_request(orjson.dumps({"messages": [{"role": "user", "content": "x"}],
                                       "max_completion_tokens": 50, "stream": True,
                                       "stream_options": {"include_usage": True}}), "chat", {})
-    body = NixlConnector({}).prefill_body(req)
+    dispatch = Dispatch(request_id="r", prefill=Backend("http://h:1", 0, "prefill", None),
+                        decode=None)
+    body = NixlConnector({}).prefill_body(req, dispatch)
     assert body["max_tokens"] == 1 and body["max_completion_tokens"] == 1
     assert body["stream"] is False and "stream_options" not in body
     assert req.body["max_completion_tokens"] == 50  # the client's body is untouched

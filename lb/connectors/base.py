@@ -3,6 +3,8 @@
 pdlb's proxy owns routing, accounting, transport and relaying; a connector owns only what
 differs between KV-transfer mechanisms:
 
+* ``new_dispatch`` — per attempt: the request id both legs carry and any per-transfer
+  values (transfer ids, bootstrap rooms);
 * ``prefill_body`` — the prefill leg's JSON body (usually: the client's body with
   ``max_tokens = 1``, no streaming, plus the connector's handshake fields);
 * ``accept_prefill`` — read the prefill's answer and return what the decode leg needs
@@ -10,16 +12,17 @@ differs between KV-transfer mechanisms:
   becomes a metric label and the client gets a clean 502);
 * ``decode_body`` — the decode leg's body: the client's original body plus the handshake.
 
-Connectors are sequential here (the decode leg starts after the prefill answered), which is
-what NixlConnector pull mode, LMCache and shared-storage need. Connectors are built at
+Sequential connectors (NixlConnector pull mode, LMCache, shared storage, P2P NCCL) start the
+decode leg after the prefill answered; concurrent ones (NixlPush, Mooncake, SGLang) send both
+legs at once and the proxy cancels the other leg when one fails. Connectors are built at
 start-up from ``[kv_transfer]``; options are checked there, never per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from lb.pool import Backend
 from lb.request import ProxyRequest
@@ -41,6 +44,9 @@ class PrefillResult:
     cached_tokens: int | None
     """The prefill's prefix-cache hits: usage.prompt_tokens_details.cached_tokens, else the
     connector's own report (NIXL: remote_prefill_cached_tokens)."""
+
+
+UNKNOWN_PREFILL = PrefillResult(handoff=None, usage=None, prompt_tokens=None, cached_tokens=None)
 
 
 def one_token_prefill_body(request: ProxyRequest) -> dict[str, Any]:
@@ -73,14 +79,65 @@ def usage_of(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """One attempt at a request: the backends chosen and the connector's per-attempt values.
+
+    A connector makes a fresh Dispatch for every attempt (retries included), so values that
+    must be unique per transfer (NixlPush/Mooncake ``transfer_id``, SGLang ``bootstrap_room``)
+    never repeat.
+    """
+
+    request_id: str
+    """The X-Request-Id both legs carry (a connector may encode addresses in it)."""
+    prefill: Backend
+    decode: Backend | None
+    """Known up front for concurrent and ``decode_first`` connectors; else None."""
+    state: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Connector(Protocol):
+    """One KV-transfer handshake. Implement the four methods and the three flags."""
+
     name: str
+    concurrent: bool
+    """True: prefill and decode legs are sent at the same time (the decode waits for the KV
+    itself); False: the decode leg starts after the prefill answered."""
+    decode_first: bool
+    """The dispatch must name the decode backend before the prefill leg (always true for
+    concurrent connectors)."""
+    reusable_handoff: bool
+    """A decode leg that could not even connect may be retried on another decode backend
+    with the same prefill handoff (NIXL pull: the prefill still holds the blocks)."""
 
-    def prefill_body(self, request: ProxyRequest) -> dict[str, Any]: ...
+    def new_dispatch(
+        self, request: ProxyRequest, prefill: Backend, decode: Backend | None
+    ) -> Dispatch: ...
 
-    def accept_prefill(self, response: Mapping[str, Any], backend: Backend) -> PrefillResult: ...
+    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]: ...
 
-    def decode_body(self, request: ProxyRequest, prefill: PrefillResult) -> dict[str, Any]: ...
+    def accept_prefill(self, response: Mapping[str, Any], dispatch: Dispatch) -> PrefillResult:
+        """Read the prefill's answer; raise PrefillFailed(reason=...) to veto it."""
+        ...
+
+    def decode_body(
+        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+    ) -> dict[str, Any]:
+        """The decode leg's body; ``prefill`` is None for concurrent connectors."""
+        ...
+
+
+@runtime_checkable
+class ConnectorStartup(Protocol):
+    """Optional: checks that need the network, run once at start-up (e.g. a bootstrap
+    server's /query). Raise lb.errors.ConfigError with a message naming the backend."""
+
+    async def start(self, prefill: Sequence[Backend], decode: Sequence[Backend],
+                    get_json: Callable[[str], Awaitable[Any]]) -> None: ...
+
+
+def plain_dispatch(request: ProxyRequest, prefill: Backend, decode: Backend | None) -> Dispatch:
+    return Dispatch(request_id=request.request_id, prefill=prefill, decode=decode)
 
 
 class ConnectorOptionError(ValueError):

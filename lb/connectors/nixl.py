@@ -22,8 +22,10 @@ from typing import Any
 
 from lb.connectors.base import (
     ConnectorOptionError,
+    Dispatch,
     PrefillResult,
     one_token_prefill_body,
+    plain_dispatch,
     usage_of,
 )
 from lb.errors import PrefillFailed
@@ -44,6 +46,10 @@ REQUIRED_FOR_DECODE = ("remote_engine_id", "remote_host", "remote_port")
 
 class NixlConnector:
     name = "nixl"
+    concurrent = False
+    decode_first = False
+    reusable_handoff = True
+    new_dispatch = staticmethod(plain_dispatch)
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         unknown = set(options) - {"rewrite_remote_host"}
@@ -59,12 +65,13 @@ class NixlConnector:
             )
         self.rewrite_mode: str = mode
 
-    def prefill_body(self, request: ProxyRequest) -> dict[str, Any]:
+    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
         body = one_token_prefill_body(request)
         body["kv_transfer_params"] = dict(PREFILL_PARAMS)
         return body
 
-    def accept_prefill(self, response: Mapping[str, Any], backend: Backend) -> PrefillResult:
+    def accept_prefill(self, response: Mapping[str, Any], dispatch: Dispatch) -> PrefillResult:
+        backend = dispatch.prefill
         params = response.get("kv_transfer_params")
         if not isinstance(params, dict) or not params:
             raise PrefillFailed(
@@ -97,7 +104,9 @@ class NixlConnector:
             return {**params, "remote_host": backend.host}
         return params
 
-    def decode_body(self, request: ProxyRequest, prefill: PrefillResult) -> dict[str, Any]:
+    def decode_body(
+        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+    ) -> dict[str, Any]:
         body = dict(request.body)
-        body["kv_transfer_params"] = dict(prefill.handoff or {})
+        body["kv_transfer_params"] = dict(prefill.handoff or {}) if prefill else {}
         return body

@@ -37,10 +37,16 @@ def build_connector(name: str, options: Mapping[str, Any], source: str) -> Conne
         connector = factory(options)
     except ConnectorOptionError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    for method in ("prefill_body", "accept_prefill", "decode_body"):
+    for method in ("new_dispatch", "prefill_body", "accept_prefill", "decode_body"):
         if not callable(getattr(connector, method, None)):
             raise ConfigError(
                 f"connector {name!r} ({registry[name]}) does not implement Connector:"
                 f" it has no {method}() method"
+            )
+    for flag in ("concurrent", "decode_first", "reusable_handoff"):
+        if not isinstance(getattr(connector, flag, None), bool):
+            raise ConfigError(
+                f"connector {name!r} ({registry[name]}) does not implement Connector:"
+                f" it has no boolean {flag!r} attribute"
             )
     return connector  # type: ignore[no-any-return]
