@@ -361,7 +361,6 @@ class _Running:
     proc: subprocess.Popen[bytes]
     log: IO[bytes]
     started_at: float
-    healthy_after_s: float | None = None
 
 
 @dataclass
@@ -378,7 +377,7 @@ class VllmPool:
     servers: list[ServerPlan] = field(default_factory=list, init=False)
     run_dir: Path = field(init=False)
     _running: list[_Running] = field(default_factory=list, init=False)
-    _own_run_dir: bool = field(default=False, init=False)
+    _startup_times: dict[str, float] = field(default_factory=dict, init=False)
 
     @property
     def prefill_urls(self) -> list[str]:
@@ -391,9 +390,7 @@ class VllmPool:
     @property
     def startup_times(self) -> dict[str, float]:
         """Seconds from spawn to the first healthy answer, per server name."""
-        return {
-            r.plan.name: r.healthy_after_s for r in self._running if r.healthy_after_s is not None
-        }
+        return dict(self._startup_times)
 
     def log_path(self, name: str) -> Path:
         return next(s.log_path for s in self.servers if s.name == name)
@@ -406,7 +403,10 @@ class VllmPool:
             self.run_dir = self.config.run_dir.resolve()
         self.servers = plan_servers(self.config, vllm=vllm, run_dir=self.run_dir)
         base_env = dict(os.environ)
-        base_env.setdefault("VLLM_CACHE_ROOT", str(self.run_dir / "vllm-cache"))
+        if self.config.device == "cpu":
+            # The CPU recipe keeps vLLM's caches out of $HOME; on GPUs vLLM's default cache
+            # (torch.compile artefacts) is worth keeping between runs.
+            base_env.setdefault("VLLM_CACHE_ROOT", str(self.run_dir / "vllm-cache"))
         try:
             for plan in self.servers:
                 plan.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,7 +440,7 @@ class VllmPool:
                         f"log {r.plan.log_path}:\n{_tail(r.plan.log_path)}"
                     )
                 if _healthy(r.plan.url):
-                    r.healthy_after_s = time.monotonic() - r.started_at
+                    self._startup_times[r.plan.name] = time.monotonic() - r.started_at
                     pending.remove(r)
             if not pending:
                 return
@@ -573,7 +573,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir",
         type=Path,
-        help="logs/ (one file per server), tmp/ and vllm-cache/ go here (default: a temp dir)",
+        help="logs/ (one file per server), tmp/ and (cpu) vllm-cache/ go here "
+        "(default: a new temp dir)",
     )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds before SIGKILL")
