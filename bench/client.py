@@ -1,0 +1,462 @@
+"""A small, cheap load client for bench/compare.py: raw HTTP/1.1 over asyncio + uvloop.
+
+It does one thing the team's loadgen does not need to: cost as little CPU as possible per
+streamed chunk, so it can share this 2-core machine with the proxy under test. Each response
+is stored as raw bytes while it streams (one ``bytes`` append per socket read, plus a
+``b"data:" in data`` test until the first event arrived: that instant is the TTFT); it is
+de-chunked and checked only once, after its end.
+
+Three modes, one JSON summary on stdout:
+
+    latency  --n N            one request at a time (concurrency 1): TTFT / E2E percentiles
+    rate     --rate R --duration T   open loop: request k is sent at start + k/R, whatever
+                                     the earlier ones are doing
+    closed   --conc C --duration T   C requests always in flight: max throughput
+
+Target: ``--url http://host:port`` (a proxy), or ``--direct PREFILL_URL DECODE_URL``: the
+client plays a zero-cost proxy itself — it POSTs the prefill leg (max_tokens 1, stream
+false, ``kv_transfer_params.do_remote_decode``), reads the answer's ``kv_transfer_params``
+and streams the decode leg with them. Added latency of a proxy = its numbers minus these.
+
+Checks per response (the ``correct`` block): HTTP 200; the token texts ``" t0" .. " t{n-1}"``
+all there in order; ``data: [DONE]`` last; a usage event with the right prompt/completion
+token counts; the decode saw the handoff (first event's ``system_fingerprint`` from the mock
+is ``kv-ok`` or ``kv-bootstrap``); and whether ``cached_tokens`` is the truth (0: the
+prefill's) rather than the decode's figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import resource
+import socket
+import sys
+import time
+from collections import Counter, deque
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mock_backend import prompt_tokens  # bench/ is not a package
+
+DEFAULT_PROMPT = (
+    "You are a helpful assistant. Summarise the following paragraph in one sentence. "
+    "Disaggregated serving splits the prompt phase and the token-by-token phase of a "
+    "language model across two pools of servers, so that long prompts no longer stall the "
+    "streams of other users, and each pool can be sized for its own bottleneck: compute for "
+    "the prefill, memory bandwidth for the decode. A front door routes each request to one "
+    "server of each pool and moves the attention cache between them. "
+) * 2
+
+_TOKEN_RE = re.compile(rb'"(?:text|content)":" t(\d+)"')
+
+
+class Response:
+    __slots__ = ("body", "error", "status", "t_end", "t_first", "t_start")
+
+    def __init__(self, t_start: float) -> None:
+        self.t_start = t_start
+        self.t_first = 0.0
+        self.t_end = 0.0
+        self.status = 0
+        self.body = b""
+        self.error = ""
+
+
+class Conn(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.fut: asyncio.Future[Response] | None = None
+        self.resp: Response | None = None
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.head = b""
+        self.parts: list[bytes] = []
+        self.mode = ""  # "", "cl", "chunked", "close"
+        self.need = 0
+        self.got = 0
+        self.tail = b""
+        self.keep_alive = True
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.fut is not None and not self.fut.done():
+            r = self.resp
+            assert r is not None
+            if self.mode == "close":
+                self._finish()
+            else:
+                r.error = "connection_lost"
+                r.t_end = time.perf_counter()
+                self.fut.set_result(r)
+
+    def request(self, data: bytes, fut: asyncio.Future[Response], t0: float) -> None:
+        self._reset()
+        self.fut = fut
+        self.resp = Response(t0)
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        r = self.resp
+        if r is None:
+            return
+        if not self.mode:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.head[:end], self.head[end + 4:]
+            lines = head.split(b"\r\n")
+            r.status = int(lines[0].split(b" ", 2)[1])
+            self.mode = "close"
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                value = value.strip().lower()
+                if name == b"content-length":
+                    self.mode, self.need = "cl", int(value)
+                elif name == b"transfer-encoding" and b"chunked" in value:
+                    self.mode = "chunked"
+                elif name == b"connection" and value == b"close":
+                    self.keep_alive = False
+            if self.mode == "close":
+                self.keep_alive = False
+            if not data:
+                if self.mode == "cl" and self.need == 0:
+                    self._finish()
+                return
+        if not r.t_first and b"data:" in data:
+            r.t_first = time.perf_counter()
+        self.parts.append(data)
+        if self.mode == "cl":
+            self.got += len(data)
+            if self.got >= self.need:
+                self._finish()
+        elif self.mode == "chunked":
+            self.tail = (self.tail + data)[-7:]
+            if self.tail.endswith(b"0\r\n\r\n"):
+                body = _dechunk(b"".join(self.parts))
+                if body is not None:
+                    self._finish(body)
+
+    def _finish(self, body: bytes | None = None) -> None:
+        r = self.resp
+        fut = self.fut
+        assert r is not None and fut is not None
+        r.t_end = time.perf_counter()
+        r.body = body if body is not None else b"".join(self.parts)
+        if not r.t_first:
+            r.t_first = r.t_end
+        self.resp = None
+        self.fut = None
+        if not self.keep_alive and self.transport is not None:
+            self.transport.close()
+            self.closed = True
+        if not fut.done():
+            fut.set_result(r)
+
+
+def _dechunk(raw: bytes) -> bytes | None:
+    out = []
+    pos = 0
+    n = len(raw)
+    while True:
+        eol = raw.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        try:
+            size = int(raw[pos:eol].split(b";", 1)[0], 16)
+        except ValueError:
+            return None
+        pos = eol + 2
+        if size == 0:
+            return b"".join(out)
+        if n < pos + size + 2:
+            return None
+        out.append(raw[pos:pos + size])
+        pos += size + 2
+
+
+class Target:
+    """A host:port with a pool of idle keep-alive connections."""
+
+    def __init__(self, url: str) -> None:
+        u = urlsplit(url)
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 80
+        self.hostport = f"{self.host}:{self.port}".encode()
+        self.idle: deque[Conn] = deque()
+        self.opened = 0
+
+    def request_bytes(self, path: str, body: bytes) -> bytes:
+        return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + self.hostport
+                + b"\r\nContent-Type: application/json\r\nAccept: */*\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    async def send(self, data: bytes, t0: float | None = None) -> Response:
+        loop = asyncio.get_running_loop()
+        conn = None
+        while self.idle:
+            c = self.idle.pop()
+            if not c.closed:
+                conn = c
+                break
+        if t0 is None:
+            t0 = time.perf_counter()
+        if conn is None:
+            try:
+                _, conn = await loop.create_connection(Conn, self.host, self.port)
+            except OSError as exc:
+                r = Response(t0)
+                r.error = f"connect: {exc.strerror or exc}"
+                r.t_end = time.perf_counter()
+                return r
+            self.opened += 1
+        fut: asyncio.Future[Response] = loop.create_future()
+        conn.request(data, fut, t0)
+        try:
+            r = await fut
+        except asyncio.CancelledError:
+            conn.transport.close()
+            raise
+        if not conn.closed and not r.error:
+            self.idle.append(conn)
+        return r
+
+
+class Workload:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.endpoint = args.endpoint
+        self.path = "/v1/completions" if args.endpoint == "completions" else "/v1/chat/completions"
+        self.n = args.tokens
+        prompt = args.prompt or DEFAULT_PROMPT
+        body: dict[str, Any] = {"model": "mock", "max_tokens": self.n, "stream": True,
+                                "stream_options": {"include_usage": True}, "temperature": 0}
+        if args.endpoint == "completions":
+            body["prompt"] = prompt
+        else:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        self.body = body
+        self.expected_prompt = prompt_tokens(args.endpoint, body)
+        self.expected_tokens = [str(i).encode() for i in range(self.n)]
+        self.direct = args.direct
+        if self.direct:
+            self.prefill = Target(args.direct[0])
+            self.decode = Target(args.direct[1])
+            pbody = dict(body, max_tokens=1, stream=False)
+            pbody.pop("stream_options")
+            pbody["kv_transfer_params"] = {
+                "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                "remote_block_ids": None, "remote_host": None, "remote_port": None}
+            self.prefill_req = self.prefill.request_bytes(self.path, orjson.dumps(pbody))
+        else:
+            self.proxy = Target(args.url)
+            self.req = self.proxy.request_bytes(self.path, orjson.dumps(body))
+
+    async def one(self, t0: float | None = None) -> Response:
+        if not self.direct:
+            return await self.proxy.send(self.req, t0)
+        if t0 is None:
+            t0 = time.perf_counter()
+        p = await self.prefill.send(self.prefill_req, t0)
+        if p.error or p.status != 200:
+            return p
+        kv = orjson.loads(p.body).get("kv_transfer_params")
+        dbody = dict(self.body, kv_transfer_params=kv)
+        return await self.decode.send(self.decode.request_bytes(self.path, orjson.dumps(dbody)), t0)
+
+    def check(self, r: Response, tally: Counter[str]) -> bool:
+        if r.error:
+            tally["err_" + r.error.split(":")[0]] += 1
+            return False
+        if r.status != 200:
+            tally[f"err_http_{r.status}"] += 1
+            return False
+        body = r.body
+        ok = True
+        if [m.group(1) for m in _TOKEN_RE.finditer(body)] == self.expected_tokens:
+            tally["tokens_ok"] += 1
+        else:
+            ok = False
+        if body.rstrip().endswith(b"data: [DONE]"):
+            tally["done_ok"] += 1
+        else:
+            ok = False
+        usage = _final_usage(body)
+        if (usage is not None and usage.get("completion_tokens") == self.n
+                and usage.get("prompt_tokens") == self.expected_prompt
+                and usage.get("total_tokens") == self.n + self.expected_prompt):
+            tally["usage_ok"] += 1
+            details = usage.get("prompt_tokens_details") or {}
+            if isinstance(details, dict) and details.get("cached_tokens", 0) == 0:
+                tally["cached_true"] += 1
+        else:
+            ok = False
+        head = body[:400]
+        if b'"system_fingerprint":"kv-ok"' in head:
+            tally["kv_ok"] += 1
+        elif b'"system_fingerprint":"kv-bootstrap"' in head:
+            tally["kv_bootstrap"] += 1
+        else:
+            ok = False
+        if ok:
+            tally["ok"] += 1
+        else:
+            tally["incorrect"] += 1
+        return ok
+
+
+def _final_usage(body: bytes) -> dict[str, Any] | None:
+    for marker in (b'"choices":[]', b'"choices": []'):
+        at = body.rfind(marker)
+        if at >= 0:
+            start = body.rfind(b"data:", 0, at)
+            end = body.find(b"\n\n", at)
+            try:
+                event = orjson.loads(body[start + 5:end if end >= 0 else None])
+            except orjson.JSONDecodeError:
+                return None
+            usage = event.get("usage") if isinstance(event, dict) else None
+            return usage if isinstance(usage, dict) else None
+    return None
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def summarise(w: Workload, results: list[Response], wall: float, extra: dict[str, Any]
+              ) -> dict[str, Any]:
+    tally: Counter[str] = Counter()
+    ttft: list[float] = []
+    e2e: list[float] = []
+    for r in results:
+        if w.check(r, tally):
+            ttft.append((r.t_first - r.t_start) * 1000)
+            e2e.append((r.t_end - r.t_start) * 1000)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out: dict[str, Any] = {
+        "requests": len(results), "ok": tally.get("ok", 0),
+        "errors": sum(v for k, v in tally.items() if k.startswith("err_")),
+        "incorrect": tally.get("incorrect", 0), "wall_s": round(wall, 3),
+        "rps": round(tally.get("ok", 0) / wall, 1) if wall else None,
+        "ttft_ms": {f"p{q}": _pct(ttft, q) for q in (50, 90, 99)},
+        "e2e_ms": {f"p{q}": _pct(e2e, q) for q in (50, 90, 99)},
+        "tally": dict(tally), "client_cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+        "tokens": w.n,
+    }
+    out.update(extra)
+    return out
+
+
+async def run_latency(w: Workload, n: int, warmup: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        await w.one()
+    results = []
+    t = time.perf_counter()
+    for _ in range(n):
+        results.append(await w.one())
+        await asyncio.sleep(0.001)  # let the proxy's loop settle between requests
+    return summarise(w, results, time.perf_counter() - t, {})
+
+
+async def run_rate(w: Workload, rate: float, duration: float) -> dict[str, Any]:
+    total = int(rate * duration)
+    results: list[Response] = []
+    lags: list[float] = []
+    tasks = set()
+
+    async def fire(t0: float) -> None:
+        results.append(await w.one(t0))
+
+    start = time.perf_counter() + 0.05
+    for k in range(total):
+        due = start + k / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.perf_counter()
+        lags.append((now - due) * 1000)
+        task = asyncio.create_task(fire(due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    send_end = time.perf_counter()
+    if tasks:
+        await asyncio.wait(tasks, timeout=60)
+    wall = time.perf_counter() - start
+    return summarise(w, results, wall, {
+        "offered_rps": rate, "send_s": round(send_end - start, 3),
+        "lag_ms": {"p50": _pct(lags, 50), "p99": _pct(lags, 99), "max": max(lags, default=0)},
+        "unfinished": total - len(results)})
+
+
+async def run_closed(w: Workload, conc: int, duration: float) -> dict[str, Any]:
+    results: list[Response] = []
+    deadline = time.perf_counter() + duration
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            results.append(await w.one())
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    return summarise(w, results, time.perf_counter() - t, {"conc": conc})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("mode", choices=["latency", "rate", "closed"])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="the proxy's base URL")
+    target.add_argument("--direct", nargs=2, metavar=("PREFILL_URL", "DECODE_URL"),
+                        help="no proxy: do the prefill leg and the decode leg from here")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--tokens", type=int, default=64, help="max_tokens (= chunks streamed)")
+    p.add_argument("--prompt", help="prompt text (default: a ~150-token paragraph)")
+    p.add_argument("--n", type=int, default=200, help="latency: requests measured")
+    p.add_argument("--warmup", type=int, default=20, help="latency: requests not measured")
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--conc", type=int, default=64)
+    p.add_argument("--duration", type=float, default=10.0)
+    args = p.parse_args(argv)
+
+    async def go() -> dict[str, Any]:
+        w = Workload(args)
+        if args.mode == "latency":
+            return await run_latency(w, args.n, args.warmup)
+        if args.mode == "rate":
+            return await run_rate(w, args.rate, args.duration)
+        return await run_closed(w, args.conc, args.duration)
+
+    try:
+        import uvloop
+        result = uvloop.run(go())
+    except ImportError:  # pragma: no cover
+        result = asyncio.run(go())
+    print(orjson.dumps(result).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
