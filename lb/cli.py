@@ -42,6 +42,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to bind (default 8000; 0 = any free port)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the port (SO_REUSEPORT); budgets are split"
+                        " between them (default 1)")
+    p.add_argument("--worker-share", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -70,13 +75,37 @@ def serve_main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"pdlb: config error: {exc}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("pdlb: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        from lb.workers import run_workers
+
+        rest = _without_workers_flag(list(argv))
+        return run_workers(rest, config, args.workers)
     from lb.server import run
+    from lb.workers import share
 
     def reloader() -> Config:
-        return override(load_config(args.config), prefill=args.prefill, decode=args.decode,
-                        host=args.host, port=args.port)
+        fresh = override(load_config(args.config), prefill=args.prefill, decode=args.decode,
+                         host=args.host, port=args.port)
+        return share(fresh, args.worker_share)
 
-    return run(config, reloader if args.config else None)
+    return run(share(config, args.worker_share), reloader if args.config else None,
+               reuse_port=args.reuse_port)
+
+
+def _without_workers_flag(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

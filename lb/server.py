@@ -29,7 +29,8 @@ log = logging.getLogger("pdlb.server")
 
 
 async def start_site(
-    config: Config, *, drain_s: float | None = None, reloader: Reloader | None = None
+    config: Config, *, drain_s: float | None = None, reloader: Reloader | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, str]:
     """Start pdlb on config.server.host:port; returns the runner and the bound base URL."""
     app = create_app(config, reloader)
@@ -39,7 +40,8 @@ async def start_site(
         max_field_size=16384, max_line_size=16384,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096)
+    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096,
+                       reuse_port=reuse_port or None)
     await site.start()
     host, port = runner.addresses[0][:2]
     admin_app = app.get(ADMIN_APP)
@@ -59,13 +61,14 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-async def serve(config: Config, reloader: Reloader | None = None) -> None:
+async def serve(config: Config, reloader: Reloader | None = None,
+                reuse_port: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    runner, url = await start_site(config, reloader=reloader)
+    runner, url = await start_site(config, reloader=reloader, reuse_port=reuse_port)
 
     def on_sighup() -> None:
         try:
@@ -94,9 +97,9 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     return uvloop.run
 
 
-def run(config: Config, reloader: Reloader | None = None) -> int:
+def run(config: Config, reloader: Reloader | None = None, reuse_port: bool = False) -> int:
     try:
-        _event_loop_runner()(serve(config, reloader))
+        _event_loop_runner()(serve(config, reloader, reuse_port))
     except OSError as exc:
         print(f"pdlb: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
               file=sys.stderr)

@@ -1,0 +1,95 @@
+"""``pdlb serve --workers N``: N independent pdlb processes sharing one port (SO_REUSEPORT).
+
+pdlb's hot path is one event loop, so one process uses at most one core. With ``--workers N``
+the kernel spreads incoming connections over N processes bound to the same port. What that
+means, honestly:
+
+* each worker keeps its own in-flight counters, health state and policy state — routing in
+  one worker does not see requests in flight in the others (a policy's view is 1/N of the
+  traffic, which averages out for load-based policies but weakens prefix/session affinity);
+* admission budgets (``max_inflight_tokens``, ``max_queue``, ``max_concurrent_requests``)
+  are divided by N per worker, so the whole stays within the configured totals;
+* ``/metrics`` and ``/admin`` answer for the worker that took the connection: scrape each
+  worker through its own ``--metrics-port`` or aggregate in Prometheus by instance.
+
+The parent reserves the port, starts the workers, forwards SIGTERM/SIGINT/SIGHUP to them,
+and exits when they have all exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from lb.config import Config
+
+
+def share(config: Config, workers: int) -> Config:
+    """The per-worker config: budgets divided by ``workers`` (rounded up, at least 1)."""
+
+    def part(value: int | None) -> int | None:
+        return None if value is None else max(1, -(-value // workers))
+
+    pools = {}
+    for name, pool in config.pools.items():
+        backends = tuple(dataclasses.replace(b, max_inflight_tokens=part(b.max_inflight_tokens))
+                         for b in pool.backends)
+        pools[name] = dataclasses.replace(
+            pool, backends=backends, max_inflight_tokens=part(pool.max_inflight_tokens),
+            max_queue=part(pool.max_queue) or 0,
+        )
+    server = dataclasses.replace(
+        config.server, max_concurrent_requests=part(config.server.max_concurrent_requests))
+    return dataclasses.replace(config, pools=pools, server=server)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
+    """Start ``workers`` copies of ``pdlb serve`` (``argv`` minus --workers) on one port."""
+    holder = _reserve_port(config.server.host, config.server.port)
+    port = holder.getsockname()[1]
+    base = [sys.executable, "-m", "lb.cli", "serve", *argv, "--port", str(port),
+            "--worker-share", str(workers), "--reuse-port"]
+    children = [subprocess.Popen(base, stdout=subprocess.PIPE, text=True)
+                for _ in range(workers)]
+    url = ""
+    try:
+        for child in children:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if not line.startswith("pdlb listening on "):
+                raise RuntimeError(f"a worker failed to start (exit {child.wait()})")
+            url = line.split()[-1]
+    except RuntimeError as exc:
+        for child in children:
+            child.terminate()
+        print(f"pdlb: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        holder.close()
+    print(f"pdlb listening on {url} ({workers} workers, pids"
+          f" {', '.join(str(c.pid) for c in children)})", flush=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, key=abs) if any(codes) else 0
+

@@ -1,0 +1,58 @@
+"""``pdlb serve --workers N``: several processes on one port, budgets split between them."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from lb.workers import share
+from tests.conftest import make_config
+from tests.fake_vllm import FakeBehaviour, make_fake, run_app
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_share_divides_budgets():
+    cfg = make_config(["http://a:1"], ["http://b:1"],
+                      pools={"decode": {"max_inflight_tokens": 1001, "max_queue": 10}},
+                      server={"port": 0, "max_concurrent_requests": 7})
+    part = share(cfg, 2)
+    assert part.decode.max_inflight_tokens == 501 and part.decode.max_queue == 5
+    assert part.server.max_concurrent_requests == 4
+    assert part.prefill.max_inflight_tokens is None
+    assert share(cfg, 1) == cfg
+
+
+async def test_two_workers_serve_one_port_and_stop_together():
+    p, d = FakeBehaviour(), FakeBehaviour()
+    async with run_app(make_fake("prefill", p)) as pu, run_app(make_fake("decode", d)) as du:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lb.cli", "serve", "--prefill", pu, "--decode", du,
+            "--port", "0", "--workers", "2", "--log-level", "warning",
+            stdout=asyncio.subprocess.PIPE, cwd=REPO)
+        try:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert "(2 workers" in line
+            url = line.split()[3]
+            async with aiohttp.ClientSession() as http:
+                for _ in range(30):
+                    # a fresh connection each time, so the kernel may pick either worker
+                    async with http.post(url + "/v1/completions",
+                                         json={"prompt": "x", "max_tokens": 1},
+                                         headers={"Connection": "close"}) as r:
+                        assert r.status == 200
+            assert len(p.requests) == 30
+            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+            assert len(out.stdout.split()) == 2  # two worker processes
+
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
