@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,8 +46,10 @@ async def test_two_workers_serve_one_port_and_stop_together():
                                          headers={"Connection": "close"}) as r:
                         assert r.status == 200
             assert len(p.requests) == 30
-            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
-            assert len(out.stdout.split()) == 2  # two worker processes
+            pgrep = await asyncio.create_subprocess_exec(
+                "pgrep", "-P", str(proc.pid), stdout=asyncio.subprocess.PIPE)
+            children, _ = await pgrep.communicate()
+            assert len(children.split()) == 2  # two worker processes
 
             proc.terminate()
             assert await asyncio.wait_for(proc.wait(), 20) == 0
