@@ -425,11 +425,18 @@ class Proxy:
             first = True
             loop = asyncio.get_running_loop()
             idle = self.timeouts.idle_s
+            # Re-arming a timer per chunk costs more than the relay itself; re-arm at most
+            # every idle/8, so a stall is detected after between 7/8 and all of idle_s.
+            rearm_every = idle / 8
+            armed_at = -idle
             done = False
             try:
                 async with asyncio.timeout(loop.time() + self.timeouts.first_byte_s) as watchdog:
                     async for data in upstream.content.iter_any():
-                        watchdog.reschedule(loop.time() + idle)
+                        now = loop.time()
+                        if now - armed_at > rearm_every:
+                            watchdog.reschedule(now + idle)
+                            armed_at = now
                         if relay is not None:
                             if pending is not None and relay.prefill is None \
                                     and relay.may_hold_final_usage(data):
