@@ -22,12 +22,12 @@ from typing import Any
 import orjson
 
 from loadgen import report, scrape
-from loadgen.client import Sender, first_model, make_session
+from loadgen.client import first_model, make_session, request_headers
 from loadgen.config import LoadConfig
 from loadgen.metrics import SLO, summarize
 from loadgen.progress import LinePrinter, Progress
 from loadgen.records import Record, read_jsonl, write_jsonl
-from loadgen.runner import build_workload, preflight, run_process
+from loadgen.runner import build_workload, make_sender, preflight, run_process
 
 SCHEMA = "pdlb.loadgen.result/1"
 VERSION = "0.1.0"
@@ -139,17 +139,14 @@ async def run(
     before = after = None
     metrics_url = config.metrics_url or config.url.rstrip("/") + "/metrics"
     try:
-        hdrs = dict(config.headers)
-        if config.api_key:
-            hdrs["Authorization"] = f"Bearer {config.api_key}"
+        hdrs = request_headers(config.headers, config.api_key)
         model = config.model or await first_model(session, config.url, hdrs)
         if config.preflight:
-            await preflight(Sender(session, api_url=config.api_url,
-                                   endpoint=config.resolved_endpoint, model=model, t0=0.0,
-                                   ignore_eos=config.ignore_eos,
-                                   continuous_usage=config.continuous_usage,
-                                   extra_body=config.extra_body, headers=config.headers,
-                                   api_key=config.api_key))
+            sender = make_sender(config, session, model)
+            try:
+                await preflight(sender, config.api_url)
+            finally:
+                await sender.transport.aclose()
         proc_config = config.replace(preflight=False)
 
         async def scrape_before() -> None:

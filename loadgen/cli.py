@@ -78,6 +78,9 @@ def add_load_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                    help="do not ask for per-chunk usage (continuous_usage_stats)")
     t.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                    help="per-request timeout (default 600 s)")
+    t.add_argument("--http-client", choices=("fast", "aiohttp"), default="fast",
+                   help="fast: lean keep-alive HTTP/1.1 streams (default, ~3x less CPU per "
+                        "token); aiohttp: aiohttp's full client")
 
     a = p.add_argument_group("arrivals")
     if not sweep:
@@ -179,7 +182,8 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> LoadConfig:
         questions_per_group=args.questions_per_group, tokenizer=args.tokenizer,
         seed=args.seed, ignore_eos=args.ignore_eos, continuous_usage=args.continuous_usage,
         extra_body=args.extra_body, headers=dict(args.header), api_key=args.api_key,
-        timeout_s=args.timeout, warmup=args.warmup, preflight=args.preflight,
+        timeout_s=args.timeout, http_client=args.http_client, warmup=args.warmup,
+        preflight=args.preflight,
         workers=args.workers, slo=SLO.parse(args.slo) if args.slo else None,
         slo_target=args.slo_target, max_lag_ms=args.max_lag_ms,
         scrape_metrics=args.scrape_metrics, metrics_url=args.metrics_url, label=args.label,

@@ -1,8 +1,8 @@
-"""The HTTP side: build a request body, send it on the shared session, time its stream.
+"""The request side: build bodies, send them through the run's transport, fill records.
 
-One ``aiohttp.ClientSession`` serves the whole run (a session per request would put TCP
-connect time inside TTFT). The SSE parser splits reads on blank lines, decodes each event
-with orjson once, and stamps every output-bearing chunk with the time its read arrived.
+One transport (one connection pool) serves the whole run; see :mod:`loadgen.transport`.
+The answer's SSE is parsed by :class:`loadgen.sse.StreamState`. aiohttp serves the small
+control requests (``/v1/models``, ``/metrics``) and, on request, the streams too.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import aiohttp
 import orjson
 
 from loadgen.records import Record
+from loadgen.sse import StreamState
+from loadgen.transport import AiohttpTransport, FastTransport, Transport
 from loadgen.workload import Item, Message
 
-_ERROR_BODY_BYTES = 300
+HTTP_CLIENTS = ("fast", "aiohttp")
 
 
 class LoadgenError(Exception):
@@ -27,7 +29,7 @@ class LoadgenError(Exception):
 
 
 def make_session(limit: int, timeout_s: float) -> aiohttp.ClientSession:
-    """The run's one session; ``limit`` 0 means no client-side connection cap."""
+    """A shared session; ``limit`` 0 means no client-side connection cap."""
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60,
         force_close=False,
@@ -37,7 +39,31 @@ def make_session(limit: int, timeout_s: float) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 30.0)),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+def request_headers(headers: Mapping[str, str] | None = None,
+                    api_key: str | None = None) -> dict[str, str]:
+    """Content type, bearer token (``api_key`` or $OPENAI_API_KEY) and extra headers."""
+    out = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    key = api_key or os.environ.get("OPENAI_API_KEY")
+    if key:
+        out["Authorization"] = f"Bearer {key}"
+    out.update(headers or {})
+    return out
+
+
+def make_transport(kind: str, api_url: str, headers: Mapping[str, str],
+                   session: aiohttp.ClientSession | None = None) -> Transport:
+    """``fast`` (raw keep-alive HTTP/1.1) or ``aiohttp`` (needs ``session``)."""
+    if kind == "fast":
+        return FastTransport(api_url, headers)
+    if kind == "aiohttp":
+        if session is None:
+            raise ValueError("the aiohttp transport needs a session")
+        return AiohttpTransport(session, api_url, headers)
+    raise ValueError(f"unknown HTTP client {kind!r}: choose one of {', '.join(HTTP_CLIENTS)}")
 
 
 def flatten_messages(messages: Sequence[Message]) -> str:
@@ -52,27 +78,24 @@ def flatten_messages(messages: Sequence[Message]) -> str:
 
 
 class Sender:
-    """Builds bodies for one endpoint and sends them; one instance per run."""
+    """Builds bodies for one endpoint and streams them through a transport."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        transport: Transport,
         *,
-        api_url: str,
         endpoint: str,
         model: str,
         t0: float,
         ignore_eos: bool = True,
         continuous_usage: bool = True,
         extra_body: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        api_key: str | None = None,
+        timeout_s: float = 600.0,
     ) -> None:
-        self.session = session
-        self.api_url = api_url
+        self.transport = transport
         self.chat = endpoint == "chat"
         self.t0 = t0
-        self.continuous_usage = continuous_usage
+        self.timeout_s = timeout_s
         stream_options: dict[str, Any] = {"include_usage": True}
         if continuous_usage:
             stream_options["continuous_usage_stats"] = True
@@ -81,11 +104,6 @@ class Sender:
         if ignore_eos:
             self.base["ignore_eos"] = True
         self.base.update(extra_body or {})
-        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        if key:
-            self.headers["Authorization"] = f"Bearer {key}"
-        self.headers.update(headers or {})
 
     def body(self, item: Item, turn: int, history: Sequence[tuple[str, str]] = (),
              max_tokens: int | None = None) -> bytes:
@@ -112,128 +130,32 @@ class Sender:
     async def send(self, body: bytes, rec: Record, want_text: bool = False) -> str:
         """POST ``body``, stream the answer into ``rec``; returns the text if ``want_text``.
 
-        Never raises for a failed request (the record says why), except cancellation.
+        ``rec.sent`` is stamped first, synchronously (before the first suspension), so TTFT
+        runs from the real send and includes any connection set-up. Never raises for a
+        failed request (the record says why), except on cancellation.
         """
-        chat = self.chat
-        loads = orjson.loads
-        times = rec.chunk_times
-        tokens: list[int] = []
-        parts: list[str] = []
-        per_chunk_usage = False
-        last_ct = 0
-        finished = False
         t_send = perf_counter()
         rec.sent = t_send - self.t0
+        state = StreamState(self.chat, t_send, want_text)
+        text = ""
         try:
-            async with self.session.post(self.api_url, data=body,
-                                         headers=self.headers) as resp:
-                rec.status = resp.status
-                if resp.status != 200:
-                    raw = await resp.content.read(_ERROR_BODY_BYTES)
-                    rec.error = f"HTTP {resp.status}: {raw.decode('utf-8', 'replace').strip()}"
-                    return ""
-                content = resp.content
-                buf = b""
-                while True:
-                    data = await content.readany()
-                    if not data:
-                        break
-                    now = perf_counter() - t_send
-                    if buf:
-                        data = buf + data
-                    if b"\r" in data:
-                        data = data.replace(b"\r\n", b"\n")
-                    events = data.split(b"\n\n")
-                    buf = events.pop()
-                    for ev in events:
-                        if ev.startswith(b"data: ") and b"\n" not in ev:
-                            payload: bytes | None = ev[6:]
-                        else:
-                            payload = _data_of(ev)
-                        if payload is None:
-                            continue
-                        if payload == b"[DONE]":
-                            finished = True
-                            continue
-                        obj = loads(payload)
-                        carries = False
-                        choices = obj.get("choices")
-                        if choices:
-                            c = choices[0]
-                            if chat:
-                                d = c.get("delta")
-                                if d:
-                                    txt = (d.get("content") or d.get("reasoning_content")
-                                           or d.get("reasoning"))
-                                    if txt:
-                                        carries = True
-                                        if want_text:
-                                            parts.append(txt)
-                                    elif d.get("tool_calls"):
-                                        carries = True
-                            else:
-                                txt = c.get("text")
-                                if txt:
-                                    carries = True
-                                    if want_text:
-                                        parts.append(txt)
-                            if c.get("finish_reason"):
-                                finished = True
-                        usage = obj.get("usage")
-                        ntok = 0
-                        if usage:
-                            ct = usage.get("completion_tokens")
-                            if ct is not None:
-                                if choices:
-                                    per_chunk_usage = True
-                                    if ct > last_ct:
-                                        ntok = ct - last_ct
-                                        carries = True
-                                last_ct = ct
-                                rec.output_tokens = ct
-                            pt = usage.get("prompt_tokens")
-                            if pt is not None:
-                                rec.prompt_tokens = pt
-                            details = usage.get("prompt_tokens_details")
-                            if details:
-                                rec.cached_tokens = details.get("cached_tokens")
-                        elif "error" in obj and not choices:
-                            err = obj["error"]
-                            msg = err.get("message", err) if isinstance(err, dict) else err
-                            rec.error = f"error event in stream: {msg}"
-                        if carries:
-                            times.append(now)
-                            tokens.append(ntok)
-            if rec.error is None:
-                if not times:
-                    rec.error = "no output-bearing chunk in the stream"
-                elif not finished:
-                    rec.error = "stream ended early (no finish_reason and no [DONE])"
-                else:
-                    rec.ok = True
+            async with asyncio.timeout(self.timeout_s):
+                status, err = await self.transport.stream(body, state.feed)
+            rec.status = status
+            if status != 200:
+                rec.error = f"HTTP {status}: {err.decode('utf-8', 'replace').strip()}"
+            else:
+                text = state.finish(rec)
         except asyncio.CancelledError:
             rec.error = "cancelled"
             raise
         except TimeoutError:
-            rec.error = "timeout"
-        except aiohttp.ClientError as exc:
-            rec.error = f"{type(exc).__name__}: {exc}"
-        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
-            rec.error = f"malformed stream event: {exc}"
-        except OSError as exc:
+            rec.error = f"timeout after {self.timeout_s:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             rec.error = f"{type(exc).__name__}: {exc}"
         finally:
             rec.finished = perf_counter() - t_send
-            rec.chunk_tokens = tokens if per_chunk_usage else None
-        return "".join(parts)
-
-
-def _data_of(event: bytes) -> bytes | None:
-    """The data of a multi-line SSE event (comments, ``event:`` lines ignored)."""
-    lines = [ln[5:].lstrip(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
-    if not lines:
-        return None
-    return b"\n".join(lines)
+        return text
 
 
 async def first_model(session: aiohttp.ClientSession, base_url: str,

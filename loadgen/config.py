@@ -65,6 +65,7 @@ class LoadConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
     api_key: str | None = None
     timeout_s: float = 600.0
+    http_client: str = "fast"
     # run control
     warmup: int = 0
     preflight: bool = True
@@ -115,6 +116,8 @@ class LoadConfig:
             raise bad("workers", self.workers, "must be >= 1")
         if not 0 < self.slo_target <= 1:
             raise bad("slo_target", self.slo_target, "must be a fraction in (0, 1]")
+        if self.http_client not in ("fast", "aiohttp"):
+            raise bad("http_client", self.http_client, "choose fast or aiohttp")
         if not self.timeout_s > 0:
             raise bad("timeout_s", self.timeout_s, "must be > 0")
         if self.warmup < 0:

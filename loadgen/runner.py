@@ -24,7 +24,14 @@ from typing import Any
 
 import aiohttp
 
-from loadgen.client import LoadgenError, Sender, first_model, make_session
+from loadgen.client import (
+    LoadgenError,
+    Sender,
+    first_model,
+    make_session,
+    make_transport,
+    request_headers,
+)
 from loadgen.config import LoadConfig
 from loadgen.progress import Counters, Progress
 from loadgen.records import Record
@@ -275,20 +282,15 @@ async def run_process(
     elif config.max_concurrency:
         limit = config.max_concurrency
     session = make_session(limit, config.timeout_s)
+    sender: Sender | None = None
     meta: dict[str, Any] = {"worker": worker}
     try:
-        hdrs = dict(config.headers)
-        if config.api_key:
-            hdrs["Authorization"] = f"Bearer {config.api_key}"
+        hdrs = request_headers(config.headers, config.api_key)
         model = model or config.model or await first_model(session, config.url, hdrs)
         meta["model"] = model
-        sender = Sender(session, api_url=config.api_url, endpoint=config.resolved_endpoint,
-                        model=model, t0=0.0, ignore_eos=config.ignore_eos,
-                        continuous_usage=config.continuous_usage,
-                        extra_body=config.extra_body, headers=config.headers,
-                        api_key=config.api_key)
+        sender = make_sender(config, session, model)
         if config.preflight and worker == 0:
-            await preflight(sender)
+            await preflight(sender, config.api_url)
         if config.warmup:
             await _warmup(sender, workload, config.warmup, worker, n_workers)
         if before_start is not None:
@@ -306,6 +308,7 @@ async def run_process(
             run.stopping = stopping
         ticker = asyncio.ensure_future(_tick(run, progress, progress_interval_s, offsets,
                                              worker, n_workers))
+        cpu0, wall0 = time.process_time(), perf_counter()
         with quiet_gc():
             try:
                 if offsets is not None:
@@ -320,13 +323,26 @@ async def run_process(
                     await ticker
         if progress is not None:
             progress(run.counters.snapshot(perf_counter() - t0))
+        meta["client_cpu_s"] = time.process_time() - cpu0
+        meta["client_wall_s"] = perf_counter() - wall0
         meta["interrupted"] = run.stopping.is_set()
         meta["first_send"] = min((r.sent for r in run.records if r.sent is not None),
                                  default=None)
         meta["planned_items"] = len(range(worker, len(offsets), n_workers)) if offsets else None
         return ProcessResult(run.records, meta)
     finally:
+        if sender is not None:
+            await sender.transport.aclose()
         await session.close()
+
+
+def make_sender(config: LoadConfig, session: aiohttp.ClientSession, model: str) -> Sender:
+    """The run's sender on the configured HTTP client (``fast`` or ``aiohttp``)."""
+    headers = request_headers(config.headers, config.api_key)
+    transport = make_transport(config.http_client, config.api_url, headers, session)
+    return Sender(transport, endpoint=config.resolved_endpoint, model=model, t0=0.0,
+                  ignore_eos=config.ignore_eos, continuous_usage=config.continuous_usage,
+                  extra_body=config.extra_body, timeout_s=config.timeout_s)
 
 
 async def _tick(run: _Run, progress: Callable[[Progress], None] | None, interval: float,
@@ -339,13 +355,13 @@ async def _tick(run: _Run, progress: Callable[[Progress], None] | None, interval
         progress(run.counters.snapshot(perf_counter() - run.t0, planned))
 
 
-async def preflight(sender: Sender) -> None:
+async def preflight(sender: Sender, url: str = "the server") -> None:
     """One tiny request before time zero: fail fast, with the server's words."""
     item = Item(index=-1, turns=(Turn(max_tokens=2, text="Hello"),))
     rec = Record(index=-1, scheduled=0.0)
     await sender.send(sender.body(item, 0), rec)
     if not rec.ok:
-        raise LoadgenError(f"preflight request to {sender.api_url} failed: {rec.error} "
+        raise LoadgenError(f"preflight request to {url} failed: {rec.error} "
                            "(use --no-preflight to skip this check)")
 
 

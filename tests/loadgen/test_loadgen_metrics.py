@@ -131,12 +131,12 @@ def test_goodput_and_attainment_count_failures_as_misses() -> None:
     slow = rec(3, [0.50, 0.51], sent=1.5, finished=0.51)  # TTFT 500 ms > 100 ms
     failed = rec(4, [], sent=1.9, ok=False, error="timeout", finished=0.1)
     slo = SLO.parse("ttft:100")
-    s = summarize(fast + [slow, failed], slo=slo, slo_target=0.6)
+    s = summarize([*fast, slow, failed], slo=slo, slo_target=0.6)
     assert s["good"] == 3
     assert s["slo_attainment"] == pytest.approx(3 / 5)
     assert s["slo_met"] is True
     assert s["goodput"] == pytest.approx(3 / s["duration_s"])
-    s2 = summarize(fast + [slow, failed], slo=slo, slo_target=0.9)
+    s2 = summarize([*fast, slow, failed], slo=slo, slo_target=0.9)
     assert s2["slo_met"] is False
 
 
