@@ -19,10 +19,11 @@ StartServer = Callable[..., Awaitable[tuple[str, web.Application]]]
 SMALL = {"input_len": LengthDist(16), "output_len": LengthDist(8)}
 
 
-async def test_open_loop_completions(fake_server: StartServer) -> None:
+@pytest.mark.parametrize("client", ["fast", "aiohttp"])
+async def test_open_loop_completions(fake_server: StartServer, client: str) -> None:
     """Every request completes; tokens come from usage; per-chunk token counts recorded."""
     url, _ = await fake_server()
-    res = await run(LoadConfig(url=url, rate=200, num_requests=40, **SMALL))
+    res = await run(LoadConfig(url=url, rate=200, num_requests=40, http_client=client, **SMALL))
     s = res.summary
     assert s["completed"] == 40 and s["failed"] == 0
     assert s["total_output_tokens"] == 40 * 8
@@ -37,10 +38,12 @@ async def test_open_loop_completions(fake_server: StartServer) -> None:
     assert res.meta["time_to_first_send_s"] < 5
 
 
-async def test_chat_ttft_ignores_role_only_chunk(fake_server: StartServer) -> None:
+@pytest.mark.parametrize("client", ["fast", "aiohttp"])
+async def test_chat_ttft_ignores_role_only_chunk(fake_server: StartServer, client: str) -> None:
     """The role-only first chunk arrives at once; TTFT waits for the first content (50 ms)."""
     url, _ = await fake_server(ttft_s=0.05)
-    res = await run(LoadConfig(url=url, endpoint="chat", rate=100, num_requests=5, **SMALL))
+    res = await run(LoadConfig(url=url, endpoint="chat", rate=100, num_requests=5,
+                               http_client=client, **SMALL))
     assert res.summary["completed"] == 5
     assert res.summary["ttft_ms"]["min"] >= 50.0
     assert all(len(r.chunk_times) == 8 for r in res.records)
@@ -73,10 +76,12 @@ async def test_without_continuous_usage(fake_server: StartServer) -> None:
     assert sent["ignore_eos"] is True and sent["max_tokens"] == 8
 
 
-async def test_failures_counted_and_miss_the_slo(fake_server: StartServer) -> None:
+@pytest.mark.parametrize("client", ["fast", "aiohttp"])
+async def test_failures_counted_and_miss_the_slo(fake_server: StartServer, client: str) -> None:
     """HTTP errors and streams cut short are failures, reported apart and as SLO misses."""
     url, _ = await fake_server(fail_every=5, fail_midstream_every=7)
     res = await run(LoadConfig(url=url, rate=200, num_requests=35, preflight=False,
+                               http_client=client,
                                slo=SLO(ttft_ms=10_000), slo_target=0.9, **SMALL))
     s = res.summary
     # requests 5,10,...,35 → 500 (7 of them); 7,14,21,28 → cut (35 is already a 500)
