@@ -203,6 +203,7 @@ def run_client(url: str, rate: float, duration: float, workers: int,
         "rate": rate, "summary": s, "cpu_s": cpu, "wall_s": wall,
         "cpu_per_s": meta["client_cpu_s"] / meta["client_wall_s"],
         "process_cpu_s": cpu,
+        "preempted_per_s": (after.ru_nivcsw - before.ru_nivcsw) / wall,
         "launch_to_first_send_s": first - launched,
     }
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.2f}")
         head = (f"{'rate':>7} {'achieved':>9} {'lag p50':>8} {'lag p99':>8} {'lag max':>8} "
                 f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p99':>8} {'failed':>7} "
-                f"{'CPU/s':>6} {'1st send':>9}  verdict")
+                f"{'CPU/s':>6} {'preempt/s':>9} {'1st send':>9}  verdict")
         print(head)
         print("-" * len(head))
         results = []
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['schedule_lag_ms']['p50']:>8.2f} {s['schedule_lag_ms']['p99']:>8.2f} "
                   f"{s['schedule_lag_ms']['max']:>8.1f} {s['ttft_ms']['p50']:>9.2f} "
                   f"{s['ttft_ms']['p99']:>9.2f} {s['itl_ms']['p99']:>8.2f} {s['failed']:>7} "
-                  f"{r['cpu_per_s']:>6.2f} {r['launch_to_first_send_s']:>8.2f}s  "
+                  f"{r['cpu_per_s']:>6.2f} {r['preempted_per_s']:>9.0f} "
+                  f"{r['launch_to_first_send_s']:>8.2f}s  "
                   f"{'ok' if ok else 'FELL BEHIND / FAILED'}", flush=True)
             if not ok and not args.keep_going:
                 break
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(streamed 64-token responses, one process)" if args.workers == 1 else
                   f"ceiling: {best:g} req/s with {args.workers} workers")
         print("CPU/s = the client's CPU seconds per second while sending and receiving "
-              "(1.00 = one core, start-up and report excluded); "
+              "(1.00 = one core, start-up and report excluded); preempt/s = times per second "
+              "the client was involuntarily descheduled (other load on the machine); "
               "1st send = launch of the loadgen process → its first request")
         if args.json:
             Path(args.json).write_bytes(orjson.dumps({"results": results, "ceiling": best},
