@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compare.py                 # everything, twice (~8-10 min)
     .venv/bin/python bench/compare.py --runs 1 --proxies pdlb,vllm-router --quick
-    .venv/bin/python bench/compare.py --pdlb-workers 2   # + pdlb as 2 SO_REUSEPORT processes
+    .venv/bin/python bench/compare.py --pdlb-workers 2   # + `pdlb serve --workers 2`
 
 What it does:
 
@@ -46,6 +46,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -269,30 +270,25 @@ def _hostport(url: str) -> tuple[str, int]:
 def start_pdlb(prefill: str, decode: str, workdir: Path, args: argparse.Namespace,
                workers: int = 1) -> Started:
     cfg = workdir / "pdlb.toml"
-    port = 0 if workers == 1 else free_port()
     cfg.write_text(
-        "[server]\nhost = \"127.0.0.1\"\n"
-        f"port = {port}\n"
+        "[server]\nhost = \"127.0.0.1\"\nport = 0\n"
         f"[pools.prefill]\nbackends = [\"{prefill}\"]\n"
         f"[pools.decode]\nbackends = [\"{decode}\"]\n"
     )
-    procs = []
-    url = ""
-    for i in range(workers):
-        entry = ["-m", "lb.cli"] if workers == 1 else [str(BENCH / "pdlb_reuseport.py")]
-        p = spawn(f"pdlb{i}", [dev_python(), *entry, "serve", "--config", str(cfg),
-                               "--log-level", "warning"], workdir, stdout_pipe=True)
-        procs.append(p)
-        assert p.popen.stdout is not None
-        line = p.popen.stdout.readline().decode()
-        if "listening on" not in line:
-            for q in procs:
-                q.stop()
-            raise RuntimeError(f"pdlb did not start: {line!r}; see {p.log_path}")
-        url = line.rsplit(" ", 1)[1].strip()
-    started = Started(procs, url)
-    wait_ready(procs[0], url)
-    return started
+    argv = [dev_python(), "-m", "lb.cli", "serve", "--config", str(cfg), "--log-level",
+            "warning"]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    p = spawn("pdlb", argv, workdir, stdout_pipe=True)
+    assert p.popen.stdout is not None
+    line = p.popen.stdout.readline().decode()
+    found = re.search(r"listening on (\S+)", line)
+    if not found:
+        p.stop()
+        raise RuntimeError(f"pdlb did not start: {line!r}; see {p.log_path}")
+    url = found.group(1)
+    wait_ready(p, url)
+    return Started([p], url)
 
 
 def start_vllm_router(prefill: str, decode: str, workdir: Path,
@@ -570,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma list among {', '.join(ALL_PROXIES)}")
     p.add_argument("--runs", type=int, default=2, help="full passes (noise = their spread)")
     p.add_argument("--pdlb-workers", default="",
-                   help="also run pdlb as N SO_REUSEPORT processes, e.g. '2' or '2,3'")
+                   help="also run `pdlb serve --workers N` (SO_REUSEPORT), e.g. '2' or '2,3'")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--itl-ms", type=float, default=1.0, help="mock: time between tokens")
@@ -603,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             "there to include it")
         names.remove("toy-proxy")
     for w in (int(x) for x in args.pdlb_workers.split(",") if x.strip()):
-        names.append(f"pdlb x{w} (SO_REUSEPORT)")
+        names.append(f"pdlb --workers {w}")
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -669,8 +665,8 @@ def measure_proxy(i: int, name: str, prefill: str, decode: str, mock: Started,
                   args: argparse.Namespace, workdir: Path) -> Measured:
     log(f"run {i}: {name} (load avg {os.getloadavg()[0]:.2f})")
     try:
-        if name.startswith("pdlb x"):
-            workers = int(name.split("x", 1)[1].split()[0])
+        if name.startswith("pdlb --workers"):
+            workers = int(name.rsplit(" ", 1)[1])
             started = start_pdlb(prefill, decode, workdir, args, workers=workers)
         else:
             started = STARTERS[name](prefill, decode, workdir, args)

@@ -1,0 +1,230 @@
+"""Where does pdlb's CPU go? Profile it under a fixed open-loop load on the mock backend.
+
+    .venv/bin/python bench/profile_pdlb.py                 # py-spy + perf, ~1.5 min
+    .venv/bin/python bench/profile_pdlb.py --rate 150 --duration 15 --no-perf
+
+Starts bench/mock_backend.py and ``pdlb serve`` (stock, one process), then:
+
+1. measures pdlb's CPU per request without a profiler (open loop, 64-token streams, and
+   8-token streams for the per-request/per-chunk split), from /proc;
+2. records the same load under ``py-spy record`` (``pip install py-spy``; samples the
+   Python stacks; native time such as a send() syscall is charged to the Python frame that
+   made it) and prints the top frames by self and by inclusive share, converted to
+   µs per request with the unprofiled CPU/request;
+3. with ``perf`` on PATH, records the same load with ``perf record`` and prints the share
+   of kernel vs. each user-space library (how much is syscalls/TCP, how much is CPython).
+
+The report also goes to ``bench/results/profile-<UTC time>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare as cmp  # bench/ is not a package
+
+_LINE = re.compile(r":\d+\)$")
+_PREFIXES = (re.compile(r"/[^ ]*/site-packages/"), re.compile(r"/[^ ]*/lib/python3\.\d+/"),
+             re.compile(re.escape(str(cmp.ROOT)) + "/"))
+
+
+def _frame(f: str) -> str:
+    f = _LINE.sub(")", f)
+    for p in _PREFIXES:
+        f = p.sub("", f)
+    return f
+
+
+# Exclusive buckets: a sample goes to the first pattern found walking its stack from the
+# leaf up, so "write to client" holds the send() under StreamResponse.write, and so on.
+CATEGORIES = [
+    ("token counting (lb/tokens.py, tiktoken)", ("PromptTokenizer.count",)),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("SSE relay: usage search/rewrite (lb/relay.py)", ("lb/relay.py",)),
+    ("write chunks to the client (StreamResponse.write, incl. send())",
+     ("StreamResponse.write (", "StreamResponse.write_eof (")),
+    ("client response headers (StreamResponse.prepare)", ("StreamResponse.prepare (",)),
+    ("read the decode stream (aiohttp client protocol, iter_any)",
+     ("AsyncStreamIterator.__anext__", "ResponseHandler.data_received",
+      "StreamReader.")),
+    ("prefill leg (Upstream.post_json: aiohttp client request + JSON)",
+     ("Upstream.post_json (",)),
+    ("decode leg request (Upstream.open_stream)", ("Upstream.open_stream (",)),
+    ("client request parse (lb/request.py)", ("lb/request.py",)),
+    ("other pdlb code (lb/, policies/)", ("lb/", "policies/")),
+    ("aiohttp server (request parsing, handler task)", ("aiohttp/web_", "aiohttp/http_")),
+    ("other aiohttp / asyncio", ("aiohttp/", "asyncio/", "aiohappyeyeballs/")),
+]
+
+
+def _category(frames: list[str]) -> str:
+    for f in reversed(frames):
+        for name, patterns in CATEGORIES:
+            if any(p in f for p in patterns):
+                if name.startswith("other aiohttp") and f.startswith("Runner.run"):
+                    break
+                return name
+    return "event loop, syscalls and C code outside any Python frame (uvloop, kernel)"
+
+
+def summarise_pyspy(raw: Path, us_per_sample: float, top: int) -> str:
+    self_c: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    cats: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        self_c[frames[-1]] += count
+        cats[_category(frames)] += count
+        for f in set(frames):
+            incl[f] += count
+    if not total:
+        return "py-spy recorded no samples"
+    out = [f"py-spy: {total} samples; µs/req = share × unprofiled CPU per request", "",
+           "| bucket | % | µs/req |", "|---|---:|---:|"]
+    for name, c in cats.most_common():
+        out.append(f"| {name} | {100 * c / total:.1f} | {c * us_per_sample:.0f} |")
+    out += ["", "| self % | µs/req | frame |", "|---:|---:|---|"]
+    for f, c in self_c.most_common(top):
+        out.append(f"| {100 * c / total:.1f} | {c * us_per_sample:.0f} | `{f}` |")
+    out += ["", "| inclusive % | µs/req | frame |", "|---:|---:|---|"]
+    skip = ("<module>", "_run_code", "_run_module_as_main", "run (", "main (", "serve_main",
+            "Runner.run")
+    shown = 0
+    for f, c in incl.most_common():
+        if f.startswith(skip) or c == total:
+            continue
+        out.append(f"| {100 * c / total:.1f} | {c * us_per_sample:.0f} | `{f}` |")
+        shown += 1
+        if shown >= top:
+            break
+    return "\n".join(out)
+
+
+def perf_by_dso(pid: int, seconds: float, workdir: Path) -> str:
+    data = workdir / "perf.data"
+    rec = subprocess.run(["perf", "record", "-F", "499", "-p", str(pid), "-o", str(data),
+                          "--", "sleep", str(seconds)], capture_output=True, text=True)
+    if rec.returncode != 0:
+        return f"perf record failed: {rec.stderr.strip()[-300:]}"
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--sort", "dso", "--stdio",
+                          "--percent-limit", "0.5"], capture_output=True, text=True)
+    rows = [line.strip() for line in rep.stdout.splitlines()
+            if line.strip() and not line.startswith("#")]
+    return "perf, share of pdlb's CPU by binary:\n\n```\n" + "\n".join(rows[:15]) + "\n```"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--duration", type=float, default=12.0)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--itl-ms", type=float, default=1.0)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--no-perf", action="store_true")
+    p.add_argument("--out", type=Path, default=cmp.BENCH / "results")
+    args = p.parse_args(argv)
+    pyspy = shutil.which("py-spy") or str(Path(cmp.dev_python()).parent / "py-spy")
+    if not Path(pyspy).exists():
+        print("py-spy not found: pip install py-spy", file=sys.stderr)
+        return 2
+    report = [f"## pdlb profile — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+              "", f"- pdlb {cmp.git_describe()}; {os.cpu_count()} CPUs ({cmp.cpu_model()}); "
+              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+              f"- load: open loop {args.rate:g} req/s × {args.duration:g} s, /v1/completions "
+              f"stream + include_usage, mock ITL {args.itl_ms:g} ms"]
+    with tempfile.TemporaryDirectory(prefix="pdlb-prof-") as tmp:
+        workdir = Path(tmp)
+        mock_proc = cmp.spawn("mock", [cmp.dev_python(), str(cmp.BENCH / "mock_backend.py"),
+                                       "--itl-ms", str(args.itl_ms)], workdir,
+                              stdout_pipe=True)
+        try:
+            assert mock_proc.popen.stdout is not None
+            info = json.loads(mock_proc.popen.stdout.readline())
+            pdlb = cmp.start_pdlb(info["prefill"], info["decode"], workdir, args)
+            try:
+                report += profile(pdlb, args, pyspy, workdir)
+            finally:
+                pdlb.stop()
+        finally:
+            mock_proc.stop()
+    text = "\n".join(report) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"profile-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.md"
+    path.write_text(text)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _rate(url: str, tokens: int, args: argparse.Namespace, pids: list[int]
+          ) -> tuple[float, dict[str, object]]:
+    c0 = cmp.tree_cpu(pids)
+    r = cmp.run_client("rate", ["--url", url], ["--tokens", str(tokens), "--rate",
+                                                str(args.rate), "--duration",
+                                                str(args.duration)], args.duration + 120)
+    cpu = cmp.tree_cpu(pids) - c0
+    return cpu * 1000 / max(1, int(r["ok"])), r
+
+
+def profile(pdlb: cmp.Started, args: argparse.Namespace, pyspy: str, workdir: Path
+            ) -> list[str]:
+    pids = pdlb.pids()
+    cmp.run_client("latency", ["--url", pdlb.url], ["--n", "20", "--warmup", "20"], 120)
+    per64, r64 = _rate(pdlb.url, args.tokens, args, pids)
+    per8, _ = _rate(pdlb.url, 8, args, pids)
+    marginal = (per64 - per8) * 1000 / (args.tokens - 8)
+    out = [f"- unprofiled: {per64:.3f} ms CPU/request at {args.tokens} tokens "
+           f"({per64 * 1000 / args.tokens:.1f} µs/chunk if divided), {per8:.3f} ms at 8 tokens "
+           f"→ marginal {marginal:.1f} µs/chunk, fixed {per64 - args.tokens * marginal / 1000:.3f}"
+           f" ms/request; {r64['ok']} ok, {r64['errors']} errors", ""]
+    raw = workdir / "pdlb.raw"
+    spy = subprocess.Popen([pyspy, "record", "-r", "250", "--nonblocking", "-f", "raw",
+                            "-o", str(raw),
+                            "--pid", str(pids[0]), "-d", str(int(args.duration) + 1)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    c0 = cmp.tree_cpu(pids)
+    r = cmp.run_client("rate", ["--url", pdlb.url], ["--tokens", str(args.tokens), "--rate",
+                                                     str(args.rate), "--duration",
+                                                     str(args.duration)],
+                       args.duration + 120)
+    spy.wait(timeout=60)
+    ok = max(1, int(r["ok"]))
+    samples = sum(int(line.rpartition(" ")[2]) for line in raw.read_text().splitlines()
+                  if line.rpartition(" ")[2].isdigit()) if raw.exists() else 0
+    profiled = (cmp.tree_cpu(pids) - c0) * 1000 / ok
+    out.append(f"- under py-spy (250 Hz, nonblocking): {profiled:.3f} ms CPU/request")
+    out.append("")
+    if samples:
+        out.append(summarise_pyspy(raw, per64 * 1000 / samples, args.top))
+    if not args.no_perf and shutil.which("perf"):
+        client = subprocess.Popen(
+            [cmp.dev_python(), str(cmp.BENCH / "client.py"), "rate", "--url", pdlb.url,
+             "--tokens", str(args.tokens), "--rate", str(args.rate), "--duration",
+             str(args.duration)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        out += ["", perf_by_dso(pids[0], max(2.0, args.duration - 2), workdir)]
+        client.wait(timeout=args.duration + 120)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
