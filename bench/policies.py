@@ -11,7 +11,8 @@ by many questions, Poisson arrivals). While it runs, pdlb's ``/metrics`` is samp
   ``vllm:prefix_cache_queries``, summed over the prefill emulators;
 * TTFT p50 / p99 (loadgen, vLLM ``bench serve`` definitions);
 * load imbalance: max / mean of ``pdlb_backend_inflight_tokens`` across a pool's backends,
-  averaged over the samples with load (1.00 = perfectly even), prefill and decode.
+  as Σ max / Σ mean over the samples (1.00 = perfectly even; 4.00 = all on one of four),
+  prefill and decode.
 
 The prefix working set (groups × prefix tokens) is made larger than one prefill server's
 KV cache but smaller than the four together: the case where routing decides whether the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import sys
 import tempfile
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help=f"prefill policies, comma-separated (default {DEFAULT_POLICIES})")
+    p.add_argument("--policy", action="append", default=[], metavar="NAME[:K=V;K=V]",
+                   help="a prefill policy with options as TOML values (repeatable; replaces"
+                        " --policies), e.g. 'score:weights={load = 2};load_factor=1.5'")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per policy")
     p.add_argument("--rate", type=float, default=16.0, help="requests/s (Poisson)")
     p.add_argument("--groups", type=int, default=48, help="shared system prompts")
@@ -91,11 +96,13 @@ async def _cache_counters(http: aiohttp.ClientSession, urls: Sequence[str]) -> t
 
 
 class ImbalanceSampler:
-    """Samples pdlb's per-backend in-flight tokens; max/mean per pool, averaged."""
+    """Samples pdlb's per-backend in-flight tokens. Imbalance of a pool = Σ max / Σ mean over
+    the samples (the max/mean of one sample, weighted by its load: moments with many tokens
+    in flight count more than nearly idle ones, where max/mean is mostly noise)."""
 
     def __init__(self, http: aiohttp.ClientSession, pdlb_url: str, every_s: float = 0.1):
         self.http, self.url, self.every_s = http, pdlb_url + "/metrics", every_s
-        self.ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+        self.sums: dict[str, list[float]] = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
 
     async def run(self) -> None:
         while True:
@@ -105,27 +112,32 @@ class ImbalanceSampler:
                     if name == "pdlb_backend_inflight_tokens" and labels.get("pool") in per_pool:
                         per_pool[labels["pool"]].append(value)
                 for pool, values in per_pool.items():
-                    mean = sum(values) / len(values) if values else 0.0
-                    if mean > 0:
-                        self.ratios[pool].append(max(values) / mean)
+                    if values:
+                        self.sums[pool][0] += max(values)
+                        self.sums[pool][1] += sum(values) / len(values)
             await asyncio.sleep(self.every_s)
 
     def imbalance(self, pool: str) -> float:
-        values = self.ratios[pool]
-        return sum(values) / len(values) if values else float("nan")
+        top, mean = self.sums[pool]
+        return top / mean if mean > 0 else float("nan")
 
 
-def _toml(prefill: Sequence[str], decode: Sequence[str], policy: str) -> str:
+def _toml(prefill: Sequence[str], decode: Sequence[str], spec: str) -> str:
+    """backends.toml for one run; ``spec`` is ``name`` or ``name:key=value;key=value``."""
     def urls(us: Sequence[str]) -> str:
         return "[" + ", ".join(f'"{u}"' for u in us) + "]"
 
-    return "\n".join([
+    name, _, options = spec.partition(":")
+    lines = [
         "[server]", 'host = "127.0.0.1"', "port = 0",
-        "[pools.prefill]", f"backends = {urls(prefill)}", f'policy = "{policy}"',
-        "[pools.decode]", f"backends = {urls(decode)}", 'policy = "least_tokens"',
         "[health]", "interval_s = 1.0",
         "[scrape]", "interval_s = 1.0",
-    ]) + "\n"
+        "[pools.decode]", f"backends = {urls(decode)}", 'policy = "least_tokens"',
+        "[pools.prefill]", f"backends = {urls(prefill)}", f'policy = "{name}"',
+        "[pools.prefill.policy_options]",
+        *(o.strip() for o in options.split(";") if o.strip()),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 @contextlib.asynccontextmanager
@@ -160,7 +172,7 @@ async def _one_policy(args: argparse.Namespace, policy: str, prefill: Sequence[s
         async with http.post(url + "/_emulator/reset") as resp:
             resp.raise_for_status()
     hits0, queries0 = await _cache_counters(http, prefill)
-    config_path = workdir / f"{policy}.toml"
+    config_path = workdir / "backends.toml"
     config_path.write_text(_toml(prefill, decode, policy))
     async with _pdlb(config_path) as url:
         sampler = ImbalanceSampler(http, url)
@@ -213,7 +225,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 async def _main(args: argparse.Namespace) -> int:
     from emulator.cluster import EmulatorCluster
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = args.policy or [p.strip() for p in args.policies.split(",") if p.strip()]
     started = time.monotonic()
     _say(args, "bench/policies: starting 4 prefill + 4 decode emulators ...")
     rows = []
@@ -229,10 +241,12 @@ async def _main(args: argparse.Namespace) -> int:
                      f" [{time.monotonic() - started:.0f} s]")
                 rows.append(await _one_policy(args, policy, prefills.prefill_urls,
                                               decodes.decode_urls, Path(tmp), http))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"4 prefill + 4 decode emulators (prefill KV {args.prefill_kv_tokens} tokens each);"
           f" {args.groups} system prompts x {args.prefix_len} tokens + {args.input_len}-token"
           f" questions, {args.output_len} output tokens; Poisson {args.rate:g} req/s for"
-          f" {args.duration:g} s per policy; decode pool: least_tokens")
+          f" {args.duration:g} s per policy; decode pool: least_tokens;"
+          f" {os.cpu_count()} CPUs, load average {load}")
     print(_table(rows))
     _say(args, f"bench/policies: done in {time.monotonic() - started:.0f} s")
     return 1 if any(r["completed"] == 0 for r in rows) else 0

@@ -12,8 +12,9 @@ in backends.toml) and calls :meth:`Policy.pick` for every request on the event l
 Optional hooks live in a second protocol, :class:`PolicyHooks`; pdlb calls
 ``on_request_done`` after a leg finished on a backend (for learning or stateful policies).
 A policy that routes by prompt prefix sets the class attribute ``wants_prefix_hashes = True``
-and pdlb fills :attr:`RouteRequest.prefix_hashes` (it costs a few µs per request, so pdlb only
-computes them for policies that ask).
+(or an instance attribute, when it depends on options) and pdlb fills
+:attr:`RouteRequest.prefix_hashes` (it costs a few µs per request, so pdlb only computes them
+for policies that ask).
 
 A minimal policy::
 

@@ -10,7 +10,9 @@ tokens). A backend is within the bound while its in-flight tokens are at most
 ``load_factor × mean + load_slack_tokens`` (mean over the candidates), so a hot prefix cannot pile
 onto one backend: past the bound it goes to the least-loaded backend instead, which then
 holds it too. A prompt with no known prefix goes to the least-loaded backend. Every choice
-is recorded, so later prompts with the same prefix follow it.
+is recorded, so later prompts with the same prefix follow it; when the leg then fails
+(``on_request_done`` with ``ok=False``) the record is dropped again, since the backend may
+have cached nothing.
 
 Options:
 
@@ -78,3 +80,9 @@ class PrefixAffinity:
         if hashes:
             self.index.record(hashes, chosen.index)
         return chosen
+
+    def on_request_done(
+        self, request: RouteRequest, backend: BackendView, ok: bool, duration_s: float
+    ) -> None:
+        if not ok and request.prefix_hashes:
+            self.index.drop(request.prefix_hashes, backend.index)

@@ -78,3 +78,18 @@ class PrefixIndex:
             entries.move_to_end(h)
         for _ in range(len(entries) - self.max_entries):
             entries.popitem(last=False)
+
+    def drop(self, hashes: Sequence[int], index: int) -> None:
+        """Forget that backend ``index`` holds the prefixes of ``hashes`` (e.g. its request
+        failed, so nothing may have been cached); other holders are kept."""
+        entries = self._entries
+        for blocks in CHECKPOINTS[:bisect_right(CHECKPOINTS, len(hashes))]:
+            h = hashes[blocks - 1]
+            held = entries.get(h)
+            if held is None or index not in held:
+                continue
+            rest = tuple(i for i in held if i != index)
+            if rest:
+                entries[h] = rest
+            else:
+                del entries[h]

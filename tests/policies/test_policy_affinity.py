@@ -189,3 +189,27 @@ def test_session_whose_backend_left_the_candidates_moves():
     home = policy.pick(req, pool)
     others = [b for b in pool if b is not home]
     assert policy.pick(req, others) is others[0]
+
+
+def test_failed_leg_drops_the_prefix_record():
+    """on_request_done(ok=False) forgets that the backend holds the prefix (it may have
+    cached nothing); a success keeps it; other holders are untouched."""
+    policy = PrefixAffinity({"holders": 2})
+    pool = backends(2)
+    request = make_request(prompt(2, "a question"), prompt_tokens=100)
+    first = policy.pick(request, pool)
+    other = pool[1 - first.index]
+    policy.index.record(request.prefix_hashes[:4], other.index)
+    policy.on_request_done(request, first, True, 0.1)
+    assert set(policy.index.match(request.prefix_hashes)) == {first.index, other.index}
+    policy.on_request_done(request, first, False, 0.1)
+    assert policy.index.match(request.prefix_hashes) == {other.index: 4}
+
+
+def test_simulate_drives_the_hook():
+    """Through policies.testing.simulate (which calls on_request_done), nothing is dropped
+    when every leg succeeds."""
+    policy = PrefixAffinity({})
+    requests = [make_request(prompt(3, f"q{i}"), prompt_tokens=100) for i in range(8)]
+    chosen = simulate(policy, requests, backends(3), concurrency=1)
+    assert len(set(chosen)) == 1 and len(policy.index) > 0
