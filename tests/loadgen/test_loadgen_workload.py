@@ -151,3 +151,19 @@ def test_config_errors_name_the_setting() -> None:
         LoadConfig(url="x", rate=1, duration_s=1)
     with pytest.raises(ValueError, match="mix"):
         LoadConfig(url="http://x", rate=1, duration_s=1, mix="nope")
+
+
+def test_hf_tokenizer_json(tmp_path: Path) -> None:
+    """A HuggingFace tokenizer.json is loaded with `tokenizers`; prompts are built from it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = [f"w{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(200)]
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    hf = load_tokenizer(str(path))
+    assert hf.name == str(path)
+    made = TextMaker(hf).make(random.Random(0), 50)
+    assert hf.count(made) == 50
