@@ -21,7 +21,7 @@ Options:
   tokens allowed above ``load_factor × mean``, so that at low load one request in flight
   does not break affinity. 0 is the bare ``load_factor × mean`` bound.
 * ``min_match_blocks`` (int ≥ 1, default 1): shorter matches (64-byte blocks) are ignored.
-* ``max_entries`` (int ≥ 1, default 100000): prefixes remembered (LRU; ~15 MB at the default).
+* ``max_entries`` (int ≥ 1, default 100000): prefixes remembered (LRU; ~18 MB at the default).
 * ``holders`` (int ≥ 1, default 2): backends remembered per prefix, so a hot prefix that
   spilled over to a second backend keeps hitting on both.
 """
