@@ -135,7 +135,7 @@ def itls(rec: Record) -> list[float]:
     return [t[i] - t[i - 1] for i in range(1, len(t))]
 
 
-def chunk_token_counts(rec: Record) -> list[int] | None:
+def chunk_token_counts(rec: Record) -> Sequence[int] | None:
     """Tokens per output chunk: reported per chunk, or 1 each when chunks == usage tokens."""
     if rec.chunk_tokens is not None and len(rec.chunk_tokens) == len(rec.chunk_times):
         return rec.chunk_tokens

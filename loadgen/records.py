@@ -13,7 +13,8 @@ generated output, and ``chunk_tokens`` the tokens each of those chunks carried (
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ class Record:
     ok: bool = False
     status: int | None = None
     error: str | None = None
-    chunk_times: list[float] = field(default_factory=list)
-    chunk_tokens: list[int] | None = None
+    chunk_times: Sequence[float] = field(default_factory=list)  # array('d') when live
+    chunk_tokens: Sequence[int] | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     cached_tokens: int | None = None
@@ -70,7 +71,11 @@ class Record:
         return self.sent - self.scheduled - self.queue_wait
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in RECORD_FIELDS}
+        out = {name: getattr(self, name) for name in RECORD_FIELDS}
+        for key in ("chunk_times", "chunk_tokens"):
+            if isinstance(out[key], array):
+                out[key] = out[key].tolist()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:

@@ -8,6 +8,8 @@ its cumulative ``usage.completion_tokens`` (continuous_usage_stats) grew.
 
 from __future__ import annotations
 
+from array import array
+
 import orjson
 
 from loadgen.records import Record
@@ -28,8 +30,8 @@ class StreamState:
         self.want_text = want_text
         self.buf = b""
         self.last_arrival = t_send
-        self.times: list[float] = []
-        self.tokens: list[int] = []
+        self.times = array("d")   # 8 bytes per chunk, not a 32-byte float object
+        self.tokens = array("q")
         self.parts: list[str] = []
         self.per_chunk_usage = False
         self.last_ct = 0

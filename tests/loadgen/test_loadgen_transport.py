@@ -58,7 +58,7 @@ def test_chunked_framing_any_boundaries(split: int, chunk: int) -> None:
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     st = parse_all(head + chunked(BODY, chunk), split)
     assert len(st.times) == 2            # "a" and "bc"; the empty finish chunk carries none
-    assert st.tokens == [1, 2]
+    assert list(st.tokens) == [1, 2]
     assert st.output_tokens == 3 and st.finished
 
 
@@ -67,7 +67,7 @@ def test_content_length_framing(split: int) -> None:
     """A Content-Length body ends the exchange exactly at its length."""
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
     st = parse_all(raw, split)
-    assert st.tokens == [1, 2]
+    assert list(st.tokens) == [1, 2]
 
 
 def test_chunk_extensions_trailers_and_interim_responses() -> None:
@@ -76,7 +76,7 @@ def test_chunk_extensions_trailers_and_interim_responses() -> None:
     raw = (b"HTTP/1.1 100 Continue\r\n\r\n"
            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
     st = parse_all(raw, 5)
-    assert st.tokens == [1, 2]
+    assert list(st.tokens) == [1, 2]
 
 
 def test_bad_http_is_a_protocol_error() -> None:
@@ -102,7 +102,7 @@ def test_sse_multiline_comments_crlf_and_chat() -> None:
     st.feed(raw[30:], 2.0)
     rec = Record(index=0, scheduled=0.0)
     assert st.finish(rec) == "Hello"
-    assert rec.ok and rec.chunk_times == [2.0, 2.0]
+    assert rec.ok and list(rec.chunk_times) == [2.0, 2.0]
     assert rec.chunk_tokens is None  # no per-chunk usage was sent
 
 
