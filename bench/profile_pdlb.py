@@ -47,10 +47,15 @@ def _frame(f: str) -> str:
     return f
 
 
-# Exclusive buckets: a sample goes to the first pattern found walking its stack from the
-# leaf up, so "write to client" holds the send() under StreamResponse.write, and so on.
+# Exclusive buckets, in priority order: a sample goes to the first bucket with a frame
+# anywhere in its stack (so "write chunks" holds the send() under StreamResponse.write, and a
+# metric observed inside the relay counts as metrics). The process's root frames (cli,
+# server.run, the asyncio runner) are ignored, so a sample with nothing else on its stack is
+# the event loop itself: uvloop's C code and the syscalls it makes (epoll, recv).
+ROOT_FRAMES = ("lb/cli.py", "lb/server.py", "asyncio/runners.py", "uvloop/__init__",
+               "<frozen runpy>")
 CATEGORIES = [
-    ("token counting (lb/tokens.py, tiktoken)", ("PromptTokenizer.count",)),
+    ("token counting (lb/tokens.py, tiktoken)", ("lb/tokens.py",)),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("SSE relay: usage search/rewrite (lb/relay.py)", ("lb/relay.py",)),
     ("write chunks to the client (StreamResponse.write, incl. send())",
@@ -63,6 +68,8 @@ CATEGORIES = [
      ("Upstream.post_json (",)),
     ("decode leg request (Upstream.open_stream)", ("Upstream.open_stream (",)),
     ("client request parse (lb/request.py)", ("lb/request.py",)),
+    ("health checks and /metrics scrapes (lb/health.py, lb/scrape.py)",
+     ("lb/health.py", "lb/scrape.py")),
     ("other pdlb code (lb/, policies/)", ("lb/", "policies/")),
     ("aiohttp server (request parsing, handler task)", ("aiohttp/web_", "aiohttp/http_")),
     ("other aiohttp / asyncio", ("aiohttp/", "asyncio/", "aiohappyeyeballs/")),
@@ -70,13 +77,13 @@ CATEGORIES = [
 
 
 def _category(frames: list[str]) -> str:
-    for f in reversed(frames):
-        for name, patterns in CATEGORIES:
-            if any(p in f for p in patterns):
-                if name.startswith("other aiohttp") and f.startswith("Runner.run"):
-                    break
-                return name
-    return "event loop, syscalls and C code outside any Python frame (uvloop, kernel)"
+    inner = [f for f in frames if not any(r in f for r in ROOT_FRAMES)]
+    for name, patterns in CATEGORIES:
+        if any(p in f for f in inner for p in patterns):
+            return name
+    if not inner:
+        return "event loop: uvloop C code and its syscalls (epoll, recv), no Python frame"
+    return "other"
 
 
 def summarise_pyspy(raw: Path, us_per_sample: float, top: int) -> str:
