@@ -278,7 +278,8 @@ def test_client_disconnect_frees_both_servers(client, pair, pdlb_url):
         if received >= 5:
             break
     assert metric(decode, "vllm:num_requests_running") == 1
-    assert pdlb_inflight(pdlb_url)["pdlb_pool_inflight_requests{pool=decode}"] == 1
+    inflight = pdlb_inflight(pdlb_url)
+    assert inflight["pdlb_pool_inflight_requests{pool=decode}"] == 1, inflight
     stream.close()
     for url in (decode, prefill):
         wait_for(lambda u=url: metric(u, "vllm:num_requests_running") == 0
