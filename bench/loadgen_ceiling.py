@@ -177,6 +177,16 @@ def _pin(pid: int, cpu: int) -> None:
             os.sched_setaffinity(pid, {cpu})
 
 
+def cpu_pressure() -> float | None:
+    """Linux PSI: % of the last 10 s in which some runnable task waited for a CPU."""
+    try:
+        with open("/proc/pressure/cpu") as fh:
+            first = fh.readline().split()
+        return float(first[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_client(url: str, rate: float, duration: float, workers: int,
                extra: list[str], pin: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,6 +207,7 @@ def run_client(url: str, rate: float, duration: float, workers: int,
             raise RuntimeError(f"loadgen failed (rc {proc.returncode}): {err.decode()[-2000:]}")
         data = orjson.loads(out.read_bytes())
     s, meta = data["summary"], data["meta"]
+    psi = cpu_pressure()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     first = meta["t0_epoch"] + (meta.get("first_send") or 0.0)
     return {
@@ -204,6 +215,7 @@ def run_client(url: str, rate: float, duration: float, workers: int,
         "cpu_per_s": meta["client_cpu_s"] / meta["client_wall_s"],
         "process_cpu_s": cpu,
         "preempted_per_s": (after.ru_nivcsw - before.ru_nivcsw) / wall,
+        "cpu_pressure_pct": psi,
         "launch_to_first_send_s": first - launched,
     }
 
@@ -253,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.2f}")
         head = (f"{'rate':>7} {'achieved':>9} {'lag p50':>8} {'lag p99':>8} {'lag max':>8} "
                 f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p99':>8} {'failed':>7} "
-                f"{'CPU/s':>6} {'preempt/s':>9} {'1st send':>9}  verdict")
+                f"{'CPU/s':>6} {'preempt/s':>9} {'PSI%':>5} {'1st send':>9}  verdict")
         print(head)
         print("-" * len(head))
         results = []
@@ -269,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['schedule_lag_ms']['max']:>8.1f} {s['ttft_ms']['p50']:>9.2f} "
                   f"{s['ttft_ms']['p99']:>9.2f} {s['itl_ms']['p99']:>8.2f} {s['failed']:>7} "
                   f"{r['cpu_per_s']:>6.2f} {r['preempted_per_s']:>9.0f} "
+                  f"{(r['cpu_pressure_pct'] or 0):>5.0f} "
                   f"{r['launch_to_first_send_s']:>8.2f}s  "
                   f"{'ok' if ok else 'FELL BEHIND / FAILED'}", flush=True)
             if not ok and not args.keep_going:
@@ -282,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"ceiling: {best:g} req/s with {args.workers} workers")
         print("CPU/s = the client's CPU seconds per second while sending and receiving "
               "(1.00 = one core, start-up and report excluded); preempt/s = times per second "
-              "the client was involuntarily descheduled (other load on the machine); "
+              "the client was involuntarily descheduled; PSI% = share of the last 10 s in which "
+              "some task waited for a CPU (Linux pressure stall info: other load); "
               "1st send = launch of the loadgen process → its first request")
         if args.json:
             Path(args.json).write_bytes(orjson.dumps({"results": results, "ceiling": best},

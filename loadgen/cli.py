@@ -301,6 +301,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from loadgen.sweep import SWEEP_SCHEMA, sweep_table
+
+    head = Path(args.result).read_bytes()[:200] if Path(args.result).is_file() else b""
+    if SWEEP_SCHEMA.encode() in head:
+        data = orjson.loads(Path(args.result).read_bytes())
+        print(sweep_table(data))
+        return EXIT_OK if data.get("max_rate_meeting_slo") is not None else EXIT_SLO_MISSED
     result = RunResult.load(args.result)
     slo = SLO.parse(args.slo) if args.slo else None
     if result.records and (slo is not None or args.recompute or args.slo_target is not None):

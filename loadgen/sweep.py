@@ -39,6 +39,7 @@ class SweepStep:
 
     def row(self) -> dict[str, Any]:
         s = self.result.summary
+        passed = self.passed
 
         def pick(key: str, sub: str) -> Any:
             return (s.get(key) or {}).get(sub)
@@ -53,6 +54,7 @@ class SweepStep:
             "itl_p50_ms": pick("itl_ms", "p50"), "itl_p99_ms": pick("itl_ms", "p99"),
             "e2el_p99_ms": pick("e2el_ms", "p99"),
             "schedule_lag_p99_ms": pick("schedule_lag_ms", "p99"),
+            "passed": passed,
         }
 
 
@@ -70,24 +72,7 @@ class SweepResult:
                 "steps": [s.row() for s in self.steps]}
 
     def table(self) -> str:
-        head = (f"{'rate':>9} {'attain %':>9} {'goodput':>9} {'req/s':>9} {'TTFT p99':>10} "
-                f"{'TPOT p99':>9} {'ITL p99':>9} {'lag p99':>8}  verdict")
-        lines = [head, "-" * len(head)]
-        for st in sorted(self.steps, key=lambda s: s.rate):
-            r = st.row()
-
-            def f(v: Any, nd: int = 1) -> str:
-                return "-" if v is None else f"{v:.{nd}f}"
-            verdict = "pass" if st.passed else ("CLIENT BEHIND" if r["fell_behind"] else "miss")
-            lines.append(
-                f"{st.rate:>9.2f} {f((r['slo_attainment'] or 0) * 100, 2):>9} "
-                f"{f(r['goodput'], 2):>9} {f(r['request_throughput'], 2):>9} "
-                f"{f(r['ttft_p99_ms']):>10} {f(r['tpot_p99_ms'], 2):>9} "
-                f"{f(r['itl_p99_ms'], 2):>9} {f(r['schedule_lag_p99_ms'], 2):>8}  {verdict}")
-        target = self.config.get("slo_target", 0.9) * 100
-        best = f"{self.max_rate:.2f} req/s" if self.max_rate is not None else "none"
-        lines.append(f"Highest rate with SLO attainment ≥ {target:g}%: {best}  {self.note}")
-        return "\n".join(lines)
+        return sweep_table(self.to_dict())
 
     def write(self, path: str | Path, step_results: bool = True) -> Path:
         p = Path(path)
@@ -177,3 +162,28 @@ async def sweep(
                 bad = mid
     out.max_rate = good
     return out
+
+
+def sweep_table(data: dict[str, Any]) -> str:
+    """The console table of a sweep (from :meth:`SweepResult.to_dict` or its JSON file)."""
+    head = (f"{'rate':>9} {'attain %':>9} {'goodput':>9} {'req/s':>9} {'TTFT p99':>10} "
+            f"{'TPOT p99':>9} {'ITL p99':>9} {'lag p99':>8}  verdict")
+    lines = [head, "-" * len(head)]
+
+    def f(v: Any, nd: int = 1) -> str:
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    for r in sorted(data.get("steps", []), key=lambda r: r["rate"]):
+        verdict = "pass" if r.get("passed") else (
+            "CLIENT BEHIND" if r.get("fell_behind") else "miss")
+        lines.append(
+            f"{r['rate']:>9.2f} {f((r['slo_attainment'] or 0) * 100, 2):>9} "
+            f"{f(r['goodput'], 2):>9} {f(r['request_throughput'], 2):>9} "
+            f"{f(r['ttft_p99_ms']):>10} {f(r['tpot_p99_ms'], 2):>9} "
+            f"{f(r['itl_p99_ms'], 2):>9} {f(r['schedule_lag_p99_ms'], 2):>8}  {verdict}")
+    target = (data.get("slo_target") or 0.9) * 100
+    best = data.get("max_rate_meeting_slo")
+    best_s = f"{best:.2f} req/s" if best is not None else "none"
+    lines.append(f"Highest rate with SLO attainment ≥ {target:g}%: {best_s}  "
+                 f"{data.get('note', '')}".rstrip())
+    return "\n".join(lines)

@@ -86,6 +86,7 @@ async def test_sweep_finds_highest_passing_rate(fake_server: StartServer,
     assert data["max_rate_meeting_slo"] == 40
     assert [st["rate"] for st in data["steps"]] == [20, 40]
     assert len(data["step_files"]) == 2
+    assert await cli("report", str(out)) == 0
     rc = await cli("sweep", "--url", url, "--rates", "20", "--duration", "0.3",
                    "--slo", "ttft:0.0001", *COMMON)
     assert rc == 1
