@@ -300,17 +300,27 @@ class FastTransport:
 
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
-        if self._addr is None:
+        if self._addr is not None:
+            candidates = [self._addr]
+        else:  # resolve once; keep the first address that accepts (e.g. ::1 vs 127.0.0.1)
             infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            if not infos:
+            candidates = list(dict.fromkeys((int(i[0]), str(i[4][0])) for i in infos))
+            if not candidates:
                 raise OSError(f"cannot resolve {self.host}")
-            fam, _, _, _, sockaddr = infos[0]
-            self._addr = (int(fam), str(sockaddr[0]))
-        family, ip = self._addr
-        async with asyncio.timeout(self.connect_timeout_s):
-            _, conn = await loop.create_connection(
-                _Conn, ip, self.port, family=family, ssl=self.ssl,
-                server_hostname=self.host if self.ssl else None)
+        error: OSError | None = None
+        for family, ip in candidates:
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    _, conn = await loop.create_connection(
+                        _Conn, ip, self.port, family=family, ssl=self.ssl,
+                        server_hostname=self.host if self.ssl else None)
+            except OSError as exc:
+                error = exc
+                continue
+            self._addr = (family, ip)
+            break
+        else:
+            raise error or OSError(f"cannot connect to {self.host}:{self.port}")
         self._all.add(conn)
         return conn
 

@@ -259,3 +259,13 @@ async def test_both_http_clients_agree(scripted) -> None:  # type: ignore[no-unt
     assert (fast.chunk_tokens, fast.output_tokens, fast.prompt_tokens) == (
         aio.chunk_tokens, aio.output_tokens, aio.prompt_tokens)
     assert len(fast.chunk_times) == len(aio.chunk_times) == 2
+
+
+async def test_localhost_name_resolves_to_a_listening_address(scripted) -> None:  # type: ignore[no-untyped-def]
+    """'localhost' may resolve to ::1 first; the transport falls back to 127.0.0.1."""
+    url = await scripted(lambda body: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                         % len(BODY) + BODY)
+    tr = FastTransport(url.replace("127.0.0.1", "localhost"), request_headers())
+    rec = await _send(tr)
+    assert rec.ok, rec.error
+    await tr.aclose()
