@@ -27,6 +27,8 @@ class HealthChecker:
         self.upstream = upstream
         self.config = config
         self._task: asyncio.Task[None] | None = None
+        self.mismatched: set[str] = set()
+        """URLs of backends that serve a different model than the rest."""
 
     def set_backends(self, backends: Iterable[Backend]) -> None:
         self.backends = list(backends)
@@ -54,11 +56,35 @@ class HealthChecker:
             ok = status == 200
         except PdlbError:
             ok = False
+        if ok and backend.models is None:
+            ok = await self._check_models(backend)
         if ok:
             self.report_success(backend)
         else:
             self.report_failure(backend)
         return ok
+
+    async def _check_models(self, backend: Backend) -> bool:
+        """Both pools must serve the same model(s): a decode fed KV computed by another
+        model answers 200 with garbage. The first backend to answer sets the reference; a
+        backend that serves something else never enters rotation (and says why, loudly)."""
+        try:
+            answer = await self.upstream.get_json(backend.url + "/v1/models",
+                                                  timeout_s=self.config.timeout_s)
+            ids = frozenset(m["id"] for m in answer["data"] if isinstance(m.get("id"), str))
+        except (PdlbError, KeyError, TypeError, AttributeError):
+            return True  # a server without /v1/models: nothing to compare, not a failure
+        known = [b.models for b in self.backends if b.models is not None and b is not backend]
+        if known and ids != known[0]:
+            if backend.healthy or backend.consecutive_failures == 0:
+                log.error("%s serves %s but the other backends serve %s: kept out of rotation",
+                          backend, sorted(ids), sorted(known[0]))
+            self.mismatched.add(backend.url)
+            backend.healthy = False
+            return False
+        backend.models = ids
+        self.mismatched.discard(backend.url)
+        return True
 
     def report_success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0

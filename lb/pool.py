@@ -27,8 +27,8 @@ class Backend:
 
     __slots__ = (
         "consecutive_failures", "consecutive_successes", "healthy", "host", "index",
-        "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "pool_name",
-        "tokens_since_scrape", "url",
+        "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "models",
+        "pool_name", "tokens_since_scrape", "url",
     )
 
     def __init__(self, url: str, index: int, pool_name: str, max_inflight_tokens: int | None):
@@ -42,6 +42,8 @@ class Backend:
         self.inflight_tokens = 0
         self.load: ScrapedLoad | None = None
         self.tokens_since_scrape = 0
+        self.models: frozenset[str] | None = None
+        """The model ids it serves (from /v1/models once healthy); None until known."""
         self.consecutive_failures = 0
         self.consecutive_successes = 0
 

@@ -34,6 +34,7 @@ class FakeBehaviour:
     requests: list[dict[str, Any]] = field(default_factory=list)
     aborted: int = 0
     finished: int = 0
+    model: str = "fake"
 
 
 def _usage(b: FakeBehaviour, prompt: int, completion: int, cached: int | None) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def make_fake(role: str, b: FakeBehaviour) -> web.Application:
         return web.Response(text="")
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": b.model, "object": "model"}]})
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)

@@ -328,3 +328,22 @@ async def test_health_503_when_a_pool_is_down(pair, start_pdlb, http):
     async with http.post(url + "/v1/completions", json={"prompt": "x"}) as r:
         assert r.status == 503
         assert (await r.json())["error"]["code"] == "decode_unavailable"
+
+
+async def test_backend_serving_another_model_is_kept_out(start_pdlb, http):
+    """Both pools must serve the same model: a mismatched decode never gets traffic."""
+    p, good, other = FakeBehaviour(), FakeBehaviour(), FakeBehaviour(model="other-model")
+    async with run_app(make_fake("prefill", p)) as pu, run_app(make_fake("decode", good)) as g, \
+            run_app(make_fake("decode", other)) as o:
+        url, app = await start_pdlb(make_config([pu], [g, o], health={"interval_s": 0.05}))
+        for _ in range(100):
+            async with http.get(url + "/health") as r:
+                pools = (await r.json())["pools"]
+            if pools["decode"]["usable_backends"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert pools["decode"]["usable_backends"] == 1
+        for _ in range(6):
+            async with http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as r:
+                assert r.status == 200
+        assert len(other.requests) == 0 and len(good.requests) == 6
