@@ -8,47 +8,29 @@ is ejected between two checks rather than after them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 
 from lb.config import HealthConfig
 from lb.errors import PdlbError
+from lb.poller import BackendPoller
 from lb.pool import Backend
 from lb.upstream import Upstream
 
 log = logging.getLogger("pdlb.health")
 
 
-class HealthChecker:
+class HealthChecker(BackendPoller):
+    name = "pdlb-health"
+
     def __init__(self, backends: Iterable[Backend], upstream: Upstream, config: HealthConfig):
-        self.backends = list(backends)
+        super().__init__(backends, config.interval_s)
         self.upstream = upstream
         self.config = config
-        self._task: asyncio.Task[None] | None = None
         self.mismatched: set[str] = set()
         """URLs of backends that serve a different model than the rest."""
 
-    def set_backends(self, backends: Iterable[Backend]) -> None:
-        self.backends = list(backends)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="pdlb-health")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.gather(*(self.check(b) for b in self.backends))
-            await asyncio.sleep(self.config.interval_s)
-
-    async def check(self, backend: Backend) -> bool:
+    async def visit(self, backend: Backend) -> bool:
         try:
             status, _ = await self.upstream.get_text(
                 backend.url + "/health", timeout_s=self.config.timeout_s

@@ -10,13 +10,12 @@ policies can add what pdlb dispatched since the sample was taken.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
 
 from lb.errors import PdlbError
+from lb.poller import BackendPoller
 from lb.pool import Backend
 from lb.upstream import Upstream
 from policies.base import ScrapedLoad
@@ -56,36 +55,17 @@ def parse_vllm_load(text: str) -> ScrapedLoad:
     return ScrapedLoad(running=totals["running"], waiting=totals["waiting"], kv_usage=kv)
 
 
-class LoadScraper:
+class LoadScraper(BackendPoller):
+    name = "pdlb-scrape"
+
     def __init__(self, backends: Iterable[Backend], upstream: Upstream, interval_s: float,
                  timeout_s: float) -> None:
-        self.backends = list(backends)
+        super().__init__(backends, interval_s)
         self.upstream = upstream
-        self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self._task: asyncio.Task[None] | None = None
         self._taken: dict[int, float] = {}
 
-    def set_backends(self, backends: Iterable[Backend]) -> None:
-        self.backends = list(backends)
-
-    def start(self) -> None:
-        if self.interval_s > 0:
-            self._task = asyncio.create_task(self._run(), name="pdlb-scrape")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.gather(*(self.scrape(b) for b in self.backends))
-            await asyncio.sleep(self.interval_s)
-
-    async def scrape(self, backend: Backend) -> bool:
+    async def visit(self, backend: Backend) -> bool:
         try:
             status, text = await self.upstream.get_text(
                 backend.url + "/metrics", timeout_s=self.timeout_s

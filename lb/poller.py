@@ -1,0 +1,46 @@
+"""A background task that visits every backend on an interval (health checks, load scrapes).
+
+One shape for both pollers: all backends are visited concurrently each round, rounds are
+``interval_s`` apart, the backend list can be swapped by a hot reload, and stopping cancels
+the task and waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+
+from lb.pool import Backend
+
+
+class BackendPoller:
+    name = "pdlb-poller"
+
+    def __init__(self, backends: Iterable[Backend], interval_s: float) -> None:
+        self.backends = list(backends)
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def visit(self, backend: Backend) -> bool:
+        raise NotImplementedError
+
+    def set_backends(self, backends: Iterable[Backend]) -> None:
+        self.backends = list(backends)
+
+    def start(self) -> None:
+        """Start polling (an interval of 0 or less turns polling off)."""
+        if self.interval_s > 0:
+            self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self.visit(b) for b in self.backends))
+            await asyncio.sleep(self.interval_s)
