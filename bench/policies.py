@@ -12,7 +12,10 @@ by many questions, Poisson arrivals). While it runs, pdlb's ``/metrics`` is samp
 * TTFT p50 / p99 (loadgen, vLLM ``bench serve`` definitions);
 * load imbalance: max / mean of ``pdlb_backend_inflight_tokens`` across a pool's backends,
   as Σ max / Σ mean over the samples (1.00 = perfectly even; 4.00 = all on one of four),
-  prefill and decode.
+  prefill and decode;
+* the load generator's p99 schedule lag: above a few ms the machine was starved of CPU
+  during that run (other work on it), and its latencies say more about that than about the
+  policy — rerun it.
 
 The prefix working set (groups × prefix tokens) is made larger than one prefill server's
 KV cache but smaller than the four together: the case where routing decides whether the
@@ -201,6 +204,7 @@ async def _one_policy(args: argparse.Namespace, policy: str, prefill: Sequence[s
         "imbalance_prefill": sampler.imbalance("prefill"),
         "imbalance_decode": sampler.imbalance("decode"),
         "throughput": summary.get("request_throughput"),
+        "lag_p99": (summary.get("schedule_lag_ms") or {}).get("p99"),
     }
 
 
@@ -210,14 +214,16 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 
     lines = [
         "| prefill policy | done/failed | req/s | prefix-cache hit rate | TTFT p50 ms "
-        "| TTFT p99 ms | imbalance prefill (max/mean) | imbalance decode |",
-        "|---|---|---|---|---|---|---|---|",
+        "| TTFT p99 ms | imbalance prefill (max/mean) | imbalance decode "
+        "| loadgen lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['policy']} | {r['completed']}/{r['failed']} | {r['throughput'] or 0:.1f} "
             f"| {r['hit_rate']:.1%} | {ms(r['ttft_p50'])} | {ms(r['ttft_p99'])} "
-            f"| {r['imbalance_prefill']:.2f} | {r['imbalance_decode']:.2f} |"
+            f"| {r['imbalance_prefill']:.2f} | {r['imbalance_decode']:.2f} "
+            f"| {r['lag_p99'] or 0:.1f} |"
         )
     return "\n".join(lines)
 
