@@ -5,7 +5,8 @@ vLLM routes: POST /v1/completions, POST /v1/chat/completions (one handler, see
 POST /detokenize, GET /version, GET /load.
 
 Admin routes (not in vLLM): GET|POST /_emulator/faults, POST /_emulator/reset,
-GET /_emulator/state, and the KV side channel POST /_emulator/kv/pull|release.
+GET /_emulator/state, and the KV side channel POST /_emulator/kv/pull|await|release.
+With ``kv_connector = "mooncake"`` the server is also its own bootstrap server: GET /query.
 
 Client disconnects are noticed through handler cancellation (``EmulatorServer`` runs the
 app with ``handler_cancellation=True``; so does aiohttp's test server) or a failed write,
@@ -29,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from emulator.config import EmulatorConfig
+from emulator.connectors import query_answer
 from emulator.engine import Engine, Sequence
 from emulator.faults import FaultError, Faults
 from emulator.kv import KvPuller
@@ -87,7 +89,10 @@ def create_app(config: EmulatorConfig) -> web.Application:
     app.router.add_post("/_emulator/reset", _reset)
     app.router.add_get("/_emulator/state", _state)
     app.router.add_post("/_emulator/kv/pull", _kv_pull)
+    app.router.add_post("/_emulator/kv/await", _kv_await)
     app.router.add_post("/_emulator/kv/release", _kv_release)
+    if config.kv_connector == "mooncake":
+        app.router.add_get("/query", _mooncake_query)
     return app
 
 
@@ -195,6 +200,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     header_id = request.headers.get("X-Request-Id")
     try:
         req = parse_request(kind, body, header_id, app[TOKENIZER], config)
+        req.dp_rank = _dp_rank(request, config)
     except APIError as exc:
         return _error(exc)
     if faults.roll_failure(engine.rng):
@@ -230,6 +236,22 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         seq.kv_transfer_params,
     )
     return _json(payload, headers=headers)
+
+
+def _dp_rank(request: web.Request, config: EmulatorConfig) -> int:
+    """X-data-parallel-rank, checked like vLLM's AsyncLLM (out of range: 400)."""
+    raw = request.headers.get("X-data-parallel-rank")
+    if raw is None:
+        return 0
+    try:
+        rank = int(raw)
+    except ValueError:
+        rank = -1
+    if not 0 <= rank < config.data_parallel_size:
+        raise APIError(400, "BadRequestError",
+                       f"data_parallel_rank {raw} is out of range "
+                       f"[0, {config.data_parallel_size}).", None)
+    return rank
 
 
 def _details(engine: Engine, req: GenRequest, seq: Sequence) -> dict[str, Any] | None:
@@ -431,12 +453,14 @@ def state_of(app: web.Application) -> dict[str, Any]:
     recent = app[RECENT]
     return {
         "role": config.role,
+        "kv_connector": config.kv_connector,
         "model": config.model,
         "engine_id": engine.engine_id,
         "advertised_port": engine.advertised_port,
         "running": engine.num_running,
         "waiting": engine.num_waiting,
         "kv_held": len(engine.holds),
+        "kv_awaiting": engine.holds.waiting,
         "kv_holds_expired": engine.holds.expired_total,
         "kv_holds_released": engine.holds.released_total,
         "kv_holds_pulled": engine.holds.pulled_total,
@@ -465,12 +489,38 @@ async def _kv_pull(request: web.Request) -> web.Response:
     return _json({"status": status, "num_tokens": tokens}, code)
 
 
+async def _kv_await(request: web.Request) -> web.Response:
+    """A decode takes the hold ``key``, waiting up to ``wait_s`` for it to be staged (the
+    emulated push / bootstrap-room / P2P transfer)."""
+    engine = request.app[ENGINE]
+    try:
+        body = await _read_json(request, vllm_route=False)
+        key = str(body["key"])
+        engine_id = body.get("engine_id")
+        prompt_hash = int(body["prompt_hash"])
+        wait_s = float(body.get("wait_s", 0.0))
+    except (APIError, KeyError, TypeError, ValueError):
+        return _json({"status": "bad_request"}, 400)
+    status, tokens = await engine.holds.wait_take(
+        key, None if engine_id is None else str(engine_id), prompt_hash, max(wait_s, 0.0))
+    code = 200 if status == "ok" else 409 if status.endswith("mismatch") else 404
+    return _json({"status": status, "num_tokens": tokens}, code)
+
+
 async def _kv_release(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
         body = await _read_json(request, vllm_route=False)
         request_id = str(body["remote_request_id"])
+        before_arrival = bool(body.get("before_arrival", False))
     except (APIError, KeyError, TypeError):
         return _json({"status": "bad_request"}, 400)
-    released = engine.holds.release(request_id)
+    released = engine.holds.release(request_id, before_arrival=before_arrival)
     return _json({"status": "released" if released else "unknown"})
+
+
+async def _mooncake_query(request: web.Request) -> web.Response:
+    """vLLM's MooncakeBootstrapServer GET /query: DP rank → engine id and worker address."""
+    engine = request.app[ENGINE]
+    _note_port(request, engine)
+    return _json(query_answer(engine))

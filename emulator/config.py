@@ -18,6 +18,7 @@ from typing import Any
 
 ROLES = ("prefill", "decode", "both")
 KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")
+KV_CONNECTORS = ("nixl", "nixl_push", "mooncake", "p2p_nccl", "sglang", "shared_storage")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -63,7 +64,37 @@ class EmulatorConfig:
         "Chance (deterministic per seed/prompt/position) that a generated token is EOS. "
         "0 means every request runs to max_tokens unless a stop condition hits.",
     )
-    # --- KV transfer (NixlConnector emulation) ----------------------------------------
+    # --- KV transfer (connector emulation; docs/emulator.md, docs/connectors.md) -------
+    kv_connector: str = _f(
+        "nixl",
+        "Which KV-transfer connector prefill/decode roles emulate: nixl (NixlConnector pull), "
+        "nixl_push (NixlPushConnector: transfer_id, decode waits for the push), mooncake "
+        "(transfer_id, bootstrap GET /query on this server), p2p_nccl (addresses in "
+        "X-Request-Id), sglang (bootstrap_host/port/room in the body; this server is the "
+        "bootstrap server), shared_storage (ExampleConnector/LMCache: KV files in "
+        "shared_storage_path keyed by the prompt).",
+        KV_CONNECTORS,
+    )
+    kv_wait_timeout_s: float = _f(
+        60.0,
+        "nixl_push, mooncake, p2p_nccl, sglang: how long (model seconds) a decode waits for "
+        "the prefill's KV to arrive before kv_load_failure_policy applies.",
+    )
+    data_parallel_size: int = _f(
+        1,
+        "Data-parallel ranks this server pretends to have: X-data-parallel-rank must be "
+        "below it, and each rank has its own engine id (<engine_id>_dp<rank> when > 1), "
+        "listed by mooncake's GET /query.",
+    )
+    shared_storage_path: str | None = _f(
+        None, "shared_storage: the folder both engines share (required in that mode)."
+    )
+    request_id_randomization: bool = _f(
+        False,
+        "p2p_nccl: key the KV by the engine's internal request id, which vLLM >= #27987 "
+        "suffixes randomly per engine (so prefill and decode never match) — unless "
+        "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1, which False stands for.",
+    )
     side_channel_host: str = _f(
         "localhost",
         "Advertised as remote_host in kv_transfer_params (VLLM_NIXL_SIDE_CHANNEL_HOST).",
@@ -152,6 +183,12 @@ class EmulatorConfig:
 
         if self.role not in ROLES:
             raise bad("role", f"must be one of {', '.join(ROLES)}")
+        if self.kv_connector not in KV_CONNECTORS:
+            raise bad("kv_connector", f"must be one of {', '.join(KV_CONNECTORS)}")
+        if self.kv_connector == "shared_storage" and not self.shared_storage_path:
+            raise bad("shared_storage_path", "kv_connector shared_storage needs a folder")
+        if self.data_parallel_size < 1:
+            raise bad("data_parallel_size", "must be at least 1")
         if self.kv_load_failure_policy not in KV_LOAD_FAILURE_POLICIES:
             raise bad("kv_load_failure_policy", "must be fail or recompute")
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
@@ -165,7 +202,7 @@ class EmulatorConfig:
                 raise bad(name, "must be positive")
         for name in ("step_base_ms", "decode_per_seq_ms", "decode_per_kv_token_us",
                      "kv_transfer_latency_ms", "kv_lease_s", "kv_pull_timeout_s",
-                     "extra_latency_ms"):
+                     "kv_wait_timeout_s", "extra_latency_ms"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
         for name in ("fail_rate", "eos_probability"):

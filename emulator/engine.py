@@ -36,16 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emulator.config import EmulatorConfig
+from emulator.connectors import KvSource, KvStore, Produce, Staged, make_kv_mode
 from emulator.faults import Faults
-from emulator.kv import (
-    HoldRegistry,
-    KvHold,
-    KvPuller,
-    RemoteKv,
-    block_count,
-    parse_remote_params,
-    transfer_time_s,
-)
+from emulator.kv import HoldRegistry, KvHold, KvPuller, block_count, transfer_time_s
 from emulator.metrics import EngineMetrics
 from emulator.prefix_cache import PrefixCache, block_hashes
 from emulator.protocol import GenRequest
@@ -85,8 +78,8 @@ class Sequence:
     external: int = 0
     cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
     created_cache_tokens: int = 0
-    remote: RemoteKv | None = None  # do_remote_prefill params to pull
-    produce_kv: bool = False  # do_remote_decode: hold KV for a decode at the end
+    remote: KvSource | None = None  # where the prompt's KV comes from (a remote prefill)
+    produce: Produce | None = None  # stage the KV for a decode when finished
     kv_ready: bool = False  # KV arrived (or pull gave up): schedulable again
     pull_task: asyncio.Task[None] | None = None
     pull_answered: bool = False
@@ -137,6 +130,9 @@ class EngineCounters:
     kv_recomputed_by_reason: dict[str, int] = field(default_factory=dict)
     kv_pull_failed: int = 0
     kv_held_total: int = 0
+    kv_storage_writes: int = 0
+    kv_storage_hits: int = 0
+    kv_storage_misses: int = 0
     preemptions: int = 0
     steps: int = 0
     model_time_s: float = 0.0
@@ -180,6 +176,7 @@ class Engine:
         self._seed_key = mix64(config.seed & _MASK64)
         self._eos_threshold = int(config.eos_probability * (1 << 64))
         self.rng = random.Random(config.seed)
+        self.kv_mode = make_kv_mode(self)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -218,14 +215,12 @@ class Engine:
         key = mix64(self._seed_key ^ prompt_digest(prompt))
         seq = Sequence(req=req, prompt_len=len(prompt), key=key, stream=req.stream,
                        arrival=loop.time())
-        params = req.kv_transfer_params
-        if self.connector and params:
-            if params.get("do_remote_decode"):
-                seq.produce_kv = True
-            elif params.get("do_remote_prefill"):
-                seq.remote = parse_remote_params(params)
-                if seq.remote is None:
-                    self._count_recompute("invalid_params")
+        if self.connector:
+            plan = self.kv_mode.plan(req)
+            seq.produce = plan.produce
+            seq.remote = plan.consume
+            if plan.invalid is not None:
+                self._count_recompute(plan.invalid)
         self.waiting.append(seq)
         self._wake.set()
         return seq
@@ -400,7 +395,7 @@ class Engine:
         pos = len(seq.output)
         h = mix64((seq.key + pos) & _MASK64)
         eos = False
-        if (pos == 0 and seq.produce_kv and self.faults.stop_after_first_token) or (
+        if (pos == 0 and seq.produce is not None and self.faults.stop_after_first_token) or (
             self._eos_threshold
             and not req.ignore_eos
             and pos >= req.min_tokens
@@ -467,14 +462,18 @@ class Engine:
 
     async def _pull(self, seq: Sequence) -> None:
         remote = seq.remote
-        puller = self.puller
-        if remote is None or puller is None:
-            raise RuntimeError("a pull needs remote params and a KV client")
+        if remote is None:
+            raise RuntimeError("a pull needs a KV source")
         cfg = self.config
         loop = asyncio.get_running_loop()
         started = loop.time()
-        outcome = await puller.pull(remote, prompt_digest(seq.req.prompt_ids))
+        outcome = await remote.fetch(prompt_digest(seq.req.prompt_ids))
         seq.pull_answered = True
+        if remote.storage:
+            if outcome.status == "ok":
+                self.counters.kv_storage_hits += 1
+            else:
+                self.counters.kv_storage_misses += 1
         to_load = seq.prompt_len - seq.local_hit
         if outcome.status == "ok":
             xfer = transfer_time_s(to_load, cfg.kv_bytes_per_token, cfg.kv_transfer_latency_ms,
@@ -486,12 +485,15 @@ class Engine:
             seq.external = to_load
             self._count_source("external_kv_transfer", to_load)
             seq.num_computed = seq.prompt_len - 1  # the last prompt token is recomputed
-        elif outcome.status == "unreachable" and cfg.kv_load_failure_policy == "fail":
-            wait = cfg.kv_pull_timeout_s / self._scale - (loop.time() - started)
-            if wait > 0:
-                await asyncio.sleep(wait)
+        elif (outcome.status in ("unreachable", "timeout")
+              and cfg.kv_load_failure_policy == "fail"):
+            if outcome.status == "unreachable":
+                wait = cfg.kv_pull_timeout_s / self._scale - (loop.time() - started)
+                if wait > 0:
+                    await asyncio.sleep(wait)
             self.counters.kv_pull_failed += 1
-            log.warning("KV pull from %s failed: %s", remote.base_url, outcome.detail)
+            log.warning("KV transfer from %s failed: %s %s", remote.where, outcome.status,
+                        outcome.detail)
             seq.pull_task = None  # finishing from inside the task: do not cancel it
             self._finish(seq, "error", error="Internal server error")
             return
@@ -535,12 +537,12 @@ class Engine:
         seq.phase = Phase.FINISHED
         seq.finish_reason = reason
         seq.error = error
-        if (reason == "abort" and seq.remote is not None and not seq.pull_answered
-                and self.puller is not None):
-            self.puller.release(seq.remote)  # vLLM tells the prefill to free its blocks
+        if reason == "abort" and seq.remote is not None and not seq.pull_answered:
+            seq.remote.release()  # vLLM tells the prefill to free its blocks
         blocks, seq.blocks = seq.blocks, 0
-        params = self._maybe_hold(seq, blocks) if reason in ("length", "stop") else None
-        if params is None:
+        held, params = (self._maybe_hold(seq, blocks) if reason in ("length", "stop")
+                        else (False, None))
+        if not held:
             self.used_blocks -= blocks
         seq.kv_transfer_params = params
         if reason != "abort" and error is None:
@@ -566,42 +568,40 @@ class Engine:
                 cached = remote_cached  # vLLM 0.31+: the prefill's count, unchecked
         seq.cached_tokens = cached
 
-    def _maybe_hold(self, seq: Sequence, blocks: int) -> dict[str, Any] | None:
-        """NixlConnector.request_finished on the prefill: hold the KV, build the params."""
-        if not seq.produce_kv or blocks == 0:
-            return None
+    def _maybe_hold(self, seq: Sequence, blocks: int) -> tuple[bool, dict[str, Any] | None]:
+        """The connector's request_finished on the prefill: stage the KV for a decode (hold
+        the blocks, or write the shared store) and build the answer's params.
+        Returns (blocks still held, kv_transfer_params)."""
+        produce = seq.produce
+        if produce is None or blocks == 0:
+            return False, None
         if self.faults.omit_kv_params:
-            return None
+            return False, None
         if self.faults.stop_after_first_token and seq.finish_reason == "stop":
-            return None
+            return False, None
         num_tokens = seq.num_computed
+        if produce.store:
+            if isinstance(self.kv_mode, KvStore):
+                self.kv_mode.write(produce.key, num_tokens)
+                self.counters.kv_storage_writes += 1
+            return False, None
         lease = self.config.kv_lease_s / self._scale
-        self.holds.add(
-            KvHold(request_id=seq.req.engine_request_id, engine_id=self.engine_id,
+        held = self.holds.add(
+            KvHold(request_id=produce.key, engine_id=produce.engine_id,
                    prompt_hash=prompt_digest(seq.req.prompt_ids), num_tokens=num_tokens,
                    blocks=blocks),
             lease,
         )
+        if not held:
+            return False, None  # the decode gave up already: the blocks were freed
         self.counters.kv_held_total += 1
         first = self._next_block_id
         n_ids = block_count(num_tokens, self.config.block_size)
         self._next_block_id = (first + n_ids) % max(self.total_blocks, 2) or 1
-        return {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_block_ids": [list(range(first, first + n_ids))],
-            "remote_engine_id": self.engine_id,
-            "remote_request_id": seq.req.engine_request_id,
-            "remote_host": self.config.side_channel_host,
-            "remote_port": self.advertised_port,
-            "tp_size": 1,
-            "dcp_size": 1,
-            "pp_size": 1,
-            "remote_num_tokens": num_tokens,
-            "remote_blocks_expiry_time": None,
-            "transfer_mode": "pull",
-            "remote_prefill_cached_tokens": seq.local_hit + seq.external,
-        }
+        return True, self.kv_mode.response_params(Staged(
+            key=produce.key, engine_id=produce.engine_id, request_id=seq.req.engine_request_id,
+            block_ids=list(range(first, first + n_ids)), num_tokens=num_tokens,
+            cached_tokens=seq.local_hit + seq.external))
 
     # --- views ---------------------------------------------------------------------------
 

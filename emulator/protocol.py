@@ -193,6 +193,12 @@ class GenRequest:
     response_id: str = ""
     engine_request_id: str = ""
     fingerprint: str | None = None
+    header_request_id: str | None = None
+    """The X-Request-Id header (P2pNcclConnector reads addresses out of it)."""
+    dp_rank: int = 0
+    """X-data-parallel-rank (set by the HTTP layer)."""
+    bootstrap: dict[str, Any] | None = None
+    """SGLang's bootstrap_host / bootstrap_port / bootstrap_room, when the body has them."""
 
 
 def parse_request(
@@ -236,6 +242,8 @@ def parse_request(
     temperature = _get_float(body, "temperature")
     top_p = _get_float(body, "top_p")
     body_request_id = _get_str(body, "request_id")
+    bootstrap = {k: body[k] for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room")
+                 if body.get(k) is not None} or None
 
     echo_text: str | None = None
     if kind == "completion":
@@ -345,6 +353,8 @@ def parse_request(
         response_id=response_id,
         engine_request_id=engine_request_id,
         fingerprint=system_fingerprint(config),
+        header_request_id=header_request_id,
+        bootstrap=bootstrap,
     )
 
 

@@ -19,6 +19,7 @@ from lb.admin import Reloader, admin_routes, apply_reload, state
 from lb.admission import Admission
 from lb.auth import client_auth_middleware
 from lb.config import Config
+from lb.connectors.base import ConnectorStartup
 from lb.connectors.registry import build_connector
 from lb.errors import ConfigError, InvalidRequest, NotFound, PayloadTooLarge, PdlbError
 from lb.health import HealthChecker
@@ -183,7 +184,9 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
             raise ConfigError(f"{config.source}: {exc}") from None
         pools[name] = Pool(pool_config, policy, metrics)
     connector = build_connector(config.kv_transfer.connector, config.kv_transfer.options,
-                                config.source)
+                                config.source,
+                                prefill=[b.url for b in config.prefill.backends],
+                                decode=[b.url for b in config.decode.backends])
     upstream = Upstream(config.server.timeouts)
     tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
     admission = Admission(config.pools, metrics)
@@ -232,6 +235,17 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
+        if isinstance(connector, ConnectorStartup):
+            try:
+                await connector.start(
+                    pools["prefill"].backends, pools["decode"].backends,
+                    lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
+            except BaseException as exc:
+                await upstream.close()
+                if isinstance(exc, ConfigError):
+                    log.error("start-up check of connector %r failed: %s",
+                              config.kv_transfer.connector, exc)
+                raise
         checker.start()
         scraper.start()
         yield

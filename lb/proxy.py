@@ -191,7 +191,8 @@ class Proxy:
                                                    tried)
             tried.append(backend)
             body = dumps(self.connector.decode_body(request, dispatch, prefill))
-            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id)
+            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id,
+                                        dispatch.decode_headers)
             try:
                 return await self._decode_once(http, request, _for_leg(route, "decode"),
                                                backend, body, headers, prefill, started)
@@ -223,11 +224,13 @@ class Proxy:
             dispatch = self.connector.new_dispatch(request, prefill_backend, decode_backend)
             prefill_task = asyncio.create_task(self._prefill_once(
                 request, route, dispatch,
-                self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id)))
+                self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id,
+                                  dispatch.prefill_headers)))
             prefill_task.add_done_callback(lambda _: ticket.release("prefill"))
             pending = _PendingPrefill(prefill_task, self.timeouts.prefill_s)
             body = dumps(self.connector.decode_body(request, dispatch, None))
-            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id)
+            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id,
+                                        dispatch.decode_headers)
             decode_task = asyncio.create_task(self._decode_once(
                 http, request, decode_route, decode_backend, body, headers, None, started,
                 pending))
@@ -301,7 +304,8 @@ class Proxy:
                 raise
             tried.append(backend)
             dispatch = self.connector.new_dispatch(request, backend, decode_backend)
-            headers = self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id)
+            headers = self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id,
+                                        dispatch.prefill_headers)
             try:
                 result = await self._prefill_once(request, route, dispatch, headers)
                 return result, dispatch
@@ -508,13 +512,18 @@ class Proxy:
         return pool.pick(route)
 
     def _leg_headers(
-        self, pool: Pool, client: Mapping[str, str], request_id: str
+        self, pool: Pool, client: Mapping[str, str], request_id: str,
+        extra: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         for name in FORWARDED_HEADERS:
             value = client.get(name)
             if value is not None:
                 headers[name] = value
+        for name, value in (extra or {}).items():  # the connector's, over same-named ones
+            for old in [k for k in headers if k.lower() == name.lower()]:
+                del headers[old]
+            headers[name] = value
         if self.config.auth.forward_client_authorization and "authorization" in client:
             headers["Authorization"] = client["authorization"]
         elif pool.config.api_key:

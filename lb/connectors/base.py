@@ -12,14 +12,24 @@ differs between KV-transfer mechanisms:
   becomes a metric label and the client gets a clean 502);
 * ``decode_body`` — the decode leg's body: the client's original body plus the handshake.
 
+Headers: a dispatch may carry extra headers per leg (``Dispatch.prefill_headers`` /
+``decode_headers``, e.g. Mooncake's ``X-data-parallel-rank`` on the prefill leg); they are
+added to the headers pdlb sends anyway (Content-Type, X-Request-Id = ``Dispatch.request_id``,
+Authorization, forwarded trace and DP-rank headers) and win over a client's header of the
+same name.
+
 Sequential connectors (NixlConnector pull mode, LMCache, shared storage, P2P NCCL) start the
 decode leg after the prefill answered; concurrent ones (NixlPush, Mooncake, SGLang) send both
 legs at once and the proxy cancels the other leg when one fails. Connectors are built at
-start-up from ``[kv_transfer]``; options are checked there, never per request.
+start-up from ``[kv_transfer]``; options are checked there, never per request. Two optional
+hooks, each its own Protocol: :class:`ConnectorBackendCheck` (static, at build time, given
+the pools' URLs: every backend has the options it needs) and :class:`ConnectorStartup`
+(network checks once the HTTP session exists: bootstrap servers reachable, discovery).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -94,6 +104,10 @@ class Dispatch:
     decode: Backend | None
     """Known up front for concurrent and ``decode_first`` connectors; else None."""
     state: Mapping[str, Any] = field(default_factory=dict)
+    prefill_headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra headers of the prefill leg (they override same-named client headers)."""
+    decode_headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra headers of the decode leg."""
 
 
 class Connector(Protocol):
@@ -128,6 +142,14 @@ class Connector(Protocol):
 
 
 @runtime_checkable
+class ConnectorBackendCheck(Protocol):
+    """Optional: a static check of the pools, run when the connector is built (no network).
+    Raise ConnectorOptionError naming the backend and the key it lacks."""
+
+    def check_backends(self, prefill: Sequence[str], decode: Sequence[str]) -> None: ...
+
+
+@runtime_checkable
 class ConnectorStartup(Protocol):
     """Optional: checks that need the network, run once at start-up (e.g. a bootstrap
     server's /query). Raise lb.errors.ConfigError with a message naming the backend."""
@@ -138,6 +160,19 @@ class ConnectorStartup(Protocol):
 
 def plain_dispatch(request: ProxyRequest, prefill: Backend, decode: Backend | None) -> Dispatch:
     return Dispatch(request_id=request.request_id, prefill=prefill, decode=decode)
+
+
+def new_transfer_id() -> str:
+    """A fresh ``xfer-<32 hex>`` id (NixlPush, Mooncake): one per dispatch, never reused."""
+    return f"xfer-{uuid.uuid4().hex}"
+
+
+def prefill_result(response: Mapping[str, Any], handoff: Mapping[str, Any] | None = None
+                   ) -> PrefillResult:
+    """The usage figures of a prefill answer, with an optional handoff."""
+    usage, prompt_tokens, cached = usage_of(response)
+    return PrefillResult(handoff=handoff, usage=usage, prompt_tokens=prompt_tokens,
+                         cached_tokens=cached)
 
 
 class ConnectorOptionError(ValueError):
