@@ -126,5 +126,5 @@ def test_hf_tokenizer_file_counts_exactly(tmp_path):
 def test_hf_tokenizer_bad_path_is_a_config_error(tmp_path):
     from lb.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="tokenizer.path"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.path"):
         make_counter(TokenizerConfig(kind="hf", path=str(tmp_path / "missing.json")))
