@@ -211,24 +211,25 @@ class _Run:
         await self._drain(tasks)
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Wait for ``tasks``; when the run is stopped, give them 2 s, then cancel them.
+        A bug inside a task (not a failed request: those are records) is re-raised."""
         if not tasks:
             return
+        tasks = set(tasks)
+        everything: asyncio.Future[list[Any]] = asyncio.gather(*tasks, return_exceptions=True)
         stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
         try:
-            pending: set[asyncio.Future[Any]] = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending | {stop},
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                pending.discard(stop)
-                if stop in done:
-                    break
-            if pending:  # interrupted: give in-flight requests a moment, then cancel
-                _, still = await asyncio.wait(pending, timeout=2.0)
-                for t in still:
+            await asyncio.wait({everything, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not everything.done():  # interrupted
+                await asyncio.wait({everything}, timeout=2.0)
+                for t in tasks:
                     t.cancel()
-                await asyncio.gather(*still, return_exceptions=True)
+            results = await everything
         finally:
             stop.cancel()
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
 
 
 def _slice(total: int | None, worker: int, n_workers: int) -> Iterator[int]:
