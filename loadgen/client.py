@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -127,20 +128,28 @@ class Sender:
             body["prompt"] = flatten_messages(t.messages or ())
         return orjson.dumps(body)
 
-    async def send(self, body: bytes, rec: Record, want_text: bool = False) -> str:
-        """POST ``body``, stream the answer into ``rec``; returns the text if ``want_text``.
-
-        ``rec.sent`` is stamped first, synchronously (before the first suspension), so TTFT
-        runs from the real send and includes any connection set-up. Never raises for a
-        failed request (the record says why), except on cancellation.
-        """
+    def start(self, body: bytes, rec: Record, want_text: bool = False) -> Started:
+        """Stamp ``rec.sent`` and hand the request to the transport, without yielding (the
+        fast transport writes it at once on an idle pooled connection)."""
         t_send = perf_counter()
         rec.sent = t_send - self.t0
         state = StreamState(self.chat, t_send, want_text)
+        try:
+            pending: Any = self.transport.start(body, state.feed)
+        except (OSError, ValueError) as exc:
+            pending = exc
+        return Started(rec, state, pending)
+
+    async def finish(self, started: Started) -> str:
+        """Wait for the answer of a started request; fill its record; the text if wanted.
+        Never raises for a failed request (the record says why), except on cancellation."""
+        rec, state = started.rec, started.state
         text = ""
         try:
+            if isinstance(started.pending, BaseException):
+                raise started.pending
             async with asyncio.timeout(self.timeout_s):
-                status, err = await self.transport.stream(body, state.feed)
+                status, err = await self.transport.wait(started.pending)
             rec.status = status
             if status != 200:
                 rec.error = f"HTTP {status}: {err.decode('utf-8', 'replace').strip()}"
@@ -154,8 +163,22 @@ class Sender:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             rec.error = f"{type(exc).__name__}: {exc}"
         finally:
-            rec.finished = perf_counter() - t_send
+            rec.finished = perf_counter() - state.t_send
         return text
+
+    async def send(self, body: bytes, rec: Record, want_text: bool = False) -> str:
+        """POST ``body`` and stream the answer into ``rec`` (TTFT runs from the send,
+        connection set-up included)."""
+        return await self.finish(self.start(body, rec, want_text))
+
+
+@dataclass(slots=True)
+class Started:
+    """A request handed to the transport, its record and its stream's parser."""
+
+    rec: Record
+    state: StreamState
+    pending: Any
 
 
 async def first_model(session: aiohttp.ClientSession, base_url: str,

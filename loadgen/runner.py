@@ -27,6 +27,7 @@ import aiohttp
 from loadgen.client import (
     LoadgenError,
     Sender,
+    Started,
     first_model,
     make_session,
     make_transport,
@@ -137,9 +138,32 @@ class _Run:
     def _accepting(self) -> bool:
         return not self.stopping.is_set() and perf_counter() < self.stop_at
 
-    async def run_item(self, item: Item, scheduled: float, body: bytes) -> None:
+    def _record(self, item: Item, k: int, scheduled: float) -> Record:
+        turn = item.turns[k]
+        rec = Record(
+            index=item.index * self.turns_max + k, scheduled=scheduled, worker=self.worker,
+            session=item.index if len(item.turns) > 1 else None, turn=k, group=item.group,
+            expected_input_len=turn.input_len, max_tokens=turn.max_tokens,
+        )
+        self.records.append(rec)
+        return rec
+
+    def _start(self, body: bytes, rec: Record, want_text: bool) -> Started:
+        self.counters.sent += 1
+        return self.sender.start(body, rec, want_text)
+
+    async def _finish(self, started: Started) -> str:
+        try:
+            return await self.sender.finish(started)
+        finally:
+            rec = started.rec
+            self.counters.on_done(perf_counter() - self.t0, rec.ok, rec.ttft, rec.schedule_lag)
+
+    async def run_item(self, item: Item, scheduled: float, body: bytes,
+                       started: Started | None = None) -> None:
+        """Send the item's turns; ``started``: turn 0 was already sent by the dispatcher."""
         history: list[tuple[str, str]] = []
-        multi = len(item.turns) > 1
+        last = len(item.turns) - 1
         for k, turn in enumerate(item.turns):
             if k > 0:
                 if self.config.think_time_s:
@@ -148,31 +172,21 @@ class _Run:
                     return
                 scheduled = perf_counter() - self.t0
                 body = self.sender.body(item, k, history)
-            rec = Record(
-                index=item.index * self.turns_max + k, scheduled=scheduled, worker=self.worker,
-                session=item.index if multi else None, turn=k, group=item.group,
-                expected_input_len=turn.input_len, max_tokens=turn.max_tokens,
-            )
-            self.records.append(rec)
-            if self.sem is not None:
-                t_wait = perf_counter()
-                async with self.sem:
-                    rec.queue_wait = perf_counter() - t_wait
-                    text = await self._send(body, rec, multi and k + 1 < len(item.turns))
+            if k == 0 and started is not None:
+                rec = started.rec
+                text = await self._finish(started)
             else:
-                text = await self._send(body, rec, multi and k + 1 < len(item.turns))
+                rec = self._record(item, k, scheduled)
+                if self.sem is not None:
+                    t_wait = perf_counter()
+                    async with self.sem:
+                        rec.queue_wait = perf_counter() - t_wait
+                        text = await self._finish(self._start(body, rec, k < last))
+                else:
+                    text = await self._finish(self._start(body, rec, k < last))
             if not rec.ok:
                 return
             history.append((turn.text or "", text))
-
-    async def _send(self, body: bytes, rec: Record, want_text: bool) -> str:
-        # Sender.send stamps rec.sent synchronously, before its first suspension.
-        self.counters.sent += 1
-        try:
-            return await self.sender.send(body, rec, want_text)
-        finally:
-            lag = rec.schedule_lag
-            self.counters.on_done(perf_counter() - self.t0, rec.ok, rec.ttft, lag)
 
     async def open_loop(self, indices: list[int], offsets: list[float]) -> None:
         loop = asyncio.get_running_loop()
@@ -191,7 +205,10 @@ class _Run:
                 await asyncio.sleep(delay)
             if self.stopping.is_set():
                 break
-            task = loop.create_task(self.run_item(item, off, body))
+            started = None
+            if self.sem is None:  # send right here, not when the task first runs
+                started = self._start(body, self._record(item, 0, off), len(item.turns) > 1)
+            task = loop.create_task(self.run_item(item, off, body, started))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await self._drain(tasks)

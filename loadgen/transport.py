@@ -24,7 +24,7 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -39,6 +39,13 @@ class ProtocolError(ValueError):
 
 
 class Transport(Protocol):
+    """``start`` hands a request over (it may already write it); ``wait`` returns the
+    answer's status and error body; ``stream`` is both."""
+
+    def start(self, body: bytes, on_data: OnData) -> Any: ...
+
+    async def wait(self, pending: Any) -> tuple[int, bytes]: ...
+
     async def stream(self, body: bytes, on_data: OnData) -> tuple[int, bytes]: ...
 
     async def aclose(self) -> None: ...
@@ -52,6 +59,12 @@ class AiohttpTransport:
         self.session = session
         self.url = url
         self.headers = dict(headers)
+
+    def start(self, body: bytes, on_data: OnData) -> tuple[bytes, OnData]:
+        return body, on_data  # aiohttp cannot write without yielding: all in wait()
+
+    async def wait(self, pending: tuple[bytes, OnData]) -> tuple[int, bytes]:
+        return await self.stream(*pending)
 
     async def stream(self, body: bytes, on_data: OnData) -> tuple[int, bytes]:
         async with self.session.post(self.url, data=body, headers=self.headers) as resp:
@@ -273,6 +286,19 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
+class Pending:
+    """A request handed to the fast transport: written (``conn`` set) or not yet."""
+
+    __slots__ = ("conn", "exchange", "on_data", "request", "reused")
+
+    def __init__(self, request: bytes, on_data: OnData) -> None:
+        self.request = request
+        self.on_data = on_data
+        self.conn: _Conn | None = None
+        self.exchange: _Exchange | None = None
+        self.reused = False
+
+
 class FastTransport:
     """Keep-alive HTTP/1.1 POSTs of streamed answers over a pool of raw connections."""
 
@@ -324,33 +350,36 @@ class FastTransport:
         self._all.add(conn)
         return conn
 
-    async def stream(self, body: bytes, on_data: OnData) -> tuple[int, bytes]:
-        request = self._head + b"%d\r\n\r\n" % len(body) + body
+    def start(self, body: bytes, on_data: OnData) -> Pending:
+        """Write the request now, without yielding, if a pooled connection is idle (the
+        dispatcher sends at its scheduled time, not one loop iteration later); otherwise
+        :meth:`wait` connects first."""
+        pending = Pending(self._head + b"%d\r\n\r\n" % len(body) + body, on_data)
+        conn = self._pop_idle()
+        if conn is not None:
+            self._write(conn, pending, reused=True)
+        return pending
+
+    async def wait(self, pending: Pending) -> tuple[int, bytes]:
+        """The answer's (status, error body); the body went to ``on_data`` as it came."""
         for attempt in (0, 1):
-            conn = None
-            while self._idle:
-                cand = self._idle.pop()
-                if not cand.closed:
-                    conn = cand
-                    break
-                self._all.discard(cand)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect()
-            loop = asyncio.get_running_loop()
-            ex = _Exchange(on_data, loop.create_future())
-            conn.exchange = ex
-            conn.used = True
-            if conn.transport is None or conn.closed:
-                raise ConnectionResetError("connection closed before the request was sent")
-            conn.transport.write(request)
+            if pending.conn is None:
+                conn = self._pop_idle()
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._connect()
+                self._write(conn, pending, reused)
+            conn, ex = pending.conn, pending.exchange
+            if conn is None or ex is None:  # pragma: no cover - set by _write
+                raise ConnectionResetError("request was not sent")
             try:
                 await ex.done
             except (ConnectionError, OSError):
                 conn.exchange = None
                 self._all.discard(conn)
                 # a kept-alive connection the server had already closed: retry once, fresh
-                if reused and attempt == 0 and ex.mode == _HEADERS and not ex.buf:
+                if pending.reused and attempt == 0 and ex.mode == _HEADERS and not ex.buf:
+                    pending.conn = None
                     continue
                 raise
             except BaseException:
@@ -365,7 +394,26 @@ class FastTransport:
             else:
                 self._idle.append(conn)
             return ex.status, ex.error_body
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise ConnectionResetError("connection lost twice before an answer")  # pragma: no cover
+
+    async def stream(self, body: bytes, on_data: OnData) -> tuple[int, bytes]:
+        return await self.wait(self.start(body, on_data))
+
+    def _pop_idle(self) -> _Conn | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and conn.transport is not None:
+                return conn
+            self._all.discard(conn)
+        return None
+
+    def _write(self, conn: _Conn, pending: Pending, reused: bool) -> None:
+        ex = _Exchange(pending.on_data, asyncio.get_running_loop().create_future())
+        conn.exchange = ex
+        pending.conn, pending.exchange, pending.reused = conn, ex, reused
+        if conn.transport is None:  # pragma: no cover - only pooled, connected ones get here
+            raise ConnectionResetError("connection closed before the request was sent")
+        conn.transport.write(pending.request)
 
     async def aclose(self) -> None:
         for conn in list(self._all):
