@@ -18,6 +18,8 @@ from lb.app import POOLS
 from policies.registry import available, build_policy
 from tests.conftest import make_config
 
+pytestmark = pytest.mark.slow  # a pip build (~3 s) and real servers
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "pdlb-policy-example"
 
@@ -38,7 +40,9 @@ def _offline_build_possible() -> bool:
 @pytest.fixture(scope="module")
 def example_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """pip-install the example (no deps: pdlb is already here) into a private target dir;
-    the shared environment is not touched and the source tree gets no build files."""
+    the shared environment is not touched and the source tree gets no build files. Built
+    offline when this environment can build wheels; otherwise pip fetches setuptools from
+    the package index into an isolated build environment (as CI's fresh venv does)."""
     work = tmp_path_factory.mktemp("example")
     source = work / "src"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info",
