@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -200,7 +201,12 @@ def run_client(url: str, rate: float, duration: float, workers: int,
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if workers == 1 and pin:
             _pin(proc.pid, 0)
-        _, err = proc.communicate(timeout=duration * 4 + 120)
+        try:
+            _, err = proc.communicate(timeout=duration * 4 + 120)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
         wall = time.time() - launched
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if not out.exists():
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="try every rate even after one fails")
     ap.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally clauses
     if args.serve is not None:
         serve(args.serve, args.tick_ms / 1000.0)
         return 0
