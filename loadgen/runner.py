@@ -379,7 +379,11 @@ async def preflight(sender: Sender, url: str = "the server") -> None:
     rec = Record(index=-1, scheduled=0.0)
     await sender.send(sender.body(item, 0), rec)
     if not rec.ok:
-        raise LoadgenError(f"preflight request to {url} failed: {rec.error} "
+        hint = ""
+        if rec.status == 400:
+            hint = (" — a server that rejects vLLM's extensions needs --no-ignore-eos and/or "
+                    "--no-continuous-usage")
+        raise LoadgenError(f"preflight request to {url} failed: {rec.error}{hint} "
                            "(use --no-preflight to skip this check)")
 
 
