@@ -7,12 +7,12 @@ so a shared system prompt *and* a shared conversation history both count; see
 (:class:`~policies.prefix_index.PrefixIndex`, a bounded LRU) and picks, among the candidates
 within the load bound, the one with the longest remembered match (ties: fewer in-flight
 tokens). A backend is within the bound while its in-flight tokens are at most
-``load_factor × mean + load_slack_tokens`` (mean over the candidates), so a hot prefix cannot pile
-onto one backend: past the bound it goes to the least-loaded backend instead, which then
-holds it too. A prompt with no known prefix goes to the least-loaded backend. Every choice
-is recorded, so later prompts with the same prefix follow it; when the leg then fails
-(``on_request_done`` with ``ok=False``) the record is dropped again, since the backend may
-have cached nothing.
+``load_factor × mean + load_slack_tokens`` (mean over the candidates), so a hot prefix
+cannot pile onto one backend: past the bound it goes to the least-loaded backend instead,
+which then holds it too. A prompt with no known prefix goes to the least-loaded backend.
+Every choice is recorded, so later prompts with the same prefix follow it; when the leg
+then fails (``on_request_done`` with ``ok=False``) the record is dropped again, since the
+backend may have cached nothing.
 
 Options:
 

@@ -13,7 +13,8 @@ computed. The scorers:
   Differences count relative to the request's size, not the absolute load level, so the
   trade against a prefix hit stays the same at low and high load.
 * ``prefix`` — the fraction of the prompt's leading blocks the backend was last seen to
-  hold (the same bounded index as ``prefix_affinity``; every choice is recorded).
+  hold (the same bounded index as ``prefix_affinity``; every choice is recorded, and
+  dropped again when the leg fails).
 * ``kv_usage`` — ``1 - vllm:kv_cache_usage_perc`` from the latest scrape.
 * ``queue`` — ``vllm:num_requests_waiting`` from the latest scrape, min-max scaled:
   ``1 - (q - q_min) / (q_max - q_min + 1)``.
@@ -177,3 +178,10 @@ class Score:
         if self.wants_prefix_hashes and request.prefix_hashes:
             self.index.record(request.prefix_hashes, chosen.index)
         return chosen
+
+    def on_request_done(
+        self, request: RouteRequest, backend: BackendView, ok: bool, duration_s: float
+    ) -> None:
+        """A failed leg may have cached nothing: forget its prefix record."""
+        if not ok and self.wants_prefix_hashes and request.prefix_hashes:
+            self.index.drop(request.prefix_hashes, backend.index)

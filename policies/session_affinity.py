@@ -68,8 +68,7 @@ class SessionAffinity:
         sessions = self._sessions
         index = sessions.get(key)
         if index is not None:
-            limit = load_limit(request, candidates, self.load_factor,
-                                   self.load_slack_tokens)
+            limit = load_limit(request, candidates, self.load_factor, self.load_slack_tokens)
             for backend in candidates:
                 if backend.index == index:
                     if backend.inflight_tokens <= limit:

@@ -97,3 +97,15 @@ def test_bad_weights_are_named(weights, message):
     """Each bad weight is reported with the scorer's name."""
     with pytest.raises(PolicyOptionError, match=message):
         Score({"weights": weights})
+
+
+def test_failed_leg_drops_the_prefix_record():
+    """Like prefix_affinity, score forgets a prefix record when its leg fails."""
+    policy = Score({})
+    pool = backends(2)
+    request = make_request(SYSTEM + "x", prompt_tokens=100)
+    chosen = policy.pick(request, pool)
+    assert policy.scores(request, pool)[chosen.index] > policy.scores(request, pool)[
+        1 - chosen.index]
+    policy.on_request_done(request, chosen, False, 0.2)
+    assert policy.index.match(request.prefix_hashes) == {}
