@@ -16,7 +16,9 @@ Three modes, one JSON summary on stdout:
 Target: ``--url http://host:port`` (a proxy), or ``--direct PREFILL_URL DECODE_URL``: the
 client plays a zero-cost proxy itself — it POSTs the prefill leg (max_tokens 1, stream
 false, ``kv_transfer_params.do_remote_decode``), reads the answer's ``kv_transfer_params``
-and streams the decode leg with them. Added latency of a proxy = its numbers minus these.
+and streams the decode leg with them. Added latency of a proxy = its numbers minus these;
+in latency mode, give both and the two alternate request by request (the summary then has
+a ``direct`` block measured over the same minutes).
 
 Checks per response (the ``correct`` block): HTTP 200; the token texts ``" t0" .. " t{n-1}"``
 all there in order; ``data: [DONE]`` last; a usage event with the right prompt/completion
@@ -256,8 +258,11 @@ class Workload:
         self.body = body
         self.expected_prompt = prompt_tokens(args.endpoint, body)
         self.expected_tokens = [str(i).encode() for i in range(self.n)]
-        self.direct = args.direct
-        if self.direct:
+        self.direct = bool(args.direct)
+        self.proxy: Target | None = Target(args.url) if args.url else None
+        if self.proxy is not None:
+            self.req = self.proxy.request_bytes(self.path, orjson.dumps(body))
+        if args.direct:
             self.prefill = Target(args.direct[0])
             self.decode = Target(args.direct[1])
             pbody = dict(body, max_tokens=1, stream=False)
@@ -266,13 +271,14 @@ class Workload:
                 "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                 "remote_block_ids": None, "remote_host": None, "remote_port": None}
             self.prefill_req = self.prefill.request_bytes(self.path, orjson.dumps(pbody))
-        else:
-            self.proxy = Target(args.url)
-            self.req = self.proxy.request_bytes(self.path, orjson.dumps(body))
 
     async def one(self, t0: float | None = None) -> Response:
-        if not self.direct:
+        """One request through the proxy when there is one, else the direct path."""
+        if self.proxy is not None:
             return await self.proxy.send(self.req, t0)
+        return await self.one_direct(t0)
+
+    async def one_direct(self, t0: float | None = None) -> Response:
         if t0 is None:
             t0 = time.perf_counter()
         p = await self.prefill.send(self.prefill_req, t0)
@@ -371,14 +377,30 @@ def summarise(w: Workload, results: list[Response], wall: float, extra: dict[str
 
 
 async def run_latency(w: Workload, n: int, warmup: int) -> dict[str, Any]:
+    """Concurrency 1. With both a proxy and the direct path, alternate them request by
+    request, so both see the same machine (its noise is shared, not added to the difference)."""
+    both = w.proxy is not None and w.direct
     for _ in range(warmup):
         await w.one()
-    results = []
+        if both:
+            await w.one_direct()
+    results: list[Response] = []
+    direct: list[Response] = []
     t = time.perf_counter()
-    for _ in range(n):
-        results.append(await w.one())
-        await asyncio.sleep(0.001)  # let the proxy's loop settle between requests
-    return summarise(w, results, time.perf_counter() - t, {})
+    for i in range(n):
+        if both and i % 2:
+            direct.append(await w.one_direct())
+            results.append(await w.one())
+        else:
+            results.append(await w.one())
+            if both:
+                direct.append(await w.one_direct())
+        await asyncio.sleep(0.001)  # let the loops settle between requests
+    wall = time.perf_counter() - t
+    out = summarise(w, results, wall, {})
+    if both:
+        out["direct"] = summarise(w, direct, wall, {})
+    return out
 
 
 async def run_rate(w: Workload, rate: float, duration: float) -> dict[str, Any]:
@@ -427,10 +449,10 @@ async def run_closed(w: Workload, conc: int, duration: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("mode", choices=["latency", "rate", "closed"])
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--url", help="the proxy's base URL")
-    target.add_argument("--direct", nargs=2, metavar=("PREFILL_URL", "DECODE_URL"),
-                        help="no proxy: do the prefill leg and the decode leg from here")
+    p.add_argument("--url", help="the proxy's base URL")
+    p.add_argument("--direct", nargs=2, metavar=("PREFILL_URL", "DECODE_URL"),
+                   help="no proxy: do the prefill leg and the decode leg from here (with "
+                        "--url too, in latency mode: alternate proxy and direct requests)")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--tokens", type=int, default=64, help="max_tokens (= chunks streamed)")
     p.add_argument("--prompt", help="prompt text (default: a ~150-token paragraph)")
@@ -440,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conc", type=int, default=64)
     p.add_argument("--duration", type=float, default=10.0)
     args = p.parse_args(argv)
+    if not args.url and not args.direct:
+        p.error("give --url, --direct, or (latency mode) both")
 
     async def go() -> dict[str, Any]:
         w = Workload(args)

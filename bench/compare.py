@@ -20,16 +20,19 @@ What it does:
 
 Definitions (also printed under each table):
 
-* added TTFT / E2E pXX = the proxy's pXX minus the direct path's pXX, same run, same
-  client, concurrency 1. TTFT = until the first SSE ``data:`` bytes of the answer.
+* added TTFT / E2E pXX = the proxy's pXX minus the direct path's pXX at concurrency 1,
+  measured interleaved (proxy request, direct request, alternating, same client process),
+  so machine noise hits both alike. TTFT = until the first SSE ``data:`` bytes of the
+  answer; E2E = until its last byte. The direct row shows absolute values.
 * CPU ms/req = the proxy process tree's utime+stime (from /proc) during the open-loop run
   with 64-token streams ÷ requests completed. µs/chunk = that ÷ 64 (how the issue quotes
   it). "marginal µs/chunk" = (CPU/req at 64 tokens − CPU/req at 8 tokens) ÷ 56, and
   "fixed ms/req" = CPU/req at 64 − 64 × marginal: the split between per-request and
   per-chunk work.
-* max req/s = requests completed correctly per second at concurrency 64 (closed loop).
-  Client, mock and proxy share this machine's 2 cores; the direct row shows the ceiling
-  the client and mock allow by themselves.
+* max req/s = requests completed correctly per second at concurrency 64 (closed loop), with
+  the mock streaming as fast as it can (ITL 0, still one write per event). Client, mock and
+  proxy share this machine's 2 cores; the direct row shows the ceiling the client and mock
+  allow by themselves.
 * correct: every response had all 64 tokens in order, ``[DONE]`` last, a usage event with
   the right counts, and the decode got the KV handoff (NIXL params issued by the prefill, or
   SGLang bootstrap fields whose room the prefill also saw). "cached" says whether
@@ -68,7 +71,6 @@ PEER_REQUIREMENTS = [
     "sglang-router==0.3.2",
     "fastapi", "uvicorn", "httpx", "aiohttp", "orjson", "uvloop", "setproctitle",
 ]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 ALL_PROXIES = ["pdlb", "vllm-router", "sglang-router", "toy-proxy", "mini-lb"]
 PYTHON_PROXIES = ("toy-proxy", "mini-lb")
 
@@ -141,9 +143,21 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- /proc
-def _proc_table() -> dict[int, tuple[int, float]]:
-    """pid -> (ppid, utime+stime seconds) for every process."""
-    table = {}
+def _task_ns(pid: int) -> int:
+    """Nanoseconds on CPU of every live thread of ``pid`` (/proc/PID/task/*/schedstat)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -151,29 +165,26 @@ def _proc_table() -> dict[int, tuple[int, float]]:
             raw = Path(entry.path, "stat").read_text()
         except OSError:
             continue
-        rest = raw[raw.rfind(")") + 2:].split()
-        # fields after the comm: state(3) ppid(4) ... utime(14) stime(15)
-        table[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK)
-    return table
+        ppid = int(raw[raw.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
 
 
 def tree_cpu(pids: list[int]) -> float:
-    """CPU seconds used so far by these processes and all their descendants."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total = 0.0
+    """CPU seconds used so far by these processes and all their descendants (ns-resolution
+    schedstat of each live thread; the benchmarked servers keep their threads alive)."""
+    children = _children()
+    total = 0
     seen = set()
     stack = list(pids)
     while stack:
         pid = stack.pop()
-        if pid in seen or pid not in table:
+        if pid in seen:
             continue
         seen.add(pid)
-        total += table[pid][1]
+        total += _task_ns(pid)
         stack.extend(children.get(pid, ()))
-    return total
+    return total / 1e9
 
 
 # ----------------------------------------------------------------------------- processes
@@ -188,6 +199,8 @@ class Proc:
         return self.popen.pid
 
     def stop(self) -> None:
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
@@ -202,12 +215,12 @@ class Proc:
 def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
           stdout_pipe: bool = False) -> Proc:
     log_path = workdir / f"{name}.log"
-    logf = open(log_path, "wb")  # noqa: SIM115 - the child owns it
-    popen = subprocess.Popen(
-        argv, stdout=subprocess.PIPE if stdout_pipe else logf, stderr=logf,
-        stdin=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
+    with open(log_path, "wb") as logf:  # the child keeps its own copy of the descriptor
+        popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE if stdout_pipe else logf, stderr=logf,
+            stdin=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
     return Proc(name, popen, log_path)
 
 
@@ -388,8 +401,12 @@ class Measured:
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
+def set_itl(mock: Started, itl_ms: float) -> None:
+    http_call(mock.url + "/mock/config", "POST", json.dumps({"itl_ms": itl_ms}).encode())
+
+
 def measure(name: str, target: list[str], pids: list[int], mock: Started,
-            args: argparse.Namespace) -> Measured:
+            args: argparse.Namespace, direct: list[str]) -> Measured:
     m = Measured(name)
     m.loadavg = os.getloadavg()
     http_call(mock.url + "/mock/reset", "POST", b"{}")
@@ -398,7 +415,8 @@ def measure(name: str, target: list[str], pids: list[int], mock: Started,
         time.sleep(args.idle_s)
         m.idle_cpu_ms_per_s = (tree_cpu(pids) - c0) * 1000 / args.idle_s
     common = ["--tokens", str(args.tokens), "--endpoint", args.endpoint]
-    m.latency = run_client("latency", target,
+    both = target if target == direct else [*target, *direct]
+    m.latency = run_client("latency", both,
                            [*common, "--n", str(args.latency_n), "--warmup", "20"],
                            timeout=600)
     for tokens, key in ((args.tokens, "rate64"), (8, "rate8")):
@@ -410,12 +428,16 @@ def measure(name: str, target: list[str], pids: list[int], mock: Started,
         r["proxy_cpu_s"] = tree_cpu(pids) - c0
         r["mock_cpu_s"] = tree_cpu(mock.pids()) - mc0
         setattr(m, key, r)
-    c0, mc0 = tree_cpu(pids), tree_cpu(mock.pids())
-    m.closed = run_client("closed", target, [*common, "--conc", str(args.conc),
-                                             "--duration", str(args.closed_duration)],
-                          timeout=args.closed_duration + 120)
-    m.closed["proxy_cpu_s"] = tree_cpu(pids) - c0
-    m.closed["mock_cpu_s"] = tree_cpu(mock.pids()) - mc0
+    set_itl(mock, args.closed_itl_ms)
+    try:
+        c0, mc0 = tree_cpu(pids), tree_cpu(mock.pids())
+        m.closed = run_client("closed", target, [*common, "--conc", str(args.conc),
+                                                 "--duration", str(args.closed_duration)],
+                              timeout=args.closed_duration + 120)
+        m.closed["proxy_cpu_s"] = tree_cpu(pids) - c0
+        m.closed["mock_cpu_s"] = tree_cpu(mock.pids()) - mc0
+    finally:
+        set_itl(mock, args.itl_ms)
     _, raw = http_call(mock.url + "/mock/stats")
     m.mock_stats = json.loads(raw)
     return m
@@ -486,7 +508,7 @@ def table(results: list[Measured], args: argparse.Namespace) -> str:
             ttft = (f"{_f(lat['ttft_ms']['p50'])} / {_f(lat['ttft_ms']['p99'])} (abs)")
             e2e = (f"{_f(lat['e2e_ms']['p50'], 1)} / {_f(lat['e2e_ms']['p99'], 1)} (abs)")
         else:
-            d = direct.latency
+            d = lat.get("direct") or direct.latency
             ttft = f"{_added(lat, d, 'ttft_ms', 'p50')} / {_added(lat, d, 'ttft_ms', 'p99')}"
             e2e = f"{_added(lat, d, 'e2e_ms', 'p50')} / {_added(lat, d, 'e2e_ms', 'p99')}"
         c64, c8 = cpu_per_req(m.rate64), cpu_per_req(m.rate8)
@@ -536,7 +558,8 @@ def ratios(results: list[Measured], args: argparse.Namespace) -> str:
     p = by["pdlb"]
 
     def added_ttft(m: Measured) -> float | None:
-        a, b = m.latency["ttft_ms"]["p50"], direct.latency["ttft_ms"]["p50"]
+        d = m.latency.get("direct") or direct.latency
+        a, b = m.latency["ttft_ms"]["p50"], d["ttft_ms"]["p50"]
         return None if a is None or b is None else a - b
 
     for peer in ["vllm-router", "sglang-router", *PYTHON_PROXIES]:
@@ -575,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-n", type=int, default=100, help="requests at concurrency 1")
     p.add_argument("--conc", type=int, default=64)
     p.add_argument("--closed-duration", type=float, default=6.0)
-    p.add_argument("--idle-s", type=float, default=3.0)
+    p.add_argument("--closed-itl-ms", type=float, default=0.0,
+                   help="mock ITL during the closed-loop run (0: CPU-bound throughput)")
+    p.add_argument("--idle-s", type=float, default=5.0)
     p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     p.add_argument("--toy-proxy", type=Path, default=TOY_DEFAULT,
                    help="vLLM's tests/v1/kv_connector/nixl_integration/toy_proxy_server.py")
@@ -613,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         f" stream, include_usage, {args.tokens} tokens, mock ITL {args.itl_ms:g} ms; latency "
         f"{args.latency_n} req at c=1; open loop {args.rate:g} req/s × {args.duration:g} s "
         f"(and 8-token streams, same rate); closed loop c={args.conc} for "
-        f"{args.closed_duration:g} s",
+        f"{args.closed_duration:g} s at mock ITL {args.closed_itl_ms:g} ms",
         f"- load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
     ]
     for name, why in skipped.items():
@@ -658,7 +683,8 @@ def _run_with_mock(i: int, names: list[str], args: argparse.Namespace, workdir: 
 def measure_direct(i: int, prefill: str, decode: str, mock: Started,
                    args: argparse.Namespace) -> Measured:
     log(f"run {i}: direct path (no proxy)")
-    return measure("direct", ["--direct", prefill, decode], [], mock, args)
+    target = ["--direct", prefill, decode]
+    return measure("direct", target, [], mock, args, target)
 
 
 def measure_proxy(i: int, name: str, prefill: str, decode: str, mock: Started,
@@ -674,7 +700,8 @@ def measure_proxy(i: int, name: str, prefill: str, decode: str, mock: Started,
         log(f"{name}: could not start: {exc}")
         return Measured(name, error=str(exc).splitlines()[0])
     try:
-        return measure(name, ["--url", started.url], started.pids(), mock, args)
+        return measure(name, ["--url", started.url], started.pids(), mock, args,
+                       ["--direct", prefill, decode])
     except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as exc:
         log(f"{name}: measurement failed: {exc}")
         return Measured(name, error=str(exc).splitlines()[0])

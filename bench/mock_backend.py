@@ -27,7 +27,9 @@ is 0 and ``remote_prefill_cached_tokens`` = 0; the decode reports ``cached_token
 prompt_tokens = UTF-8 bytes of the prompt (or of the messages' contents) // 4, at least 1.
 
 Other routes: ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (tiny, vLLM names),
-``GET /mock/stats`` (counters as JSON), ``POST /mock/reset``; anything else is a 404.
+``GET /mock/stats`` (counters as JSON), ``POST /mock/reset``, ``POST /mock/config``
+(``{"itl_ms": 0}``: tokens as fast as the loop goes, still one write per event); anything
+else is a 404.
 
     python bench/mock_backend.py --prefill-port 8100 --decode-port 8200
     python bench/mock_backend.py            # any free ports; prints one JSON line with them
@@ -361,6 +363,13 @@ class Conn(asyncio.Protocol):
             t.write(_response(b"200 OK", self.mock.stats.as_json()))
         elif path == b"/mock/reset" and method == b"POST":
             self.mock.stats.reset()
+            t.write(_response(b"200 OK", b"{}"))
+        elif path == b"/mock/config" and method == b"POST":
+            try:
+                self.mock.itl_s = float(orjson.loads(body)["itl_ms"]) / 1000
+            except (ValueError, KeyError, TypeError):
+                t.write(_response(b"400 Bad Request", b'{"error":{"message":"itl_ms?"}}'))
+                return
             t.write(_response(b"200 OK", b"{}"))
         else:
             self.mock.stats.inc(f"404 {method.decode()} {path.decode(errors='replace')}")
