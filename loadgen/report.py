@@ -72,6 +72,12 @@ def table(summary: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     lines.append(f"Throughput     {_f(s['request_throughput'], 2)} req/s   "
                  f"{_f(s['output_throughput'])} output tok/s   "
                  f"{_f(s['total_token_throughput'])} total tok/s")
+    if meta and meta.get("client_wall_s"):
+        workers = meta.get("workers", 1) or 1
+        share = meta["client_cpu_s"] / meta["client_wall_s"] / workers
+        busy = "  ← near its ceiling: add --workers" if share > 0.85 else ""
+        lines.append(f"Client         {share * 100:.0f}% of a core per process while running, "
+                     f"preempted {meta.get('client_preempted', 0):,} times{busy}")
     lines.append(f"Tokens         {s['total_input_tokens']:,} in, "
                  f"{s['total_output_tokens']:,} out (counts from {s['token_counts_from']})")
     lines.append("")

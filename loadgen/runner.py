@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import math
+import resource
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -327,6 +328,7 @@ async def run_process(
         ticker = asyncio.ensure_future(_tick(run, progress, progress_interval_s, offsets,
                                              worker, n_workers))
         cpu0, wall0 = time.process_time(), perf_counter()
+        nivcsw0 = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
         with quiet_gc():
             try:
                 if offsets is not None:
@@ -342,6 +344,7 @@ async def run_process(
         if progress is not None:
             progress(run.counters.snapshot(perf_counter() - t0))
         meta["client_cpu_s"] = time.process_time() - cpu0
+        meta["client_preempted"] = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - nivcsw0
         meta["client_wall_s"] = perf_counter() - wall0
         meta["interrupted"] = run.stopping.is_set()
         meta["first_send"] = min((r.sent for r in run.records if r.sent is not None),

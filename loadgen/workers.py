@@ -144,6 +144,7 @@ async def run_workers(
         "first_send": min(firsts) if firsts else None,
         "interrupted": any(m.get("interrupted") for m in metas.values()),
         "client_cpu_s": sum(m.get("client_cpu_s", 0.0) for m in metas.values()),
+        "client_preempted": sum(m.get("client_preempted", 0) for m in metas.values()),
         "client_wall_s": max(m.get("client_wall_s", 0.0) for m in metas.values()),
     }
     return ProcessResult(records, meta)
