@@ -137,8 +137,7 @@ class Pool:
             reason = "no healthy backend" if not self.has_usable_backend() else (
                 "every usable backend is excluded or at its token budget")
             raise BackendUnavailable(f"{self.name} pool: {reason}", code=f"{self.name}_unavailable")
-        if len(candidates) == 1:
-            return candidates[0]
+        # Asked even with one candidate: stateful policies (affinity) record every choice.
         chosen = self.policy.pick(request, candidates)
         if not isinstance(chosen, Backend) or chosen not in candidates:
             raise BackendUnavailable(
