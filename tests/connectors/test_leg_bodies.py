@@ -46,11 +46,14 @@ async def test_nixl_push_legs(make_pd, http):
 
 
 async def test_mooncake_legs(make_pd, http):
-    """Prefill: transfer_id + X-data-parallel-rank; decode: bootstrap address, the engine id
-    the bootstrap server listed for that rank, the same transfer_id."""
-    async with make_pd("mooncake") as pd:
-        await send(http, pd)
+    """Prefill: transfer_id + X-data-parallel-rank (pdlb's, over the client's); decode:
+    bootstrap address, the engine id listed for that rank, the same transfer_id."""
+    async with make_pd("mooncake", decode={"data_parallel_size": 8}) as pd:
+        await send(http, pd, headers={"X-data-parallel-rank": "5"})
         (p,), (d,) = legs(pd.p), legs(pd.d)
+        # pdlb's rank replaces the client's on the prefill leg (one header, not two); the
+        # decode leg keeps the client's, which addresses the decode's own DP ranks
+        assert d["headers"]["x-data-parallel-rank"] == "5"
         assert_one_token_prefill(p["body"])
         pk = p["body"]["kv_transfer_params"]
         assert pk == {"do_remote_decode": True, "do_remote_prefill": False,
