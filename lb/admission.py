@@ -99,10 +99,16 @@ class Admission:
                           {"stage": name}, lambda s=stage: s.waiting)  # type: ignore[misc]
             metrics.watch("pdlb_admitted_tokens", "Tokens admitted and not yet released, per"
                           " stage.", {"stage": name}, lambda s=stage: s.admitted)  # type: ignore[misc]
-            if stage.limit is not None:
-                metrics.gauge("pdlb_admission_budget_tokens", "Configured token budget per stage.",
-                              ["stage"]).labels(stage=name).set(stage.limit)
+            metrics.watch("pdlb_admission_budget_tokens", "Token budget per stage (-1 ="
+                          " unlimited).", {"stage": name},
+                          lambda s=stage: -1 if s.limit is None else s.limit)  # type: ignore[misc]
         self._wait_hist = {n: metrics.queue_wait.labels(stage=n) for n in STAGES}
+
+    def set_limit(self, stage: str, limit: int | None) -> None:
+        """A new budget for one stage (from scraped KV capacity); waiters re-check."""
+        if self._stages[stage].limit != limit:
+            self._stages[stage].limit = limit
+            self._wake()
 
     def reconfigure(self, pools: Mapping[str, PoolConfig]) -> None:
         """Adopt new budgets and queue settings (hot reload); waiters re-check at once."""

@@ -170,6 +170,15 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     )
 
 
+def auto_budgets(pools: dict[str, Pool], admission: Admission) -> None:
+    """``max_inflight_tokens = "auto"``: budget = KV capacity the healthy backends report."""
+    for name, pool in pools.items():
+        if pool.config.auto_budget:
+            capacities = [b.load.kv_capacity_tokens for b in pool.backends
+                          if b.healthy and b.load is not None and b.load.kv_capacity_tokens]
+            admission.set_limit(name, sum(c for c in capacities if c) or None)
+
+
 def create_app(config: Config, reloader: Reloader | None = None) -> web.Application:
     """Build the pdlb application from a validated config (raises ConfigError at start-up).
 
@@ -194,7 +203,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     checker = HealthChecker(all_backends, upstream, config.health)
     proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker)
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
-                          config.scrape.timeout_s)
+                          config.scrape.timeout_s, lambda: auto_budgets(pools, admission))
 
     middlewares: list[Any] = [error_middleware]
     if config.auth.api_keys:

@@ -38,6 +38,10 @@ class PoolConfig:
     max_inflight_tokens: int | None = None
     """Admission budget for the pool (prefill: prompt tokens being prefilled; decode: KV
     tokens held = prompt + max new tokens). None = unlimited."""
+    auto_budget: bool = False
+    """``max_inflight_tokens = "auto"``: the budget is the sum of the KV capacity the
+    pool's healthy backends report in /metrics (vllm:cache_config_info); unlimited until
+    they have reported it."""
     max_queue: int = 1024
     """Requests that may wait for this pool's budget; beyond it they get 429."""
     queue_timeout_s: float = 30.0
@@ -283,12 +287,16 @@ def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
     urls = [b.url for b in backends]
     if len(set(urls)) != len(urls):
         raise r.fail("backends", "the same URL is listed twice")
+    auto = table.get("max_inflight_tokens") == "auto"
+    if auto:
+        r.used.add("max_inflight_tokens")
     pool = PoolConfig(
         name=name,
         backends=tuple(backends),
         policy=r.get("policy", str, "round_robin" if name == "prefill" else "least_tokens"),
         policy_options=dict(r.get("policy_options", dict, {})),
-        max_inflight_tokens=r.integer("max_inflight_tokens", None, minimum=1),
+        max_inflight_tokens=None if auto else r.integer("max_inflight_tokens", None, minimum=1),
+        auto_budget=auto,
         max_queue=r.integer("max_queue", 1024, minimum=0) or 0,
         queue_timeout_s=r.number("queue_timeout_s", 30.0),
         api_key=_secret(r, "api_key"),

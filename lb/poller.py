@@ -25,6 +25,9 @@ class BackendPoller:
     async def visit(self, backend: Backend) -> bool:
         raise NotImplementedError
 
+    def after_round(self) -> None:
+        """Called after every backend was visited once; nothing by default."""
+
     def set_backends(self, backends: Iterable[Backend]) -> None:
         self.backends = list(backends)
 
@@ -43,4 +46,5 @@ class BackendPoller:
     async def _run(self) -> None:
         while True:
             await asyncio.gather(*(self.visit(b) for b in self.backends))
+            self.after_round()
             await asyncio.sleep(self.interval_s)

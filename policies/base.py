@@ -66,6 +66,9 @@ class ScrapedLoad:
     """vllm:kv_cache_usage_perc, a 0..1 fraction"""
     age_s: float = 0.0
     """Seconds since this sample was taken."""
+    kv_capacity_tokens: int | None = None
+    """KV cache size in tokens (vllm:cache_config_info num_gpu_blocks x block_size), if
+    the server reports it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ class FakeBehaviour:
     aborted: int = 0
     finished: int = 0
     model: str = "fake"
+    metrics_text: str = ""
 
 
 def _usage(b: FakeBehaviour, prompt: int, completion: int, cached: int | None) -> dict[str, Any]:
@@ -121,7 +122,11 @@ def make_fake(role: str, b: FakeBehaviour) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": b.model, "object": "model"}]})
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=b.metrics_text)
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/health", health)

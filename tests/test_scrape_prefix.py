@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from lb.prefix import BLOCK_BYTES, prefix_hashes
 from lb.scrape import parse_vllm_load
 
@@ -40,3 +42,39 @@ def test_chat_prefix_covers_all_messages():
     a = prefix_hashes("chat", {"messages": [*base, {"role": "user", "content": "a" * 200}]})
     b = prefix_hashes("chat", {"messages": [*base, {"role": "user", "content": "b" * 200}]})
     assert a[0] == b[0] and a[-1] != b[-1]
+
+
+def test_parse_cache_config_capacity():
+    text = ('vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="1000"} 1.0\n'
+            'vllm:cache_config_info{engine="1",kv_cache_size_tokens="5000"} 1.0\n')
+    assert parse_vllm_load(text).kv_capacity_tokens == 21000
+    assert parse_vllm_load("vllm:num_requests_running 1\n").kv_capacity_tokens is None
+
+
+async def test_auto_budget_follows_scraped_capacity(start_pdlb):
+    """max_inflight_tokens = "auto": the decode budget is what the backends report."""
+    import aiohttp
+
+    from lb.app import PROXY
+    from tests.conftest import make_config
+    from tests.fake_vllm import FakeBehaviour, make_fake, run_app
+
+    metrics = 'vllm:cache_config_info{block_size="16",num_gpu_blocks="10"} 1.0\n'
+    p, d = FakeBehaviour(), FakeBehaviour(metrics_text=metrics)
+    async with run_app(make_fake("prefill", p)) as pu, run_app(make_fake("decode", d)) as du:
+        cfg = make_config([pu], [du], pools={"decode": {"max_inflight_tokens": "auto"}},
+                          scrape={"interval_s": 0.05})
+        url, app = await start_pdlb(cfg)
+        stage = app[PROXY].admission._stages["decode"]
+        for _ in range(100):
+            if stage.limit is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert stage.limit == 160
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url + "/v1/completions",
+                                 json={"prompt": "x", "max_tokens": 500}) as r:
+                assert r.status == 413
+            async with http.post(url + "/v1/completions",
+                                 json={"prompt": "x", "max_tokens": 10}) as r:
+                assert r.status == 200
