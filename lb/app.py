@@ -56,10 +56,13 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> w
 
 
 def _error_response(exc: PdlbError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         body=exc.body(), status=exc.status, content_type="application/json",
         headers=exc.headers() or None,
     )
+    if exc.status in (408, 413):
+        response.force_close()  # the rest of the body is unread: the connection is unusable
+    return response
 
 
 @web.middleware

@@ -76,6 +76,9 @@ class ServerConfig:
     """Completion requests being served at once; beyond it: 503 at once."""
     body_timeout_s: float = 30.0
     """Longest time a client may take to send its request body (slow clients)."""
+    client_idle_timeout_s: float = 60.0
+    """A client connection that is idle, or has sent an incomplete request head, for this
+    long is closed (keep-alive idle time; slowloris protection)."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: how long in-flight requests may take to finish before they are cut."""
 
@@ -338,6 +341,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         max_tokens_limit=s.integer("max_tokens_limit", None, minimum=1),
         max_concurrent_requests=s.integer("max_concurrent_requests", None, minimum=1),
         body_timeout_s=s.number("body_timeout_s", 30.0, minimum=0.01),
+        client_idle_timeout_s=s.number("client_idle_timeout_s", 60.0, minimum=0.01),
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
     )
     s.finish()

@@ -489,7 +489,7 @@ class Proxy:
             async with asyncio.timeout(self.config.server.body_timeout_s):
                 return await http.read()
         except TimeoutError:
-            raise PdlbError(
+            raise InvalidRequest(
                 f"request body not received within {self.config.server.body_timeout_s:g} s",
                 status=408, code="body_timeout",
             ) from None

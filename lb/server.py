@@ -38,6 +38,7 @@ async def start_site(
         app, handler_cancellation=True, access_log=None,
         shutdown_timeout=config.server.drain_timeout_s if drain_s is None else drain_s,
         max_field_size=16384, max_line_size=16384,
+        keepalive_timeout=config.server.client_idle_timeout_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096,

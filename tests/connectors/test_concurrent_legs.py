@@ -27,14 +27,14 @@ async def test_retry_gets_a_fresh_transfer_id(make_pd, http, connector):
     async with make_pd(connector, 2, 1) as pd:
         bad, good = pd.prefills
         bad.engine.faults.fail_rate = 1.0
-        for _ in range(2):  # round robin: one of the two requests starts on the bad one
+        for _ in range(2):  # round robin: at least one request starts on the bad one
             async with http.post(pd.url + "/v1/completions", json=BODY) as r:
                 assert r.status == 200, await r.text()
         failed = [transfer_key(connector, leg["body"]) for leg in legs(bad)]
         served = [transfer_key(connector, leg["body"]) for leg in legs(good)]
         decoded = [transfer_key(connector, leg["body"]) for leg in legs(pd.d)]
-        assert len(failed) == 1 and len(served) == 2
-        assert len(set(failed + served)) == 3  # never reused, retries included
+        assert len(failed) >= 1 and len(served) == 2
+        assert len(set(failed + served)) == len(failed) + 2  # never reused, retries included
         assert set(served) <= set(decoded)
         ds = state(pd.d)
         assert ds["kv_pulled"] == 2 and ds["kv_recomputed"] == 0
