@@ -252,11 +252,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                 await connector.start(
                     pools["prefill"].backends, pools["decode"].backends,
                     lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
-            except BaseException as exc:
-                await upstream.close()
-                if isinstance(exc, ConfigError):
-                    log.error("start-up check of connector %r failed: %s",
-                              config.kv_transfer.connector, exc)
+            except BaseException:
+                await upstream.close()  # the caller reports the error (pdlb serve: exit 2)
                 raise
         checker.start()
         scraper.start()

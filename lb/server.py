@@ -101,6 +101,9 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
 def run(config: Config, reloader: Reloader | None = None, reuse_port: bool = False) -> int:
     try:
         _event_loop_runner()(serve(config, reloader, reuse_port))
+    except ConfigError as exc:  # a start-up check that needs the network (connectors)
+        print(f"pdlb: config error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"pdlb: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
               file=sys.stderr)
