@@ -9,6 +9,7 @@ its cumulative ``usage.completion_tokens`` (continuous_usage_stats) grew.
 from __future__ import annotations
 
 from array import array
+from typing import Any
 
 import orjson
 
@@ -42,12 +43,17 @@ class StreamState:
         self.cached_tokens: int | None = None
 
     def feed(self, data: bytes, arrived: float) -> None:
-        """One read of the body, received at ``arrived`` (perf_counter seconds).
-
-        The hot loop of the whole load generator: kept flat on purpose.
-        """
+        """One read of the body, received at ``arrived`` (perf_counter seconds)."""
         self.last_arrival = arrived
         now = arrived - self.t_send
+        if (not self.buf and data[:6] == b"data: " and data[-2:] == b"\n\n"
+                and data.find(b"\n", 6) == len(data) - 2):  # fast path: one whole event
+            payload = data[6:-2]
+            if payload == b"[DONE]":
+                self.finished = True
+            else:
+                self._event(orjson.loads(payload), now)
+            return
         if self.buf:
             data = self.buf + data
         if b"\r" in data:
@@ -55,7 +61,6 @@ class StreamState:
         events = data.split(b"\n\n")
         self.buf = events.pop()
         loads = orjson.loads
-        chat = self.chat
         for ev in events:
             if ev[:6] == b"data: " and b"\n" not in ev:
                 payload = ev[6:]
@@ -67,54 +72,57 @@ class StreamState:
             if payload == b"[DONE]":
                 self.finished = True
                 continue
-            obj = loads(payload)
-            carries = False
-            choices = obj.get("choices")
-            if choices:
-                c = choices[0]
-                if chat:
-                    d = c.get("delta")
-                    if d:
-                        txt = d.get("content") or d.get("reasoning_content") or d.get("reasoning")
-                        if txt:
-                            carries = True
-                            if self.want_text:
-                                self.parts.append(txt)
-                        elif d.get("tool_calls"):
-                            carries = True
-                else:
-                    txt = c.get("text")
+            self._event(loads(payload), now)
+
+    def _event(self, obj: Any, now: float) -> None:
+        """One decoded event: does it carry output, how many tokens, usage, errors."""
+        carries = False
+        choices = obj.get("choices")
+        if choices:
+            c = choices[0]
+            if self.chat:
+                d = c.get("delta")
+                if d:
+                    txt = d.get("content") or d.get("reasoning_content") or d.get("reasoning")
                     if txt:
                         carries = True
                         if self.want_text:
                             self.parts.append(txt)
-                if c.get("finish_reason"):
-                    self.finished = True
-            usage = obj.get("usage")
-            ntok = 0
-            if usage:
-                ct = usage.get("completion_tokens")
-                if ct is not None:
-                    if choices:
-                        self.per_chunk_usage = True
-                        if ct > self.last_ct:
-                            ntok = ct - self.last_ct
-                            carries = True
-                    self.last_ct = ct
-                    self.output_tokens = ct
-                pt = usage.get("prompt_tokens")
-                if pt is not None:
-                    self.prompt_tokens = pt
-                details = usage.get("prompt_tokens_details")
-                if details:
-                    self.cached_tokens = details.get("cached_tokens")
-            elif "error" in obj and not choices:
-                err = obj["error"]
-                msg = err.get("message", err) if isinstance(err, dict) else err
-                self.error = f"error event in stream: {msg}"
-            if carries:
-                self.times.append(now)
-                self.tokens.append(ntok)
+                    elif d.get("tool_calls"):
+                        carries = True
+            else:
+                txt = c.get("text")
+                if txt:
+                    carries = True
+                    if self.want_text:
+                        self.parts.append(txt)
+            if c.get("finish_reason"):
+                self.finished = True
+        usage = obj.get("usage")
+        ntok = 0
+        if usage:
+            ct = usage.get("completion_tokens")
+            if ct is not None:
+                if choices:
+                    self.per_chunk_usage = True
+                    if ct > self.last_ct:
+                        ntok = ct - self.last_ct
+                        carries = True
+                self.last_ct = ct
+                self.output_tokens = ct
+            pt = usage.get("prompt_tokens")
+            if pt is not None:
+                self.prompt_tokens = pt
+            details = usage.get("prompt_tokens_details")
+            if details:
+                self.cached_tokens = details.get("cached_tokens")
+        elif "error" in obj and not choices:
+            err = obj["error"]
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            self.error = f"error event in stream: {msg}"
+        if carries:
+            self.times.append(now)
+            self.tokens.append(ntok)
 
     def finish(self, rec: Record) -> str:
         """Copy the observations into ``rec``, judge success; returns the text."""

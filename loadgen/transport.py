@@ -106,6 +106,18 @@ class _Exchange:
 
     def feed(self, data: bytes) -> None:
         now = perf_counter()
+        if (self.mode == _CHUNKED and self.status == 200 and not self.buf
+                and not self.chunk_left and not self.crlf_left):
+            # fast path: a read that is exactly one whole chunk (one token, paced server)
+            eol = data.find(b"\r\n", 0, 12)
+            if eol > 0 and data[-2:] == b"\r\n":
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:
+                    size = 0
+                if size and len(data) == eol + size + 4:
+                    self.on_data(data[eol + 2:-2], now)
+                    return
         if self.mode == _HEADERS:
             data = self._head(data)
             if self.mode == _HEADERS or not data:

@@ -62,6 +62,25 @@ def test_chunked_framing_any_boundaries(split: int, chunk: int) -> None:
     assert st.output_tokens == 3 and st.finished
 
 
+def test_one_read_per_chunk_and_event() -> None:
+    """The fast paths (a read = one whole chunk = one whole event) agree with the rest."""
+    loop = asyncio.new_event_loop()
+    try:
+        state = StreamState(chat=False, t_send=0.0)
+        ex = _Exchange(state.feed, loop.create_future())
+        ex.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        events = [b"data: " + orjson.dumps(tok("x", n, "length" if n == 3 else None)) + b"\n\n"
+                  for n in (1, 2, 3)] + [b"data: [DONE]\n\n"]
+        for i, ev in enumerate(events):
+            ex.feed(b"%x\r\n%s\r\n" % (len(ev), ev))
+            assert len(state.times) == min(i + 1, 3)
+        ex.feed(b"0\r\n\r\n")
+        assert ex.done.done()
+        assert list(state.tokens) == [1, 1, 1] and state.finished
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("split", [1, 13, 10_000])
 def test_content_length_framing(split: int) -> None:
     """A Content-Length body ends the exchange exactly at its length."""
