@@ -3,6 +3,7 @@
     .venv/bin/python bench/compare.py                 # everything, twice (~8-10 min)
     .venv/bin/python bench/compare.py --runs 1 --proxies pdlb,vllm-router --quick
     .venv/bin/python bench/compare.py --pdlb-workers 2   # + `pdlb serve --workers 2`
+    .venv/bin/python bench/compare.py --proxies pdlb,pdlb@HEAD~5 --runs 1   # A/B two pdlbs
 
 What it does:
 
@@ -213,12 +214,12 @@ class Proc:
 
 
 def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
-          stdout_pipe: bool = False) -> Proc:
+          stdout_pipe: bool = False, cwd: Path = ROOT) -> Proc:
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as logf:  # the child keeps its own copy of the descriptor
         popen = subprocess.Popen(
             argv, stdout=subprocess.PIPE if stdout_pipe else logf, stderr=logf,
-            stdin=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL, cwd=cwd, env={**os.environ, **(env or {})},
             start_new_session=True,
         )
     return Proc(name, popen, log_path)
@@ -280,8 +281,21 @@ def _hostport(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def pdlb_source(rev: str) -> Path:
+    """lb/ and policies/ of git revision ``rev``, exported once under .cache/pdlb-rev/."""
+    sha = subprocess.run(["git", "rev-parse", "--short=12", rev], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dest = CACHE / "pdlb-rev" / sha
+    if not (dest / "lb" / "cli.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha, "lb", "policies"], cwd=ROOT,
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def start_pdlb(prefill: str, decode: str, workdir: Path, args: argparse.Namespace,
-               workers: int = 1) -> Started:
+               workers: int = 1, rev: str | None = None) -> Started:
     cfg = workdir / "pdlb.toml"
     cfg.write_text(
         "[server]\nhost = \"127.0.0.1\"\nport = 0\n"
@@ -292,7 +306,14 @@ def start_pdlb(prefill: str, decode: str, workdir: Path, args: argparse.Namespac
             "warning"]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    p = spawn("pdlb", argv, workdir, stdout_pipe=True)
+    env = None
+    cwd = ROOT
+    rev = rev or getattr(args, "pdlb_rev", None)
+    if rev:  # another pdlb from git: run in its folder (python -m puts the cwd first)
+        cwd = pdlb_source(rev)
+        env = {"PYTHONPATH": str(cwd)}
+    p = spawn(f"pdlb{'@' + rev if rev else ''}", argv, workdir, env=env, stdout_pipe=True,
+              cwd=cwd)
     assert p.popen.stdout is not None
     line = p.popen.stdout.readline().decode()
     found = re.search(r"listening on (\S+)", line)
@@ -586,8 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--proxies", default=",".join(ALL_PROXIES),
-                   help=f"comma list among {', '.join(ALL_PROXIES)}")
+                   help=f"comma list among {', '.join(ALL_PROXIES)}; pdlb@REV runs pdlb's "
+                        "lb/ and policies/ as of git revision REV (A/B a change in one run)")
     p.add_argument("--runs", type=int, default=2, help="full passes (noise = their spread)")
+    p.add_argument("--pdlb-rev", metavar="REV",
+                   help="run pdlb (and its --workers rows) from git revision REV instead of "
+                        "the working tree (measure a commit while lb/ is being edited)")
     p.add_argument("--pdlb-workers", default="",
                    help="also run `pdlb serve --workers N` (SO_REUSEPORT), e.g. '2' or '2,3'")
     p.add_argument("--tokens", type=int, default=64)
@@ -611,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         args.duration, args.latency_n, args.closed_duration, args.idle_s = 3.0, 40, 3.0, 1.0
 
     names = [n.strip() for n in args.proxies.split(",") if n.strip()]
-    unknown = [n for n in names if n not in STARTERS]
+    unknown = [n for n in names if n not in STARTERS and not n.startswith("pdlb@")]
     if unknown:
         p.error(f"unknown proxies: {unknown}")
     skipped: dict[str, str] = {}
@@ -632,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         f"## pdlb vs peers — {stamp} UTC",
         "",
         f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), Python "
-        f"{platform.python_version()}, pdlb {git_describe()}",
+        f"{platform.python_version()}, pdlb "
+        f"{pdlb_source(args.pdlb_rev).name if args.pdlb_rev else git_describe()}",
         f"- peers: {json.dumps(peer_versions()) if any(n != 'pdlb' for n in names) else '-'}",
         f"- workload: /v1/{'completions' if args.endpoint == 'completions' else 'chat/completions'}"
         f" stream, include_usage, {args.tokens} tokens, mock ITL {args.itl_ms:g} ms; latency "
@@ -694,6 +720,8 @@ def measure_proxy(i: int, name: str, prefill: str, decode: str, mock: Started,
         if name.startswith("pdlb --workers"):
             workers = int(name.rsplit(" ", 1)[1])
             started = start_pdlb(prefill, decode, workdir, args, workers=workers)
+        elif name.startswith("pdlb@"):
+            started = start_pdlb(prefill, decode, workdir, args, rev=name[5:])
         else:
             started = STARTERS[name](prefill, decode, workdir, args)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:

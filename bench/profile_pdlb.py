@@ -146,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--itl-ms", type=float, default=1.0)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--no-perf", action="store_true")
+    p.add_argument("--pdlb-rev", metavar="REV",
+                   help="profile pdlb as of git revision REV instead of the working tree")
     p.add_argument("--out", type=Path, default=cmp.BENCH / "results")
     args = p.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(cmp.dev_python()).parent / "py-spy")
     if not Path(pyspy).exists():
         print("py-spy not found: pip install py-spy", file=sys.stderr)
         return 2
+    version = cmp.pdlb_source(args.pdlb_rev).name if args.pdlb_rev else cmp.git_describe()
     report = [f"## pdlb profile — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-              "", f"- pdlb {cmp.git_describe()}; {os.cpu_count()} CPUs ({cmp.cpu_model()}); "
+              "", f"- pdlb {version}; {os.cpu_count()} CPUs ({cmp.cpu_model()}); "
               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
               f"- load: open loop {args.rate:g} req/s × {args.duration:g} s, /v1/completions "
               f"stream + include_usage, mock ITL {args.itl_ms:g} ms"]
