@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 from lb.errors import ConfigError
 
 POOL_NAMES = ("prefill", "decode")
+FAST_STREAM_DEFAULT = True
+"""``[server] fast_stream`` when the file does not set it (the tests flip it to run the
+proxy tests over both stream paths)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ class ServerConfig:
     long is closed (keep-alive idle time; slowloris protection)."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: how long in-flight requests may take to finish before they are cut."""
+    fast_stream: bool = True
+    """Relay streamed decode answers through pdlb's own HTTP/1.1 client (lb/fastclient.py),
+    chunk by chunk inside the socket callbacks; false: through aiohttp's client."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +349,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         body_timeout_s=s.number("body_timeout_s", 30.0, minimum=0.01),
         client_idle_timeout_s=s.number("client_idle_timeout_s", 60.0, minimum=0.01),
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
+        fast_stream=s.get("fast_stream", bool, FAST_STREAM_DEFAULT),
     )
     s.finish()
 

@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
+from aiohttp.http_writer import StreamWriter
 
 from lb.admission import Admission, Ticket
 from lb.config import Config
@@ -45,6 +46,7 @@ from lb.errors import (
     UpstreamError,
     error_payload,
 )
+from lb.fastclient import DRAIN, GONE, PIECE, RAW, SETTLE, Event, FastClient, Pipe
 from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.pool import Backend, Pool
@@ -411,6 +413,11 @@ class Proxy:
         headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
         pending: _PendingPrefill | None,
     ) -> web.StreamResponse:
+        fast = self.upstream.fast
+        if (fast is not None and self.config.server.fast_stream
+                and http.version == aiohttp.HttpVersion11 and fast.supports(url)):
+            return await self._relay_stream_fast(
+                fast, http, request, url, body, headers, prefill, started, pending)
         sent = time.monotonic()
         async with self.upstream.open_stream(url, body, headers, what=f"decode {url}") as upstream:
             self.metrics.handoff.observe(time.monotonic() - sent)
@@ -480,6 +487,116 @@ class Proxy:
                 if relay is not None and relay.rewrites:
                     self.metrics.usage_rewrites.inc()
             await response.write_eof()
+        self.metrics.decode.observe(time.monotonic() - sent)
+        return response
+
+    async def _relay_stream_fast(
+        self, fast: FastClient, http: web.Request, request: ProxyRequest, url: str,
+        body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None,
+        started: float, pending: _PendingPrefill | None,
+    ) -> web.StreamResponse:
+        """:meth:`_relay_stream` through lb/fastclient.py: the body is relayed inside the
+        socket callbacks; this coroutine wakes only for what needs an await."""
+        sent = time.monotonic()
+        upstream = await fast.post(url, body, headers, timeout_s=self.timeouts.first_byte_s,
+                                   what=f"decode {url}")
+        pipe: Pipe | None = None
+        relay: SSERelay | None = None
+        try:
+            self.metrics.handoff.observe(time.monotonic() - sent)
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Request-Id": request.request_id,
+                    "X-Accel-Buffering": "no",
+                }
+            )
+            writer = await response.prepare(http)
+            # Raw chunked writes are only right on a plain chunked HTTP/1.1 response.
+            direct_ok = (isinstance(writer, StreamWriter) and writer.chunked
+                         and writer.length is None and writer.transport is not None
+                         and "Content-Encoding" not in response.headers)
+            if pending is not None:
+                pending.responding.set()
+            relay = SSERelay(prefill) if prefill is not None or pending is not None else None
+            needs_settle = None
+            if pending is not None and relay is not None:
+                live = relay
+
+                def needs_settle(data: bytes) -> bool:
+                    return live.prefill is None and live.may_hold_final_usage(data)
+
+            pipe = Pipe(upstream, relay.feed if relay is not None else None, needs_settle,
+                        self.timeouts.first_byte_s, self.timeouts.idle_s)
+            pipe.start()
+            first = True
+            try:
+                finished = False
+                while not finished:
+                    event: Event | None = await pipe.next()
+                    while event is not None:
+                        kind, value = event
+                        event = None
+                        if kind == RAW:
+                            event = pipe.process(value)
+                        elif kind == PIECE:
+                            await response.write(value)
+                            if first:
+                                first = False
+                                self._ttft[request.endpoint].observe(time.monotonic() - started)
+                                if direct_ok and isinstance(writer, StreamWriter) \
+                                        and writer.transport is not None:
+                                    pipe.go_direct(writer.transport, writer.protocol)
+                        elif kind == DRAIN:
+                            assert isinstance(writer, StreamWriter)
+                            async with asyncio.timeout(self.timeouts.idle_s):
+                                await writer.drain()
+                        elif kind == SETTLE:
+                            assert relay is not None and pending is not None
+                            relay.prefill = await pending.settle()
+                            event = pipe.process(value)
+                        elif kind == GONE:
+                            raise ConnectionResetError("the client went away")
+                        else:  # END
+                            if value is not None:
+                                raise value
+                            finished = True
+                    pipe.unblock_if_idle()
+                if relay is not None:
+                    tail = relay.flush()
+                    if tail:
+                        await response.write(tail)
+                    done = relay.saw_done
+                else:
+                    done = pipe.done_marker
+                if not done:
+                    raise UpstreamError(
+                        "decode stream ended before [DONE]", code="truncated_stream"
+                    )
+            except (ClientConnectionResetError, ConnectionResetError):
+                # The client went away: close (not release) the decode connection so vLLM
+                # aborts the request and frees its KV.
+                self.metrics.client_disconnects.labels(phase="stream").inc()
+                upstream.close()
+                return response
+            except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
+                upstream.close()
+                message, code = _describe_stream_failure(exc)
+                log.warning("request %s: %s", request.request_id, message)
+                self.metrics.stream_errors.labels(code=code).inc()
+                await _finish_with_error(response, message, code)
+                self.metrics.decode.observe(time.monotonic() - sent)
+                return response
+            await response.write_eof()
+        finally:
+            # A response not read to its end is closed here (cancellation included); one
+            # that was is back in the pool already and this does nothing.
+            upstream.close()
+            if pipe is not None:
+                pipe.close()
+            if relay is not None and relay.rewrites:
+                self.metrics.usage_rewrites.inc()
         self.metrics.decode.observe(time.monotonic() - sent)
         return response
 

@@ -28,6 +28,7 @@ from lb.errors import (
     PdlbError,
     UpstreamError,
 )
+from lb.fastclient import FastClient, http_error
 
 log = logging.getLogger("pdlb.upstream")
 
@@ -57,15 +58,7 @@ def translate_errors(what: str) -> Iterator[None]:
 
 async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> BackendHTTPError:
     body = await resp.read()
-    message = f"{what}: backend answered {resp.status}"
-    try:
-        detail = orjson.loads(body)["error"]["message"]
-        message += f": {detail}"
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        pass
-    return BackendHTTPError(
-        message, status=resp.status, raw_body=body, content_type=resp.content_type
-    )
+    return http_error(resp.status, body, resp.content_type, what)
 
 
 class Upstream:
@@ -74,8 +67,11 @@ class Upstream:
     def __init__(self, timeouts: TimeoutsConfig) -> None:
         self.timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
+        self.fast: FastClient | None = None
+        """The raw HTTP/1.1 client of the streamed decode leg (``[server] fast_stream``)."""
 
     async def start(self) -> None:
+        self.fast = FastClient(self.timeouts.connect_s)
         connector = aiohttp.TCPConnector(
             limit=0,  # admission control bounds concurrency, not the pool
             ttl_dns_cache=300,
@@ -90,6 +86,9 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
+            self.fast = None
         if self._session is not None:
             await self._session.close()
             self._session = None
