@@ -85,8 +85,9 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     """On SIGTERM: how long in-flight requests may take to finish before they are cut."""
     fast_stream: bool = True
-    """Relay streamed decode answers through pdlb's own HTTP/1.1 client (lb/fastclient.py),
-    chunk by chunk inside the socket callbacks; false: through aiohttp's client."""
+    """Talk to plain-http backends through pdlb's own HTTP/1.1 client (lb/fastclient.py):
+    streamed decode answers relayed chunk by chunk inside the socket callbacks, JSON legs
+    without aiohttp's client; false: everything through aiohttp's client."""
 
 
 @dataclass(frozen=True, slots=True)

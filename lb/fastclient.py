@@ -440,6 +440,17 @@ class FastClient:
                    timeout_s: float, what: str) -> FastResponse:
         """POST and return the response once its head arrived (status < 400), within
         ``timeout_s``. A 4xx/5xx raises BackendHTTPError after reading its body."""
+        response, _ = await self._exchange(url, body, headers, timeout_s, what, False)
+        return response
+
+    async def post_read(self, url: str, body: bytes, headers: Mapping[str, str], *,
+                        timeout_s: float, what: str) -> bytes:
+        """POST and return the whole body of a status < 400 answer, within ``timeout_s``."""
+        _, raw = await self._exchange(url, body, headers, timeout_s, what, True)
+        return raw
+
+    async def _exchange(self, url: str, body: bytes, headers: Mapping[str, str],
+                        timeout_s: float, what: str, read: bool) -> tuple[FastResponse, bytes]:
         target = self.target(url)
         if target is None:
             raise UpstreamError(f"{what}: not a plain http URL", code="backend_error")
@@ -467,6 +478,13 @@ class FastClient:
                         response.close()
                         raise
                     raise http_error(response.status, raw, response.content_type, what)
+                raw = b""
+                if read:
+                    try:
+                        raw = await response.read()
+                    except BaseException:
+                        response.close()
+                        raise
         except TimeoutError as exc:
             raise BackendTimeout(f"{what}: timed out", code="backend_timeout") from exc
         except (_Lost, aiohttp.ClientPayloadError, ConnectionError) as exc:
@@ -476,7 +494,7 @@ class FastClient:
         except _BadResponse as exc:
             raise UpstreamError(f"{what}: ClientResponseError: {exc}",
                                 code="backend_error") from exc
-        return response
+        return response, raw
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
                        what: str) -> _Conn:

@@ -64,8 +64,10 @@ async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> Backe
 class Upstream:
     """The app's single client session and the two ways pdlb calls a backend."""
 
-    def __init__(self, timeouts: TimeoutsConfig) -> None:
+    def __init__(self, timeouts: TimeoutsConfig, *, fast_json: bool = False) -> None:
         self.timeouts = timeouts
+        self.fast_json = fast_json
+        """POST legs with a JSON answer (prefill, non-streamed decode) through :attr:`fast`."""
         self._session: aiohttp.ClientSession | None = None
         self.fast: FastClient | None = None
         """The raw HTTP/1.1 client of the streamed decode leg (``[server] fast_stream``)."""
@@ -103,12 +105,16 @@ class Upstream:
         self, url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float, what: str
     ) -> dict[str, Any]:
         """POST a JSON body and return the decoded JSON object; any error status raises."""
-        with translate_errors(what):
-            async with asyncio.timeout(timeout_s):
-                async with self.session.post(url, data=body, headers=headers) as resp:
-                    if resp.status >= 400:
-                        raise await _error_from_response(resp, what)
-                    raw = await resp.read()
+        fast = self.fast
+        if self.fast_json and fast is not None and fast.supports(url):
+            raw = await fast.post_read(url, body, headers, timeout_s=timeout_s, what=what)
+        else:
+            with translate_errors(what):
+                async with asyncio.timeout(timeout_s):
+                    async with self.session.post(url, data=body, headers=headers) as resp:
+                        if resp.status >= 400:
+                            raise await _error_from_response(resp, what)
+                        raw = await resp.read()
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

@@ -234,7 +234,8 @@ async def test_fast_path_is_taken_and_reuses_decode_connections(pair, start_pdlb
         assert events[-1] == "[DONE]"
     assert upstream.fast is not None
     pools = list(upstream.fast._pools.values())
-    assert [len(pool) for pool in pools] == [1]  # one decode connection, kept alive
+    # one prefill and one decode connection, each kept alive for all three requests
+    assert [len(pool) for pool in pools] == [1, 1]
 
 
 async def test_fast_stream_off_uses_aiohttp(pair, start_pdlb, http, monkeypatch):
