@@ -25,11 +25,11 @@ Definitions (also printed under each table):
   measured interleaved (proxy request, direct request, alternating, same client process),
   so machine noise hits both alike. TTFT = until the first SSE ``data:`` bytes of the
   answer; E2E = until its last byte. The direct row shows absolute values.
-* CPU ms/req = the proxy process tree's utime+stime (from /proc) during the open-loop run
-  with 64-token streams ÷ requests completed. µs/chunk = that ÷ 64 (how the issue quotes
-  it). "marginal µs/chunk" = (CPU/req at 64 tokens − CPU/req at 8 tokens) ÷ 56, and
-  "fixed ms/req" = CPU/req at 64 − 64 × marginal: the split between per-request and
-  per-chunk work.
+* CPU ms/req = the proxy process tree's CPU time (/proc/PID/task/*/schedstat, every
+  thread) during the open-loop run with 64-token streams ÷ requests completed.
+  µs/chunk = that ÷ 64 (how the issue quotes it). "marginal µs/chunk" = (CPU/req at 64
+  tokens − CPU/req at 8 tokens) ÷ 56, and "fixed ms/req" = CPU/req at 64 − 64 × marginal:
+  the split between per-request and per-chunk work.
 * max req/s = requests completed correctly per second at concurrency 64 (closed loop), with
   the mock streaming as fast as it can (ITL 0, still one write per event). Client, mock and
   proxy share this machine's 2 cores; the direct row shows the ceiling the client and mock
