@@ -146,6 +146,7 @@ class FastResponse:
     def close(self) -> None:
         """Abandon the response: the connection is closed unless it was already released."""
         conn, self._conn = self._conn, None
+        self._ended = True  # the consumer left: no end callback
         if conn is not None and conn.response is self:
             conn.abort()
 
@@ -249,6 +250,9 @@ class _Conn(asyncio.Protocol):
     def abort(self) -> None:
         self.closed = True
         self._drop_from_pool()
+        response, self.response = self.response, None
+        if response is not None:  # cut by us: never a complete body, whatever the framing
+            response._end(aiohttp.ClientPayloadError("Response payload is not completed"))
         if self.transport is not None:
             self.transport.abort()
 
@@ -545,7 +549,7 @@ class Pipe:
     reading resumes once the handler has worked through the queue.
     """
 
-    __slots__ = ("_error", "_last", "_loop", "_queue", "_started", "_timer", "_waiter",
+    __slots__ = ("_last", "_loop", "_queue", "_started", "_timer", "_waiter",
                  "blocked", "client_protocol", "client_transport", "direct", "done_marker",
                  "first_byte_s", "got_data", "idle_s", "needs_settle", "response",
                  "transform")
@@ -568,7 +572,6 @@ class Pipe:
         self._loop = asyncio.get_running_loop()
         self._queue: collections.deque[Event] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
         self._started = self._loop.time()
         self._last = self._started
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(
@@ -595,7 +598,12 @@ class Pipe:
         if self.blocked:
             self._push((RAW, data))
             return
-        event = self.process(data)
+        try:
+            event = self.process(data)
+        except Exception as exc:  # never let it escape into the transport's callback
+            self._push((END, exc))
+            self.response.close()
+            return
         if event is not None:
             self.blocked = True
             self.response.pause()
@@ -640,6 +648,7 @@ class Pipe:
         """Resume reading once the handler has no queued event left."""
         if self.blocked and not self._queue:
             self.blocked = False
+            self._last = self._loop.time()  # the idle clock restarts with reading
             self.response.resume()
 
     def close(self) -> None:
@@ -661,8 +670,8 @@ class Pipe:
             deadline = (self._last + self.idle_s) if self.got_data \
                 else (self._started + self.first_byte_s)
             if self._loop.time() >= deadline:
-                self.response.close()
                 self._push((END, TimeoutError()))
+                self.response.close()
                 return
         self._timer = self._loop.call_at(deadline, self._check_timeout)
 
