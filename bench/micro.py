@@ -71,7 +71,7 @@ class _NullTransport:
         return 0
 
 
-def cases() -> dict[str, Callable[[], object]]:
+def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
     from lb.connectors.base import PrefillResult
     from lb.connectors.nixl import NixlConnector
     from lb.pool import Backend
@@ -96,7 +96,6 @@ def cases() -> dict[str, Callable[[], object]]:
     out["chunk: relay.feed(final usage event + [DONE]) incl. rewrite"] = final
     out["chunk: no relay, b'data: [DONE]' in chunk"] = lambda: b"data: [DONE]" in MIDDLE
 
-    loop = asyncio.new_event_loop()
     try:
         from aiohttp.http_writer import StreamWriter
 
@@ -202,16 +201,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     results = {}
-    for name, fn in cases().items():
-        if args.only and not any(w in name for w in args.only):
-            continue
-        try:
-            results[name] = bench(fn, args.repeat)
-        except Exception as exc:  # pdlb's internals moved: say which case, go on
-            print(f"  skipped  {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            continue
-        if not args.json:
-            print(f"{results[name]:9.2f} µs  {name}", flush=True)
+    loop = asyncio.new_event_loop()
+    try:
+        all_cases = cases(loop)
+        for name, fn in all_cases.items():
+            if args.only and not any(w in name for w in args.only):
+                continue
+            try:
+                results[name] = bench(fn, args.repeat)
+            except Exception as exc:  # pdlb's internals moved: say which case, go on
+                print(f"  skipped  {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            if not args.json:
+                print(f"{results[name]:9.2f} µs  {name}", flush=True)
+    finally:
+        loop.close()
     if args.json:
         print(json.dumps({"loadavg": os.getloadavg(), "us_per_op": results}, indent=1))
     else:

@@ -4,6 +4,7 @@ should, and pdlb passes every check of the comparison harness end to end (small 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -174,3 +175,17 @@ def test_table_renders_ratios_and_correctness() -> None:
     assert "| pdlb | +0.50 / +1.00 |" in text and "1.500" in text
     assert "pdlb / vllm-router: CPU per request (and per chunk) 1.50x" in compare.ratios(
         results, args)
+
+
+def test_micro_benchmark_cases_all_run() -> None:
+    """bench/micro.py calls pdlb's internals directly: fail here when one of them moves."""
+    import micro
+
+    loop = asyncio.new_event_loop()
+    try:
+        cases = micro.cases(loop)
+        assert len(cases) > 20
+        for fn in cases.values():
+            fn()
+    finally:
+        loop.close()
