@@ -596,6 +596,36 @@ def ratios(results: list[Measured], args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def noise(runs: list[list[Measured]]) -> str:
+    """How much each proxy's numbers moved between runs (the only honest error bar here)."""
+    if len(runs) < 2:
+        return "Noise: one run only; run at least twice to see it."
+    lines = ["### Noise between runs", "",
+             "| proxy | CPU ms/req (min–max, spread) | added TTFT p50 ms (min–max) |",
+             "|---|---|---|"]
+    names = [m.name for m in runs[0] if m.name != "direct"]
+    for name in names:
+        cpus, ttfts = [], []
+        for run in runs:
+            by = {m.name: m for m in run}
+            m, d = by.get(name), by.get("direct")
+            if m is None or m.error:
+                continue
+            c = cpu_per_req(m.rate64)
+            if c is not None:
+                cpus.append(c)
+            base = m.latency.get("direct") or (d.latency if d else None)
+            a = m.latency.get("ttft_ms", {}).get("p50")
+            if base is not None and a is not None and base["ttft_ms"]["p50"] is not None:
+                ttfts.append(a - base["ttft_ms"]["p50"])
+        if not cpus:
+            continue
+        spread = (max(cpus) - min(cpus)) / min(cpus) * 100
+        ttft = f"{min(ttfts):+.2f} – {max(ttfts):+.2f}" if ttfts else "–"
+        lines.append(f"| {name} | {min(cpus):.3f} – {max(cpus):.3f} ({spread:.0f}%) | {ttft} |")
+    return "\n".join(lines)
+
+
 def render_run(i: int, results: list[Measured], args: argparse.Namespace) -> str:
     return (f"### Run {i}\n\n{table(results, args)}\n\n{ratios(results, args)}\n\n"
             f"<details><summary>run {i} details</summary>\n\n"
@@ -631,7 +661,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="vLLM's tests/v1/kv_connector/nixl_integration/toy_proxy_server.py")
     p.add_argument("--out", type=Path, default=BENCH / "results")
     p.add_argument("--skip-install", action="store_true")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only re-print the tables and noise of a saved compare-*.json")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        runs = [[Measured(**m) for m in run] for run in saved["runs"]]
+        print("\n".join(saved["header"]) + "\n")
+        for i, run in enumerate(runs, 1):
+            print(render_run(i, run, args))
+        print(noise(runs))
+        return 0
     if args.quick:
         args.duration, args.latency_n, args.closed_duration, args.idle_s = 3.0, 40, 3.0, 1.0
 
@@ -676,9 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(1, args.runs + 1):
             runs.append(_run_with_mock(i, names, args, workdir))
             print(render_run(i, runs[-1], args), flush=True)
+    print(noise(runs), flush=True)
     header.append(f"- load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     doc = "\n".join(header) + "\n\n" + "\n".join(
-        render_run(i, r, args) for i, r in enumerate(runs, 1)) + "\n" + (
+        render_run(i, r, args) for i, r in enumerate(runs, 1)) + "\n" + noise(runs) + "\n" + (
         __doc__.split("Definitions (also printed under each table):", 1)[1])
     md = args.out / f"compare-{stamp}.md"
     md.write_text(doc)

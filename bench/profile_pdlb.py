@@ -12,7 +12,9 @@ Starts bench/mock_backend.py and ``pdlb serve`` (stock, one process), then:
    made it) and prints the top frames by self and by inclusive share, converted to
    µs per request with the unprofiled CPU/request;
 3. with ``perf`` on PATH, records the same load with ``perf record`` and prints the share
-   of kernel vs. each user-space library (how much is syscalls/TCP, how much is CPython).
+   of kernel vs. each user-space library (how much is syscalls/TCP, how much is CPython);
+4. at concurrency 1, interleaved with the direct path, the client-seen added TTFT next to
+   pdlb's own stage histograms (token counting, prefill leg, decode headers, its TTFT).
 
 The report also goes to ``bench/results/profile-<UTC time>.md``.
 """
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             info = json.loads(mock_proc.popen.stdout.readline())
             pdlb = cmp.start_pdlb(info["prefill"], info["decode"], workdir, args)
             try:
-                report += profile(pdlb, args, pyspy, workdir)
+                direct = ["--direct", info["prefill"], info["decode"]]
+                report += profile(pdlb, args, pyspy, workdir, direct)
+                report += ttft_breakdown(pdlb, direct, args)
             finally:
                 pdlb.stop()
         finally:
@@ -210,8 +214,54 @@ def _rate(url: str, tokens: int, args: argparse.Namespace, pids: list[int]
     return cpu * 1000 / max(1, int(r["ok"])), r
 
 
-def profile(pdlb: cmp.Started, args: argparse.Namespace, pyspy: str, workdir: Path
-            ) -> list[str]:
+STAGES = {
+    "pdlb_ttft_seconds": "pdlb's own TTFT: handler start → first event written",
+    "pdlb_tokenize_duration_seconds": "token counting",
+    "pdlb_prefill_duration_seconds": "prefill leg: request sent → answer read and parsed",
+    "pdlb_handoff_duration_seconds": "decode leg: request sent → response headers",
+}
+
+
+def _histogram_sums(url: str) -> dict[str, tuple[float, float]]:
+    """name -> (sum, count) over all label sets, for the histograms in STAGES."""
+    _, raw = cmp.http_call(url + "/metrics")
+    out: dict[str, list[float]] = {name: [0.0, 0.0] for name in STAGES}
+    for line in raw.decode().splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        base = name.split("{", 1)[0]
+        for stage in STAGES:
+            if base == stage + "_sum":
+                out[stage][0] += float(value)
+            elif base == stage + "_count":
+                out[stage][1] += float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def ttft_breakdown(pdlb: cmp.Started, direct: list[str], args: argparse.Namespace
+                   ) -> list[str]:
+    """Concurrency 1, proxy and direct interleaved; pdlb's stage histograms over the run."""
+    before = _histogram_sums(pdlb.url)
+    r = cmp.run_client("latency", ["--url", pdlb.url, *direct],
+                       ["--n", "200", "--warmup", "20", "--tokens", str(args.tokens)], 600)
+    after = _histogram_sums(pdlb.url)
+    d = r["direct"]
+    out = ["", "TTFT at concurrency 1 (200 requests, interleaved with the direct path):", "",
+           "| | ms |", "|---|---:|",
+           f"| client-seen TTFT p50 through pdlb | {r['ttft_ms']['p50']:.3f} |",
+           f"| client-seen TTFT p50 direct (prefill + decode from the client) | "
+           f"{d['ttft_ms']['p50']:.3f} |",
+           f"| added by pdlb (p50 − p50) | {r['ttft_ms']['p50'] - d['ttft_ms']['p50']:+.3f} |"]
+    for stage, label in STAGES.items():
+        total, count = (after[stage][0] - before[stage][0], after[stage][1] - before[stage][1])
+        if count:
+            out.append(f"| mean {label} | {total / count * 1000:.3f} |")
+    return out
+
+
+def profile(pdlb: cmp.Started, args: argparse.Namespace, pyspy: str, workdir: Path,
+            direct: list[str]) -> list[str]:
     pids = pdlb.pids()
     cmp.run_client("latency", ["--url", pdlb.url], ["--n", "20", "--warmup", "20"], 120)
     per64, r64 = _rate(pdlb.url, args.tokens, args, pids)

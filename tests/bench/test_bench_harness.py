@@ -175,6 +175,10 @@ def test_table_renders_ratios_and_correctness() -> None:
     assert "| pdlb | +0.50 / +1.00 |" in text and "1.500" in text
     assert "pdlb / vllm-router: CPU per request (and per chunk) 1.50x" in compare.ratios(
         results, args)
+    again = [measured("direct", 1.0, 0.0), measured("pdlb", 1.7, 1.32),
+             measured("vllm-router", 1.3, 0.8)]
+    spread = compare.noise([results, again])
+    assert "| pdlb | 1.500 – 1.650 (10%) | +0.50 – +0.70 |" in spread
 
 
 def test_micro_benchmark_cases_all_run() -> None:
