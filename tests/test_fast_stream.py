@@ -28,6 +28,7 @@ from tests.fake_vllm import run_app
 # ------------------------------------------------------------------ the aiohttp path, again
 from tests.test_concurrent_connector import *  # noqa: F403  (collected again, fast_stream off)
 from tests.test_faults import *  # noqa: F403
+from tests.test_pd_emulator import *  # noqa: F403
 from tests.test_proxy_edges import *  # noqa: F403
 from tests.test_proxy_edges import pair, sse_events
 
@@ -35,9 +36,16 @@ from tests.test_proxy_edges import pair, sse_events
 @pytest.fixture(autouse=True)
 def _legacy_path_for_reimported_tests(request: pytest.FixtureRequest,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests imported from other modules run here with the aiohttp stream path."""
+    """Tests imported from other modules run here with the aiohttp stream path.
+    (test_concurrent_connector's autouse ``twin`` fixture comes along: it only registers
+    its test connector.)"""
     if request.function.__module__ != __name__:
         monkeypatch.setattr(lb.config, "FAST_STREAM_DEFAULT", False)
+
+        async def forbidden(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the fast client was used with fast_stream = false")
+
+        monkeypatch.setattr(FastClient, "_exchange", forbidden)
 
 
 # ------------------------------------------------------------------ parser (no sockets)
