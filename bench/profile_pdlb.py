@@ -71,6 +71,8 @@ CATEGORIES = [
      ("Upstream.post_json (",)),
     ("decode leg request (Upstream.open_stream)", ("Upstream.open_stream (",)),
     ("client request parse (lb/request.py)", ("lb/request.py",)),
+    ("fast decode path (lb/fastclient.py: upstream reads, relay loop, send() to the client)",
+     ("lb/fastclient.py",)),
     ("health checks and /metrics scrapes (lb/health.py, lb/scrape.py)",
      ("lb/health.py", "lb/scrape.py")),
     ("other pdlb code (lb/, policies/)", ("lb/", "policies/")),
