@@ -421,14 +421,7 @@ class Proxy:
         sent = time.monotonic()
         async with self.upstream.open_stream(url, body, headers, what=f"decode {url}") as upstream:
             self.metrics.handoff.observe(time.monotonic() - sent)
-            response = web.StreamResponse(
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache",
-                    "X-Request-Id": request.request_id,
-                    "X-Accel-Buffering": "no",
-                }
-            )
+            response = _sse_response(request)
             await response.prepare(http)
             if pending is not None:
                 pending.responding.set()
@@ -477,11 +470,7 @@ class Proxy:
                 upstream.close()
                 return response
             except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
-                message, code = _describe_stream_failure(exc)
-                log.warning("request %s: %s", request.request_id, message)
-                self.metrics.stream_errors.labels(code=code).inc()
-                await _finish_with_error(response, message, code)
-                self.metrics.decode.observe(time.monotonic() - sent)
+                await self._stream_failed(response, request, exc, sent)
                 return response
             finally:
                 if relay is not None and relay.rewrites:
@@ -504,14 +493,7 @@ class Proxy:
         relay: SSERelay | None = None
         try:
             self.metrics.handoff.observe(time.monotonic() - sent)
-            response = web.StreamResponse(
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache",
-                    "X-Request-Id": request.request_id,
-                    "X-Accel-Buffering": "no",
-                }
-            )
+            response = _sse_response(request)
             writer = await response.prepare(http)
             # Raw chunked writes are only right on a plain chunked HTTP/1.1 response.
             direct_ok = (isinstance(writer, StreamWriter) and writer.chunked
@@ -582,11 +564,7 @@ class Proxy:
                 return response
             except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
                 upstream.close()
-                message, code = _describe_stream_failure(exc)
-                log.warning("request %s: %s", request.request_id, message)
-                self.metrics.stream_errors.labels(code=code).inc()
-                await _finish_with_error(response, message, code)
-                self.metrics.decode.observe(time.monotonic() - sent)
+                await self._stream_failed(response, request, exc, sent)
                 return response
             await response.write_eof()
         finally:
@@ -601,6 +579,15 @@ class Proxy:
         return response
 
     # ----------------------------------------------------------------- helpers
+    async def _stream_failed(self, response: web.StreamResponse, request: ProxyRequest,
+                             exc: BaseException, sent: float) -> None:
+        """The stream broke after the 200 went out: say so in-band, then [DONE]."""
+        message, code = _describe_stream_failure(exc)
+        log.warning("request %s: %s", request.request_id, message)
+        self.metrics.stream_errors.labels(code=code).inc()
+        await _finish_with_error(response, message, code)
+        self.metrics.decode.observe(time.monotonic() - sent)
+
     async def _read_body(self, http: web.Request) -> bytes:
         try:
             async with asyncio.timeout(self.config.server.body_timeout_s):
@@ -689,6 +676,15 @@ def _may_have_consumed_kv(exc: UpstreamError) -> bool:
     have pulled the prefill's KV, so a retry needs a fresh prefill."""
     return (exc.status >= 500 and exc.status != 504
             and not isinstance(exc, BackendConnectError | BackendUnavailable))
+
+
+def _sse_response(request: ProxyRequest) -> web.StreamResponse:
+    return web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Request-Id": request.request_id,
+        "X-Accel-Buffering": "no",
+    })
 
 
 def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:
