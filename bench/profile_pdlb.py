@@ -16,7 +16,8 @@ Starts bench/mock_backend.py and ``pdlb serve`` (stock, one process), then:
 4. at concurrency 1, interleaved with the direct path, the client-seen added TTFT next to
    pdlb's own stage histograms (token counting, prefill leg, decode headers, its TTFT).
 
-The report also goes to ``bench/results/profile-<UTC time>.md``.
+The report also goes to ``bench/results/profile-<UTC time>.md``, next to py-spy's collapsed
+stacks (``*.pyspy-collapsed.txt``: flamegraph.pl or speedscope read them).
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ def profile(pdlb: cmp.Started, args: argparse.Namespace, pyspy: str, workdir: Pa
            f"({per64 * 1000 / args.tokens:.1f} µs/chunk if divided), {per8:.3f} ms at 8 tokens "
            f"→ marginal {marginal:.1f} µs/chunk, fixed {per64 - args.tokens * marginal / 1000:.3f}"
            f" ms/request; {r64['ok']} ok, {r64['errors']} errors", ""]
-    raw = workdir / "pdlb.raw"
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / f"profile-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.pyspy-collapsed.txt"
     spy = subprocess.Popen([pyspy, "record", "-r", str(SAMPLE_HZ), "--nonblocking", "-f", "raw",
                             "-o", str(raw),
                             "--pid", str(pids[0]), "-d", str(int(args.duration) + 1)],
