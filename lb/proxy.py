@@ -122,9 +122,12 @@ class Proxy:
         request = parse_request(raw, endpoint, headers)
         self._check_max_tokens(request)
 
-        t = time.perf_counter()
-        prompt_tokens = await self.tokenizer.count(endpoint, request.body)
-        self.metrics.tokenize.observe(time.perf_counter() - t)
+        if self._exact_count_needed():
+            t = time.perf_counter()
+            prompt_tokens = await self.tokenizer.count(endpoint, request.body)
+            self.metrics.tokenize.observe(time.perf_counter() - t)
+        else:
+            prompt_tokens = self.tokenizer.estimate(endpoint, request.body)
         limit = self.config.server.max_prompt_tokens
         if limit is not None and prompt_tokens > limit:
             raise InvalidRequest(
@@ -157,6 +160,15 @@ class Proxy:
                                                   started, deadline)
         self._e2e[endpoint].observe(time.monotonic() - started)
         return response
+
+    def _exact_count_needed(self) -> bool:
+        """Whether a limit depends on the exact prompt count (see [tokenizer] count)."""
+        return (self.config.tokenizer.count == "always"
+                or self.config.server.max_prompt_tokens is not None
+                or self.resilience.direct_decode_below_tokens > 0
+                or self.admission.has_budget()
+                or self.prefill_pool.has_token_limits
+                or self.decode_pool.has_token_limits)
 
     def _skip_prefill(self, prompt_tokens: int) -> bool:
         """Conditional disaggregation: short prompts, or a dead prefill pool when allowed."""

@@ -347,3 +347,23 @@ async def test_backend_serving_another_model_is_kept_out(start_pdlb, http):
             async with http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as r:
                 assert r.status == 200
         assert len(other.requests) == 0 and len(good.requests) == 6
+
+
+@pytest.mark.parametrize(
+    "extra,counted",
+    [
+        ({}, False),  # no limit depends on the count: estimate, no tokenizer on the path
+        ({"tokenizer": {"count": "always"}}, True),
+        ({"server": {"port": 0, "max_prompt_tokens": 10_000}}, True),
+        ({"pools": {"decode": {"max_inflight_tokens": 100_000}}}, True),
+    ],
+)
+async def test_exact_count_only_when_a_limit_needs_it(pair, start_pdlb, http, extra, counted):
+    p, d, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du], **extra))
+    async with http.post(url + "/v1/completions", json={"prompt": "hello " * 50,
+                                                         "max_tokens": 2}) as r:
+        assert r.status == 200
+    async with http.get(url + "/metrics") as r:
+        text = await r.text()
+    assert ("pdlb_tokenize_duration_seconds_count 1.0" in text) is counted
