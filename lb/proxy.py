@@ -487,7 +487,7 @@ class Proxy:
             finally:
                 if relay is not None and relay.rewrites:
                     self.metrics.usage_rewrites.inc()
-            await response.write_eof()
+            await self._end_stream(response)
         self.metrics.decode.observe(time.monotonic() - sent)
         return response
 
@@ -578,7 +578,7 @@ class Proxy:
                 upstream.close()
                 await self._stream_failed(response, request, exc, sent)
                 return response
-            await response.write_eof()
+            await self._end_stream(response)
         finally:
             # A response not read to its end is closed here (cancellation included); one
             # that was is back in the pool already and this does nothing.
@@ -591,6 +591,13 @@ class Proxy:
         return response
 
     # ----------------------------------------------------------------- helpers
+    async def _end_stream(self, response: web.StreamResponse) -> None:
+        """The terminating chunk; a client that left just before it is not an error."""
+        try:
+            await response.write_eof()
+        except (ClientConnectionResetError, ConnectionResetError):
+            self.metrics.client_disconnects.labels(phase="stream_end").inc()
+
     async def _stream_failed(self, response: web.StreamResponse, request: ProxyRequest,
                              exc: BaseException, sent: float) -> None:
         """The stream broke after the 200 went out: say so in-band, then [DONE]."""

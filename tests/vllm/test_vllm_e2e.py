@@ -269,17 +269,28 @@ def test_vllm_errors_pass_through(client):
 def test_client_disconnect_frees_both_servers(client, pair, pdlb_url):
     """Closing a stream mid-way aborts the decode request; nothing stays running anywhere."""
     prefill, decode = pair
-    tokens_before = metric(decode, "vllm:generation_tokens_total")
-    stream = client.completions.create(model=MODEL_NAME, prompt="Tell a very long story.",
-                                       max_tokens=1500, stream=True, extra_body=IGNORE_EOS)
-    received = 0
-    for chunk in stream:
-        received += len(chunk.choices)
-        if received >= 5:
+    # The tiny model decodes fast: on a starved machine the whole answer can be generated and
+    # relayed into socket buffers before this client has read 5 chunks, and then there is no
+    # "mid-way" left to test (vLLM's running gauge lags and still says 1). Such an attempt
+    # proves nothing either way, so it is retried; three in a row fail the test.
+    for _attempt in range(3):
+        tokens_before = metric(decode, "vllm:generation_tokens_total")
+        stream = client.completions.create(model=MODEL_NAME, prompt="Tell a very long story.",
+                                           max_tokens=2000, stream=True, extra_body=IGNORE_EOS)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.choices)
+            if received >= 5:
+                break
+        inflight = pdlb_inflight(pdlb_url)
+        if inflight["pdlb_pool_inflight_requests{pool=decode}"] == 1:
             break
+        stream.close()
+        wait_for(lambda b=tokens_before: metric(decode, "vllm:generation_tokens_total") - b >= 2000,
+                 10, f"vLLM finishing the stream pdlb had released ({inflight})")
+    else:
+        pytest.fail("the stream finished before the client could disconnect, 3 times")
     assert metric(decode, "vllm:num_requests_running") == 1
-    inflight = pdlb_inflight(pdlb_url)
-    assert inflight["pdlb_pool_inflight_requests{pool=decode}"] == 1, inflight
     stream.close()
     for url in (decode, prefill):
         wait_for(lambda u=url: metric(u, "vllm:num_requests_running") == 0
@@ -288,7 +299,7 @@ def test_client_disconnect_frees_both_servers(client, pair, pdlb_url):
     wait_for(lambda: metric(prefill, "vllm:kv_cache_usage_perc") == 0, 10,
              "prefill KV blocks released")
     generated = metric(decode, "vllm:generation_tokens_total") - tokens_before
-    assert generated < 1000, f"decode went on generating after the disconnect: {generated}"
+    assert generated < 1500, f"decode went on generating after the disconnect: {generated}"
 
 
 async def final_usage(stream) -> openai.types.CompletionUsage | None:
