@@ -19,6 +19,7 @@ and exits when they have all exited.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import signal
 import socket
@@ -57,13 +58,24 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _die_with_parent() -> None:
+    """In each worker, before exec: get SIGTERM when the parent dies, even by SIGKILL, so
+    workers are never orphaned (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
     """Start ``workers`` copies of ``pdlb serve`` (``argv`` minus --workers) on one port."""
     holder = _reserve_port(config.server.host, config.server.port)
     port = holder.getsockname()[1]
     base = [sys.executable, "-m", "lb.cli", "serve", *argv, "--port", str(port),
             "--worker-share", str(workers), "--reuse-port"]
-    children = [subprocess.Popen(base, stdout=subprocess.PIPE, text=True)
+    children = [subprocess.Popen(base, stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=_die_with_parent)
                 for _ in range(workers)]
     url = ""
     try:

@@ -57,3 +57,33 @@ async def test_two_workers_serve_one_port_and_stop_together():
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (/proc is memory, not disk: reading it does not block)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_die_with_a_killed_parent():
+    """SIGKILL on the parent leaves no orphaned worker behind."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lb.cli", "serve", "--prefill", "http://127.0.0.1:9",
+        "--decode", "http://127.0.0.1:9", "--port", "0", "--workers", "2",
+        "--log-level", "error", stdout=asyncio.subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), 30)
+    pgrep = await asyncio.create_subprocess_exec(
+        "pgrep", "-P", str(proc.pid), stdout=asyncio.subprocess.PIPE)
+    children = [int(p) for p in (await pgrep.communicate())[0].split()]
+    assert len(children) == 2
+    proc.kill()
+    await proc.wait()
+    for _ in range(100):
+        alive = [p for p in children if _running(p)]
+        if not alive:
+            break
+        await asyncio.sleep(0.05)
+    assert not alive, f"orphaned workers: {alive}"
