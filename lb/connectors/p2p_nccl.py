@@ -44,10 +44,10 @@ from lb.connectors.base import (
     ConnectorOptionError,
     Dispatch,
     PrefillResult,
-    one_token_prefill_body,
     prefill_result,
 )
 from lb.connectors.options import ConnectorOptions, check_host_port
+from lb.connectors.plain import plain_decode_body, plain_prefill_body
 from lb.errors import PrefillFailed
 from lb.pool import Backend
 from lb.request import ProxyRequest
@@ -97,9 +97,7 @@ class P2pNcclConnector:
         return Dispatch(request_id, prefill, decode)
 
     def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
-        body = one_token_prefill_body(request)
-        body.pop("kv_transfer_params", None)
-        return body
+        return plain_prefill_body(request)
 
     def accept_prefill(self, response: Mapping[str, Any], dispatch: Dispatch) -> PrefillResult:
         return prefill_result(response)
@@ -107,6 +105,4 @@ class P2pNcclConnector:
     def decode_body(
         self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
-        body = dict(request.body)
-        body.pop("kv_transfer_params", None)
-        return body
+        return plain_decode_body(request)

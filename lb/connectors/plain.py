@@ -34,6 +34,20 @@ from lb.connectors.options import ConnectorOptions
 from lb.request import ProxyRequest
 
 
+def plain_prefill_body(request: ProxyRequest) -> dict[str, Any]:
+    """One-token prefill with no handshake fields (the KV travels out of band)."""
+    body = one_token_prefill_body(request)
+    body.pop("kv_transfer_params", None)
+    return body
+
+
+def plain_decode_body(request: ProxyRequest) -> dict[str, Any]:
+    """The client's body, minus any handshake fields a client may have sent."""
+    body = dict(request.body)
+    body.pop("kv_transfer_params", None)
+    return body
+
+
 class SharedStorageConnector:
     """vLLM's ExampleConnector (``kv_connector = "ExampleConnector"``, shared_storage_path)."""
 
@@ -47,9 +61,7 @@ class SharedStorageConnector:
         ConnectorOptions(self.name, options, keys={})
 
     def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
-        body = one_token_prefill_body(request)
-        body.pop("kv_transfer_params", None)
-        return body
+        return plain_prefill_body(request)
 
     def accept_prefill(self, response: Mapping[str, Any], dispatch: Dispatch) -> PrefillResult:
         return prefill_result(response)
@@ -57,9 +69,7 @@ class SharedStorageConnector:
     def decode_body(
         self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
-        body = dict(request.body)
-        body.pop("kv_transfer_params", None)
-        return body
+        return plain_decode_body(request)
 
 
 class LMCacheConnector(SharedStorageConnector):
