@@ -18,6 +18,7 @@ from aiohttp import web
 from lb.admin import Reloader, admin_routes, apply_reload, state
 from lb.admission import Admission
 from lb.auth import client_auth_middleware
+from lb.clientside import AiohttpSide
 from lb.config import Config
 from lb.connectors.base import ConnectorStartup
 from lb.connectors.registry import build_connector
@@ -111,7 +112,10 @@ def _completion_handler(endpoint: Endpoint) -> Handler:
             raise InvalidRequest(
                 f"Content-Type must be application/json, got {request.content_type}",
                 code="unsupported_media_type", status=415)
-        return await request.app[PROXY].handle(request, endpoint)
+        client = AiohttpSide(request)
+        await request.app[PROXY].handle(client, endpoint)
+        assert client.response is not None  # the proxy answers or raises
+        return client.response
 
     return handle
 

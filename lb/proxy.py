@@ -29,11 +29,10 @@ from collections.abc import Mapping
 
 import aiohttp
 import orjson
-from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
-from aiohttp.http_writer import StreamWriter
 
 from lb.admission import Admission, Ticket
+from lb.clientside import ClientSide
 from lb.config import Config
 from lb.connectors.base import UNKNOWN_PREFILL, Connector, Dispatch, PrefillResult
 from lb.errors import (
@@ -101,7 +100,7 @@ class Proxy:
         self._direct = metrics.direct_decode
 
     # ----------------------------------------------------------------- the journey
-    async def handle(self, http: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def handle(self, client: ClientSide, endpoint: Endpoint) -> None:
         limit = self.config.server.max_concurrent_requests
         if limit is not None and self.active_requests >= limit:
             self.metrics.rejections.labels(stage="server", reason="too_many_requests").inc()
@@ -110,15 +109,15 @@ class Proxy:
                              retry_after_s=1.0)
         self.active_requests += 1
         try:
-            return await self._handle(http, endpoint)
+            await self._handle(client, endpoint)
         finally:
             self.active_requests -= 1
 
-    async def _handle(self, http: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def _handle(self, client: ClientSide, endpoint: Endpoint) -> None:
         started = time.monotonic()
         deadline = started + self.resilience.retry_budget_s
-        raw = await self._read_body(http)
-        headers = {k.lower(): v for k, v in http.headers.items()}
+        raw = await self._read_body(client)
+        headers = client.headers
         request = parse_request(raw, endpoint, headers)
         self._check_max_tokens(request)
 
@@ -150,16 +149,12 @@ class Proxy:
             if direct:
                 ticket.release("prefill")
                 self._direct.inc()
-                response = await self._decode_only(http, request, route, headers, started,
-                                                   deadline)
+                await self._decode_only(client, request, route, started, deadline)
             elif self.connector.concurrent:
-                response = await self._concurrent(http, request, route, headers, ticket,
-                                                  started, deadline)
+                await self._concurrent(client, request, route, ticket, started, deadline)
             else:
-                response = await self._sequential(http, request, route, headers, ticket,
-                                                  started, deadline)
+                await self._sequential(client, request, route, ticket, started, deadline)
         self._e2e[endpoint].observe(time.monotonic() - started)
-        return response
 
     def _exact_count_needed(self) -> bool:
         """Whether a limit depends on the exact prompt count (see [tokenizer] count)."""
@@ -179,9 +174,9 @@ class Proxy:
 
     # ----------------------------------------------------------------- strategies
     async def _sequential(
-        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
-        client_headers: Mapping[str, str], ticket: Ticket, started: float, deadline: float,
-    ) -> web.StreamResponse:
+        self, client: ClientSide, request: ProxyRequest, route: RouteRequest, ticket: Ticket,
+        started: float, deadline: float,
+    ) -> None:
         """Prefill, then decode with what it returned. Decode retries before the first byte:
         same handoff when the connector allows it and the decode was never reached; else a
         fresh prefill first (the KV may have been consumed)."""
@@ -192,23 +187,22 @@ class Proxy:
             decode_backend = (self._pick(self.decode_pool, _for_leg(route, "decode"), tried)
                               if self.connector.decode_first else None)
             if handoff is None:
-                handoff = await self._prefill(request, route, client_headers, deadline,
+                handoff = await self._prefill(request, route, client.headers, deadline,
                                               decode_backend)
                 ticket.release("prefill")
                 if handoff is None:  # prefill pool down and decode_only fallback allowed
                     self._direct.inc()
-                    return await self._decode_only(http, request, route, client_headers,
-                                                   started, deadline)
+                    return await self._decode_only(client, request, route, started, deadline)
                 route = self._corrected(route, handoff[0], ticket)
             prefill, dispatch = handoff
             backend = decode_backend or self._pick(self.decode_pool, _for_leg(route, "decode"),
                                                    tried)
             tried.append(backend)
             body = dumps(self.connector.decode_body(request, dispatch, prefill))
-            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id,
+            headers = self._leg_headers(self.decode_pool, client.headers, dispatch.request_id,
                                         dispatch.decode_headers)
             try:
-                return await self._decode_once(http, request, _for_leg(route, "decode"),
+                return await self._decode_once(client, request, _for_leg(route, "decode"),
                                                backend, body, headers, prefill, started)
             except (BackendConnectError, _RedoPrefill) as exc:
                 error = _cause(exc)
@@ -221,9 +215,9 @@ class Proxy:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _concurrent(
-        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
-        client_headers: Mapping[str, str], ticket: Ticket, started: float, deadline: float,
-    ) -> web.StreamResponse:
+        self, client: ClientSide, request: ProxyRequest, route: RouteRequest, ticket: Ticket,
+        started: float, deadline: float,
+    ) -> None:
         """Both legs at once. A leg that fails before the decode's first byte cancels the
         other and the pair is retried with a fresh dispatch; the client leaving cancels both."""
         prefill_tried: list[Backend] = []
@@ -238,15 +232,15 @@ class Proxy:
             dispatch = self.connector.new_dispatch(request, prefill_backend, decode_backend)
             prefill_task = asyncio.create_task(self._prefill_once(
                 request, route, dispatch,
-                self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id,
+                self._leg_headers(self.prefill_pool, client.headers, dispatch.request_id,
                                   dispatch.prefill_headers)))
             prefill_task.add_done_callback(lambda _: ticket.release("prefill"))
             pending = _PendingPrefill(prefill_task, self.timeouts.prefill_s)
             body = dumps(self.connector.decode_body(request, dispatch, None))
-            headers = self._leg_headers(self.decode_pool, client_headers, dispatch.request_id,
+            headers = self._leg_headers(self.decode_pool, client.headers, dispatch.request_id,
                                         dispatch.decode_headers)
             decode_task = asyncio.create_task(self._decode_once(
-                http, request, decode_route, decode_backend, body, headers, None, started,
+                client, request, decode_route, decode_backend, body, headers, None, started,
                 pending))
             try:
                 done, _ = await asyncio.wait({prefill_task, decode_task},
@@ -271,20 +265,20 @@ class Proxy:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _decode_only(
-        self, http: web.Request, request: ProxyRequest, route: RouteRequest,
-        client_headers: Mapping[str, str], started: float, deadline: float,
-    ) -> web.StreamResponse:
+        self, client: ClientSide, request: ProxyRequest, route: RouteRequest, started: float,
+        deadline: float,
+    ) -> None:
         """No prefill hop: the decode backend computes the prompt itself."""
         tried: list[Backend] = []
         body = dumps(request.body)
-        headers = self._leg_headers(self.decode_pool, client_headers, request.request_id)
+        headers = self._leg_headers(self.decode_pool, client.headers, request.request_id)
         decode_route = _for_leg(route, "decode")
         attempts = self.resilience.decode_attempts
         for attempt in range(1, attempts + 1):
             backend = self._pick(self.decode_pool, decode_route, tried)
             tried.append(backend)
             try:
-                return await self._decode_once(http, request, decode_route, backend, body,
+                return await self._decode_once(client, request, decode_route, backend, body,
                                                headers, None, started)
             except (BackendConnectError, _RedoPrefill) as exc:
                 error = _cause(exc)
@@ -365,10 +359,10 @@ class Proxy:
 
     # ----------------------------------------------------------------- decode leg
     async def _decode_once(
-        self, http: web.Request, request: ProxyRequest, route: RouteRequest, backend: Backend,
+        self, client: ClientSide, request: ProxyRequest, route: RouteRequest, backend: Backend,
         body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
         pending: _PendingPrefill | None = None,
-    ) -> web.StreamResponse:
+    ) -> None:
         """One decode attempt. ``pending`` (concurrent connectors) is the prefill still in
         flight: its usage is awaited only when the final usage event needs it."""
         url = backend.url + request.path
@@ -376,16 +370,15 @@ class Proxy:
             ok = False
             try:
                 if request.stream:
-                    response = await self._relay_stream(
-                        http, request, url, body, headers, prefill, started, pending
+                    await self._relay_stream(
+                        client, request, url, body, headers, prefill, started, pending
                     )
                 else:
-                    response = await self._relay_json(
-                        request, url, body, headers, prefill, started, pending
+                    await self._relay_json(
+                        client, request, url, body, headers, prefill, started, pending
                     )
                 ok = True
                 self.health.report_success(backend)
-                return response
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(
                     pool="decode", backend=backend.url, kind=exc.code or "error").inc()
@@ -398,9 +391,10 @@ class Proxy:
                 self.decode_pool.finished(route, backend, ok, time.monotonic() - lease.started)
 
     async def _relay_json(
-        self, request: ProxyRequest, url: str, body: bytes, headers: Mapping[str, str],
-        prefill: PrefillResult | None, started: float, pending: _PendingPrefill | None,
-    ) -> web.Response:
+        self, client: ClientSide, request: ProxyRequest, url: str, body: bytes,
+        headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
+        pending: _PendingPrefill | None,
+    ) -> None:
         sent = time.monotonic()
         data = await self.upstream.post_json(
             url, body, headers, timeout_s=self.timeouts.first_byte_s, what=f"decode {url}"
@@ -413,28 +407,22 @@ class Proxy:
         if prefill is not None and rewrite_response_usage(data, prefill):
             self.metrics.usage_rewrites.inc()
         data.pop("kv_transfer_params", None)
-        response = web.Response(
-            body=orjson.dumps(data), content_type="application/json",
-            headers={"X-Request-Id": request.request_id},
-        )
+        await client.send_json(200, orjson.dumps(data), {"X-Request-Id": request.request_id})
         self._ttft[request.endpoint].observe(time.monotonic() - started)
-        return response
 
     async def _relay_stream(
-        self, http: web.Request, request: ProxyRequest, url: str, body: bytes,
+        self, client: ClientSide, request: ProxyRequest, url: str, body: bytes,
         headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
         pending: _PendingPrefill | None,
-    ) -> web.StreamResponse:
+    ) -> None:
         fast = self.upstream.fast
-        if (fast is not None and self.config.server.fast_stream
-                and http.version == aiohttp.HttpVersion11 and fast.supports(url)):
+        if fast is not None and self.config.server.fast_stream and fast.supports(url):
             return await self._relay_stream_fast(
-                fast, http, request, url, body, headers, prefill, started, pending)
+                fast, client, request, url, body, headers, prefill, started, pending)
         sent = time.monotonic()
         async with self.upstream.open_stream(url, body, headers, what=f"decode {url}") as upstream:
             self.metrics.handoff.observe(time.monotonic() - sent)
-            response = _sse_response(request)
-            await response.prepare(http)
+            await client.start_stream({"X-Request-Id": request.request_id})
             if pending is not None:
                 pending.responding.set()
             relay = SSERelay(prefill) if prefill is not None or pending is not None else None
@@ -462,14 +450,14 @@ class Proxy:
                                 continue
                         elif not done and b"data: [DONE]" in data:
                             done = True
-                        await response.write(data)
+                        await client.write(data)
                         if first:
                             first = False
                             self._ttft[request.endpoint].observe(time.monotonic() - started)
                     if relay is not None:
                         tail = relay.flush()
                         if tail:
-                            await response.write(tail)
+                            await client.write(tail)
                         done = relay.saw_done
                 if not done:
                     raise UpstreamError(
@@ -480,22 +468,21 @@ class Proxy:
                 # aborts the request and frees its KV.
                 self.metrics.client_disconnects.labels(phase="stream").inc()
                 upstream.close()
-                return response
+                return
             except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
-                await self._stream_failed(response, request, exc, sent)
-                return response
+                await self._stream_failed(client, request, exc, sent)
+                return
             finally:
                 if relay is not None and relay.rewrites:
                     self.metrics.usage_rewrites.inc()
-            await self._end_stream(response)
+            await self._end_stream(client)
         self.metrics.decode.observe(time.monotonic() - sent)
-        return response
 
     async def _relay_stream_fast(
-        self, fast: FastClient, http: web.Request, request: ProxyRequest, url: str,
+        self, fast: FastClient, client: ClientSide, request: ProxyRequest, url: str,
         body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None,
         started: float, pending: _PendingPrefill | None,
-    ) -> web.StreamResponse:
+    ) -> None:
         """:meth:`_relay_stream` through lb/fastclient.py: the body is relayed inside the
         socket callbacks; this coroutine wakes only for what needs an await."""
         sent = time.monotonic()
@@ -505,12 +492,7 @@ class Proxy:
         relay: SSERelay | None = None
         try:
             self.metrics.handoff.observe(time.monotonic() - sent)
-            response = _sse_response(request)
-            writer = await response.prepare(http)
-            # Raw chunked writes are only right on a plain chunked HTTP/1.1 response.
-            direct_ok = (isinstance(writer, StreamWriter) and writer.chunked
-                         and writer.length is None and writer.transport is not None
-                         and "Content-Encoding" not in response.headers)
+            await client.start_stream({"X-Request-Id": request.request_id})
             if pending is not None:
                 pending.responding.set()
             relay = SSERelay(prefill) if prefill is not None or pending is not None else None
@@ -535,17 +517,16 @@ class Proxy:
                         if kind == RAW:
                             event = pipe.process(value)
                         elif kind == PIECE:
-                            await response.write(value)
+                            await client.write(value)
                             if first:
                                 first = False
                                 self._ttft[request.endpoint].observe(time.monotonic() - started)
-                                if direct_ok and isinstance(writer, StreamWriter) \
-                                        and writer.transport is not None:
-                                    pipe.go_direct(writer.transport, writer.protocol)
+                                target = client.direct()
+                                if target is not None:
+                                    pipe.go_direct(*target)
                         elif kind == DRAIN:
-                            assert isinstance(writer, StreamWriter)
                             async with asyncio.timeout(self.timeouts.idle_s):
-                                await writer.drain()
+                                await client.drain()
                         elif kind == SETTLE:
                             assert relay is not None and pending is not None
                             relay.prefill = await pending.settle()
@@ -560,7 +541,7 @@ class Proxy:
                 if relay is not None:
                     tail = relay.flush()
                     if tail:
-                        await response.write(tail)
+                        await client.write(tail)
                     done = relay.saw_done
                 else:
                     done = pipe.done_marker
@@ -573,12 +554,12 @@ class Proxy:
                 # aborts the request and frees its KV.
                 self.metrics.client_disconnects.labels(phase="stream").inc()
                 upstream.close()
-                return response
+                return
             except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
                 upstream.close()
-                await self._stream_failed(response, request, exc, sent)
-                return response
-            await self._end_stream(response)
+                await self._stream_failed(client, request, exc, sent)
+                return
+            await self._end_stream(client)
         finally:
             # A response not read to its end is closed here (cancellation included); one
             # that was is back in the pool already and this does nothing.
@@ -588,29 +569,28 @@ class Proxy:
             if relay is not None and relay.rewrites:
                 self.metrics.usage_rewrites.inc()
         self.metrics.decode.observe(time.monotonic() - sent)
-        return response
 
     # ----------------------------------------------------------------- helpers
-    async def _end_stream(self, response: web.StreamResponse) -> None:
+    async def _end_stream(self, client: ClientSide) -> None:
         """The terminating chunk; a client that left just before it is not an error."""
         try:
-            await response.write_eof()
+            await client.end()
         except (ClientConnectionResetError, ConnectionResetError):
             self.metrics.client_disconnects.labels(phase="stream_end").inc()
 
-    async def _stream_failed(self, response: web.StreamResponse, request: ProxyRequest,
+    async def _stream_failed(self, client: ClientSide, request: ProxyRequest,
                              exc: BaseException, sent: float) -> None:
         """The stream broke after the 200 went out: say so in-band, then [DONE]."""
         message, code = _describe_stream_failure(exc)
         log.warning("request %s: %s", request.request_id, message)
         self.metrics.stream_errors.labels(code=code).inc()
-        await _finish_with_error(response, message, code)
+        await _finish_with_error(client, message, code)
         self.metrics.decode.observe(time.monotonic() - sent)
 
-    async def _read_body(self, http: web.Request) -> bytes:
+    async def _read_body(self, client: ClientSide) -> bytes:
         try:
             async with asyncio.timeout(self.config.server.body_timeout_s):
-                return await http.read()
+                return await client.body()
         except TimeoutError:
             raise InvalidRequest(
                 f"request body not received within {self.config.server.body_timeout_s:g} s",
@@ -697,15 +677,6 @@ def _may_have_consumed_kv(exc: UpstreamError) -> bool:
             and not isinstance(exc, BackendConnectError | BackendUnavailable))
 
 
-def _sse_response(request: ProxyRequest) -> web.StreamResponse:
-    return web.StreamResponse(headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Request-Id": request.request_id,
-        "X-Accel-Buffering": "no",
-    })
-
-
 def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, PdlbError):
         return exc.message, exc.code or "upstream_error"
@@ -714,11 +685,11 @@ def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:
     return f"decode stream failed: {type(exc).__name__}", "backend_connection_lost"
 
 
-async def _finish_with_error(response: web.StreamResponse, message: str, code: str) -> None:
+async def _finish_with_error(client: ClientSide, message: str, code: str) -> None:
     """After the 200 went out, the only honest end is an SSE error event, then [DONE]."""
     try:
-        await response.write(sse_event(error_payload(message, "upstream_error", code)))
-        await response.write(DONE_EVENT)
-        await response.write_eof()
+        await client.write(sse_event(error_payload(message, "upstream_error", code)))
+        await client.write(DONE_EVENT)
+        await client.end()
     except (ClientConnectionResetError, ConnectionResetError):
         pass

@@ -1,0 +1,110 @@
+"""The client's side of one completion request, whichever HTTP server received it.
+
+pdlb has two: its own lean HTTP/1.1 front (lb/front.py), which serves the completion routes
+of ordinary keep-alive clients with far less work per request, and aiohttp, which serves
+everything else (other routes, HTTP/1.0, chunked or slow request bodies, ``Expect``). The
+proxy talks to the client only through :class:`ClientSide`, so one request path serves both.
+
+The answer goes out either whole (:meth:`ClientSide.send_json`) or as a stream:
+:meth:`~ClientSide.start_stream` (200 + SSE headers, sent with the first piece), then
+:meth:`~ClientSide.write` per piece, :meth:`~ClientSide.end` for the terminating chunk. A
+client that went away makes ``write``/``end`` raise :class:`ConnectionResetError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import HttpVersion11, web
+from aiohttp.http_writer import StreamWriter
+
+SSE_HEADERS: Mapping[str, str] = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class ClientSide(ABC):
+    """One request's client: its headers and body in, its answer out."""
+
+    headers: Mapping[str, str]
+    """Request headers, names in lower case (first value of a repeated header)."""
+
+    @abstractmethod
+    async def body(self) -> bytes:
+        """The whole request body (the caller bounds the wait)."""
+
+    @abstractmethod
+    async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        """A complete ``application/json`` answer."""
+
+    @abstractmethod
+    async def start_stream(self, headers: Mapping[str, str]) -> None:
+        """Commit to a 200 SSE stream; the head leaves with the first :meth:`write`."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """One piece of the stream (a chunk on the wire), waiting while the client is slow."""
+
+    @abstractmethod
+    async def end(self) -> None:
+        """The stream's end (the terminating chunk)."""
+
+    @abstractmethod
+    def direct(self) -> tuple[asyncio.Transport, Any] | None:
+        """After the first write of a chunked stream: the client's transport and protocol
+        (with ``writing_paused``), for relaying chunks inside socket callbacks; None when
+        pieces must go through :meth:`write` (no chunked framing, compression)."""
+
+    @abstractmethod
+    async def drain(self) -> None:
+        """Wait until the client's transport has room again (after direct writes)."""
+
+
+class AiohttpSide(ClientSide):
+    """A request that aiohttp's server received; :attr:`response` is the handler's return."""
+
+    __slots__ = ("_http", "_writer", "headers", "response")
+
+    def __init__(self, http: web.Request) -> None:
+        self._http = http
+        self.headers = {k.lower(): v for k, v in http.headers.items()}
+        self.response: web.StreamResponse | None = None
+        self._writer: Any = None
+
+    async def body(self) -> bytes:
+        return await self._http.read()
+
+    async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        self.response = web.Response(body=body, status=status, content_type="application/json",
+                                     headers=dict(headers))
+
+    async def start_stream(self, headers: Mapping[str, str]) -> None:
+        response = self.response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        self._writer = await response.prepare(self._http)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def direct(self) -> tuple[asyncio.Transport, Any] | None:
+        writer = self._writer
+        response = self.response
+        # Raw chunked writes are only right on a plain chunked HTTP/1.1 response.
+        if (self._http.version == HttpVersion11 and isinstance(writer, StreamWriter)
+                and writer.chunked and writer.length is None and writer.transport is not None
+                and response is not None and "Content-Encoding" not in response.headers):
+            return writer.transport, writer.protocol
+        return None
+
+    async def drain(self) -> None:
+        assert isinstance(self._writer, StreamWriter)
+        await self._writer.drain()
