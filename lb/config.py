@@ -20,6 +20,9 @@ from lb.errors import ConfigError
 
 POOL_NAMES = ("prefill", "decode")
 FAST_STREAM_DEFAULT = True
+FAST_FRONT_DEFAULT = True
+"""``[server] fast_front`` when the file does not set it (the tests flip it to run the
+proxy tests through aiohttp's server too)."""
 """``[server] fast_stream`` when the file does not set it (the tests flip it to run the
 proxy tests over both stream paths)."""
 
@@ -85,6 +88,9 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     """On SIGTERM: how long in-flight requests may take to finish before they are cut."""
     fast_stream: bool = True
+    fast_front: bool = True
+    """Serve ordinary completion requests with pdlb's own HTTP/1.1 front (lb/front.py);
+    false: every request through aiohttp's server."""
     """Talk to plain-http backends through pdlb's own HTTP/1.1 client (lb/fastclient.py):
     streamed decode answers relayed chunk by chunk inside the socket callbacks, JSON legs
     without aiohttp's client; false: everything through aiohttp's client."""
@@ -356,6 +362,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         client_idle_timeout_s=s.number("client_idle_timeout_s", 60.0, minimum=0.01),
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
         fast_stream=s.get("fast_stream", bool, FAST_STREAM_DEFAULT),
+        fast_front=s.get("fast_front", bool, FAST_FRONT_DEFAULT),
     )
     s.finish()
 

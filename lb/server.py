@@ -21,9 +21,10 @@ from typing import Any
 from aiohttp import web
 
 from lb.admin import Reloader
-from lb.app import ADMIN_APP, RELOAD, create_app
+from lb.app import ADMIN_APP, METRICS, PROXY, RELOAD, create_app
 from lb.config import Config
 from lb.errors import ConfigError
+from lb.front import Front, FrontSite
 
 log = logging.getLogger("pdlb.server")
 
@@ -41,8 +42,16 @@ async def start_site(
         keepalive_timeout=config.server.client_idle_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096,
-                       reuse_port=reuse_port or None)
+    site: web.TCPSite
+    if config.server.fast_front:
+        assert runner.server is not None
+        front = Front(config, app[PROXY], app[METRICS], runner.server)
+        site = FrontSite(runner, front, config.server.host, config.server.port, backlog=4096,
+                         reuse_port=reuse_port or None,
+                         drain_s=config.server.drain_timeout_s if drain_s is None else drain_s)
+    else:
+        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096,
+                           reuse_port=reuse_port or None)
     await site.start()
     host, port = runner.addresses[0][:2]
     admin_app = app.get(ADMIN_APP)
