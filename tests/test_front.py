@@ -1,0 +1,261 @@
+"""pdlb's own HTTP/1.1 front (lb/front.py, ``[server] fast_front``).
+
+The proxy test files run through the front (the default); this module tests what only the
+front has — its head parser, keep-alive and pipelining, bodies that arrive late or never,
+the hand-off of everything unusual to aiohttp — over raw sockets, and re-runs the proxy
+test files with ``fast_front = false`` so aiohttp's server path stays covered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+import lb.config
+from lb.front import FrontProtocol, parse_head
+from tests.conftest import make_config
+
+# ------------------------------------------------------------------ aiohttp's server, again
+from tests.test_faults import *  # noqa: F403  (collected again, fast_front off)
+from tests.test_proxy_edges import *  # noqa: F403
+from tests.test_proxy_edges import sse_events
+
+
+@pytest.fixture(autouse=True)
+def _aiohttp_server_for_reimported_tests(request: pytest.FixtureRequest,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests imported from other modules run here with every request on aiohttp's server."""
+    if request.function.__module__ != __name__:
+        monkeypatch.setattr(lb.config, "FAST_FRONT_DEFAULT", False)
+
+        def forbidden(self: FrontProtocol, *args: Any) -> None:
+            raise AssertionError("the front was used with fast_front = false")
+
+        monkeypatch.setattr(FrontProtocol, "connection_made", forbidden)
+
+
+BODY = orjson.dumps({"model": "fake", "prompt": "hello", "max_tokens": 3})
+STREAM_BODY = orjson.dumps({"model": "fake", "prompt": "hello", "max_tokens": 3, "stream": True})
+
+
+def post(path: str = "/v1/completions", body: bytes = BODY, extra: str = "",
+         version: str = "HTTP/1.1") -> bytes:
+    return (f"POST {path} {version}\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class Client:
+    """A raw HTTP/1.1 connection that reads whole responses (Content-Length or chunked)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
+                data = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                body += data[:-2]
+        else:
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    async def closed_by_server(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 5) == b""
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Any]:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def open_(url: str) -> Client:
+        host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writers.append(writer)
+        return Client(reader, writer)
+
+    yield open_
+    for w in writers:
+        w.close()
+
+
+# ------------------------------------------------------------------ the head parser
+def test_parse_head_serves_only_the_common_case() -> None:
+    head = parse_head(post(extra="X-Request-Id: r1\r\nConnection: close\r\n"), 1 << 20)
+    assert head is not None and head.endpoint == "completions" and head.close
+    assert head.headers["x-request-id"] == "r1"
+    assert head.headers["content-type"] == "application/json"
+    chat = parse_head(post("/v1/chat/completions"), 1 << 20)
+    assert chat is not None and chat.endpoint == "chat" and not chat.close
+    for raw in (
+        post("/v1/models"),                                     # another route
+        post("/v1/completions?x=1"),                            # a query string
+        post(version="HTTP/1.0"),
+        post(extra="Transfer-Encoding: chunked\r\n"),
+        post(extra="Expect: 100-continue\r\n"),
+        post(extra="Connection: Upgrade\r\nUpgrade: h2c\r\n"),
+        post(extra="Bad Name: x\r\n"),                          # not a token
+        post(extra="X: a\x01b\r\n"),                            # control character
+        post(extra="Content-Length: 5\r\n"),                    # two lengths
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n",    # no length
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 9",  # head not whole
+        post(body=b"x" * 2000),                                 # over max_body (1000 below)
+    ):
+        assert parse_head(raw, 1000) is None, raw
+
+
+# ------------------------------------------------------------------ served by the front
+async def test_keep_alive_and_pipelining(pair, start_pdlb, connect) -> None:
+    """Three requests on one connection, two of them pipelined in one write; answers come
+    in order and the connection stays open. The front answers without aiohttp's Server
+    header, which tells the two servers apart."""
+    _, d, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du]))
+    c = await connect(url)
+    await c.send(post(extra="X-Request-Id: one\r\n"))
+    status, headers, body = await c.response()
+    assert status == 200 and headers["x-request-id"] == "one" and "server" not in headers
+    assert orjson.loads(body)["choices"][0]["text"] == "t0 t1 t2"
+    await c.send(post(body=STREAM_BODY, extra="X-Request-Id: two\r\n")
+                 + post(extra="X-Request-Id: three\r\n"))
+    status, headers, body = await c.response()
+    assert status == 200 and headers["x-request-id"] == "two"
+    assert headers["content-type"] == "text/event-stream"
+    assert sse_events(body)[-1] == "[DONE]"
+    status, headers, body = await c.response()
+    assert status == 200 and headers["x-request-id"] == "three"
+    assert len(d.requests) == 3
+
+
+async def test_pipelined_other_route_is_handed_to_aiohttp(pair, start_pdlb, connect) -> None:
+    """A completion, then GET /health on the same connection: the front answers the first
+    and hands the connection (with the bytes it holds) to aiohttp for the rest."""
+    _, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du]))
+    c = await connect(url)
+    await c.send(post() + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                 + post(extra="X-Request-Id: after\r\n"))
+    status, headers, _ = await c.response()
+    assert status == 200 and "server" not in headers
+    status, headers, body = await c.response()
+    assert status == 200 and "aiohttp" in headers["server"]
+    status, headers, _ = await c.response()
+    assert status == 200 and headers["x-request-id"] == "after" and "aiohttp" in headers["server"]
+
+
+async def test_body_arriving_after_the_head(pair, start_pdlb, connect) -> None:
+    _, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du]))
+    c = await connect(url)
+    raw = post()
+    await c.send(raw[:-10])
+    await asyncio.sleep(0.1)
+    await c.send(raw[-10:])
+    status, headers, _ = await c.response()
+    assert status == 200 and "server" not in headers
+
+
+async def test_body_that_never_arrives_is_408(pair, start_pdlb, connect) -> None:
+    _, d, pu, du = pair
+    url, app = await start_pdlb(make_config([pu], [du], server={"port": 0,
+                                                               "body_timeout_s": 0.3}))
+    c = await connect(url)
+    await c.send(post()[:-5])
+    status, headers, body = await c.response()
+    assert status == 408 and headers["connection"] == "close"
+    assert orjson.loads(body)["error"]["code"] == "body_timeout"
+    assert await c.closed_by_server()
+    assert not d.requests
+
+
+async def test_connection_close_is_honoured(pair, start_pdlb, connect) -> None:
+    _, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du]))
+    c = await connect(url)
+    await c.send(post(body=STREAM_BODY, extra="Connection: close\r\n"))
+    status, headers, body = await c.response()
+    assert status == 200 and headers["connection"] == "close"
+    assert sse_events(body)[-1] == "[DONE]"
+    assert await c.closed_by_server()
+
+
+async def test_idle_connection_is_closed(pair, start_pdlb, connect) -> None:
+    _, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du], server={"port": 0,
+                                                             "client_idle_timeout_s": 0.3}))
+    c = await connect(url)
+    await c.send(post())
+    assert (await c.response())[0] == 200
+    assert await c.closed_by_server()
+
+
+async def test_errors_are_openai_shaped(pair, start_pdlb, connect) -> None:
+    """Bad JSON, a wrong Content-Type, a missing API key: the same answers as aiohttp's path,
+    and the connection stays usable."""
+    _, d, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du], auth={"api_keys": ["k1"]}))
+    c = await connect(url)
+    key = "Authorization: Bearer k1\r\n"
+    await c.send(post(body=b"{not json", extra=key))
+    status, _, body = await c.response()
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "invalid_json"
+    await c.send(post(extra=key).replace(b"application/json", b"text/plain"))
+    status, _, body = await c.response()
+    assert status == 415 and orjson.loads(body)["error"]["code"] == "unsupported_media_type"
+    await c.send(post(extra="Authorization: Bearer wrong\r\n"))
+    status, _, body = await c.response()
+    assert status == 401 and orjson.loads(body)["error"]["code"] == "invalid_api_key"
+    await c.send(post(extra=key))
+    assert (await c.response())[0] == 200
+    assert len(d.requests) == 1
+
+
+# ------------------------------------------------------------------ handed to aiohttp
+@pytest.mark.parametrize("case", ["chunked", "expect", "http10", "bad_header", "too_large"])
+async def test_unusual_requests_go_to_aiohttp(pair, start_pdlb, connect, case) -> None:
+    _, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du], server={"port": 0,
+                                                             "max_body_bytes": 4096}))
+    c = await connect(url)
+    if case == "chunked":
+        raw = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(BODY), BODY))
+    elif case == "expect":
+        raw = post(extra="Expect: 100-continue\r\n")
+    elif case == "http10":
+        raw = post(version="HTTP/1.0")
+    elif case == "bad_header":
+        raw = post(extra="Bad Name: x\r\n")
+    else:
+        raw = post(body=b"x" * 5000)
+    await c.send(raw)
+    status, headers, body = await c.response()
+    if case == "expect" and status == 100:
+        status, headers, body = await c.response()
+    expected = {"bad_header": 400, "too_large": 413}.get(case, 200)
+    assert status == expected, body
+    if status == 200:
+        assert orjson.loads(body)["choices"][0]["text"] == "t0 t1 t2"
+    if case == "too_large":
+        assert orjson.loads(body)["error"]["code"] == "body_too_large"
+
