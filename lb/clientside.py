@@ -33,6 +33,8 @@ class ClientSide(ABC):
 
     headers: Mapping[str, str]
     """Request headers, names in lower case (first value of a repeated header)."""
+    whole_body: bytes | None = None
+    """The body, when it was read with the head (else :meth:`body` waits for it)."""
 
     @abstractmethod
     async def body(self) -> bytes:

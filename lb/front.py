@@ -144,18 +144,18 @@ def parse_head(buf: bytes, max_body: int) -> Head | None:
 class RawSide(ClientSide):
     """The client of a request the front serves: answers go straight to its transport."""
 
-    __slots__ = ("_body", "_conn", "_stream_head", "headers", "started", "status")
+    __slots__ = ("_conn", "_stream_head", "headers", "started", "status", "whole_body")
 
     def __init__(self, conn: FrontProtocol, headers: dict[str, str], body: bytes) -> None:
         self._conn = conn
         self.headers = headers
-        self._body = body
+        self.whole_body: bytes | None = body
         self._stream_head = b""
         self.started = False
         self.status = 0
 
     async def body(self) -> bytes:
-        return self._body
+        return self.whole_body or b""
 
     async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         self.send_now(status, body, headers)

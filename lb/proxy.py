@@ -195,15 +195,15 @@ class Proxy:
                     return await self._decode_only(client, request, route, started, deadline)
                 route = self._corrected(route, handoff[0], ticket)
             prefill, dispatch = handoff
-            backend = decode_backend or self._pick(self.decode_pool, _for_leg(route, "decode"),
-                                                   tried)
+            decode_route = _for_leg(route, "decode")
+            backend = decode_backend or self._pick(self.decode_pool, decode_route, tried)
             tried.append(backend)
             body = dumps(self.connector.decode_body(request, dispatch, prefill))
             headers = self._leg_headers(self.decode_pool, client.headers, dispatch.request_id,
                                         dispatch.decode_headers)
             try:
-                return await self._decode_once(client, request, _for_leg(route, "decode"),
-                                               backend, body, headers, prefill, started)
+                return await self._decode_once(client, request, decode_route, backend, body,
+                                               headers, prefill, started)
             except (BackendConnectError, _RedoPrefill) as exc:
                 error = _cause(exc)
                 if attempt == attempts or time.monotonic() > deadline:
@@ -588,6 +588,8 @@ class Proxy:
         self.metrics.decode.observe(time.monotonic() - sent)
 
     async def _read_body(self, client: ClientSide) -> bytes:
+        if client.whole_body is not None:  # read with the head: no timer needed
+            return client.whole_body
         try:
             async with asyncio.timeout(self.config.server.body_timeout_s):
                 return await client.body()

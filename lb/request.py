@@ -9,6 +9,8 @@ is passed through to the client unchanged.
 
 from __future__ import annotations
 
+import itertools
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -141,7 +143,7 @@ def parse_request(
 
     user = body.get("user")
     session_key = headers.get("x-session-id") or (user if isinstance(user, str) else None)
-    request_id = headers.get("x-request-id") or f"pdlb-{uuid.uuid4().hex}"
+    request_id = headers.get("x-request-id") or _new_request_id()
     return ProxyRequest(
         endpoint=endpoint,
         body=body,
@@ -152,6 +154,26 @@ def parse_request(
         model=model,
         session_key=session_key,
     )
+
+
+_ID_PREFIX = ""
+
+
+def _fresh_id_prefix() -> None:
+    """A new random prefix; also in a forked child, whose ids must not repeat its parent's."""
+    global _ID_PREFIX
+    _ID_PREFIX = f"pdlb-{uuid.uuid4().hex[:16]}-"
+
+
+_fresh_id_prefix()
+os.register_at_fork(after_in_child=_fresh_id_prefix)
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """Unique per process (a random prefix) and per request (a counter): no syscall and no
+    UUID object per request, as ``uuid4()`` would cost."""
+    return f"{_ID_PREFIX}{next(_id_counter)}"
 
 
 def dumps(obj: Any) -> bytes:
