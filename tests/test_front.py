@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 import lb.config
+import lb.front
 from lb.front import FrontProtocol, parse_head
 from tests.conftest import make_config
 
@@ -259,3 +260,22 @@ async def test_unusual_requests_go_to_aiohttp(pair, start_pdlb, connect, case) -
     if case == "too_large":
         assert orjson.loads(body)["error"]["code"] == "body_too_large"
 
+
+
+async def test_large_body_in_pieces_is_read_by_aiohttp(pair, start_pdlb, connect,
+                                                       monkeypatch) -> None:
+    """A body over BODY_WAIT_LIMIT (1 MiB; 20 kB here, the fake backend takes 1 MiB at most)
+    that does not come with its head: the connection goes to aiohttp with everything read
+    so far, and the request is served whole."""
+    monkeypatch.setattr(lb.front, "BODY_WAIT_LIMIT", 20_000)
+    p, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du]))
+    c = await connect(url)
+    prompt = "word " * 10_000
+    raw = post(body=orjson.dumps({"prompt": prompt, "max_tokens": 2}))
+    await c.send(raw[:30_000])
+    await asyncio.sleep(0.1)
+    await c.send(raw[30_000:])
+    status, headers, body = await c.response()
+    assert status == 200 and "aiohttp" in headers["server"], body[:200]
+    assert p.requests[-1]["body"]["prompt"] == prompt
