@@ -133,6 +133,12 @@ def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
     long_prompt = PARAGRAPH * 5  # ~700 chars, ~130 tokens
     raw = orjson.dumps(_body(long_prompt))
     headers = {"content-type": "application/json"}
+    from lb.front import parse_head
+
+    wire = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+            b"Content-Type: application/json\r\nAccept: */*\r\nUser-Agent: OpenAI/Python\r\n"
+            b"Authorization: Bearer sk-x\r\nContent-Length: %d\r\n\r\n%b" % (len(raw), raw))
+    out["request: front parse_head (6 headers)"] = lambda: parse_head(wire, 1 << 24)
     out["request: parse_request (~130-token prompt)"] = lambda: parse_request(
         raw, "completions", headers)
     request = parse_request(raw, "completions", headers)
@@ -182,7 +188,10 @@ def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
     out["request: counter.labels(...).inc() (unbound)"] = lambda: counter.labels(
         endpoint="completions", status="200").inc()
     import uuid
-    out["request: uuid4().hex (request id)"] = lambda: uuid.uuid4().hex
+
+    from lb.request import _new_request_id
+    out["request: uuid4().hex (the request id before)"] = lambda: uuid.uuid4().hex
+    out["request: _new_request_id (prefix + counter)"] = _new_request_id
     return out
 
 
