@@ -119,6 +119,8 @@ def test_parse_head_serves_only_the_common_case() -> None:
         post(extra="X: a\x01b\r\n"),                            # control character
         post(extra="Content-Length: 5\r\n"),                    # two lengths
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n",    # no length
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",  # not ASCII digits
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 9",  # head not whole
         post(body=b"x" * 2000),                                 # over max_body (1000 below)
     ):
