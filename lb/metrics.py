@@ -1,22 +1,139 @@
 """pdlb's Prometheus metrics: created once per app, in the app's own registry.
 
 Nothing is global (two apps in one process — as in tests — never share counters). In-flight
-gauges are callbacks read at scrape time, so the request path never touches them; the few
-per-request observations use label children bound once.
+gauges are callbacks read at scrape time, so the request path never touches them. Counters
+and histograms are pdlb's own (:class:`Counter`, :class:`Histogram`): plain numbers updated
+without a lock, turned into Prometheus samples only when /metrics is scraped —
+prometheus_client's take a ``threading.Lock`` in every ``inc()``/``observe()``, ~10 times
+per request. That is safe because pdlb updates metrics from its event loop's thread only.
+The per-request observations use label children bound once.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
 )
+
+
+class CounterChild:
+    """One labelled series of a :class:`Counter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramChild:
+    """One labelled series of a :class:`Histogram`: a count per bucket (not cumulative)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: the first bound >= value
+        self.sum += value
+
+
+Child = TypeVar("Child", CounterChild, HistogramChild)
+
+
+class _Family(Generic[Child]):
+    """A named metric with label children; registered in ``registry`` as a collector."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = (), *,
+                 registry: CollectorRegistry) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
+        if not self.labelnames:
+            self._children[()] = self._new_child()  # exported as 0 from the start
+        registry.register(self)  # a Collector: it has collect()
+
+    def _new_child(self) -> Child:
+        raise NotImplementedError
+
+    def labels(self, **values: str) -> Child:
+        """The child for these label values (the same object every time: bind it once)."""
+        if set(values) != set(self.labelnames):
+            raise ValueError(f"{self.name}: labels {sorted(values)} != {list(self.labelnames)}")
+        key = tuple(str(values[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._new_child()
+        return child
+
+    def _only(self) -> Child:
+        if self.labelnames:
+            raise ValueError(f"{self.name} has labels {list(self.labelnames)}: use .labels()")
+        return self._children[()]
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+class Counter(_Family[CounterChild]):
+    """A monotonic counter, exported as ``<name>_total``."""
+
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._only().inc(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for key, child in list(self._children.items()):
+            family.add_metric(key, child.value)
+        yield family
+
+
+class Histogram(_Family[HistogramChild]):
+    """A histogram with fixed bucket bounds (cumulative ``le`` buckets at scrape time)."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = (), *,
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.bounds = tuple(sorted(float(b) for b in buckets))
+        self._le = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+        self._le.append("+Inf")
+        super().__init__(name, doc, labelnames, registry=registry)
+
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
+
+    def observe(self, value: float) -> None:
+        self._only().observe(value)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for key, child in list(self._children.items()):
+            total = 0
+            buckets = []
+            for le, count in zip(self._le, child.counts, strict=True):
+                total += count
+                buckets.append((le, float(total)))
+            family.add_metric(key, buckets, child.sum)
+        yield family
 
 
 class Metrics:

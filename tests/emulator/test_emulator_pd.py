@@ -80,7 +80,9 @@ async def test_decode_pulls_counts_and_matches_colocated_text(emulator, http):
 
 async def test_reused_mismatched_invalid_and_expired_params_recompute(emulator, http):
     """Params that are reused, for another prompt, malformed or expired → local recompute."""
-    p = await emulator(role="prefill", kv_lease_s=2.0)  # 0.1 s of wall time at time_scale 20
+    # 10 s = 0.5 s of wall time at time_scale 20: long enough for the steps before the
+    # expiry check even on a loaded machine, where 0.1 s was not.
+    p = await emulator(role="prefill", kv_lease_s=10.0)
     d = await emulator(role="decode")
     params = (await prefill(http, p.url))["kv_transfer_params"]
     decode = {"prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": params}
@@ -97,8 +99,11 @@ async def test_reused_mismatched_invalid_and_expired_params_recompute(emulator, 
     assert (await post(http, d.url + "/v1/completions", {
         **decode, "kv_transfer_params": broken}))[0] == 200
     late = (await prefill(http, p.url))["kv_transfer_params"]
-    await asyncio.sleep(0.3)
-    assert (await state(http, p.url))["kv_held"] == 0  # the lease ran out
+    for _ in range(100):  # the lease runs out after 0.5 s
+        if (await state(http, p.url))["kv_held"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await state(http, p.url))["kv_held"] == 0
     assert (await post(http, d.url + "/v1/completions", {
         **decode, "kv_transfer_params": late}))[0] == 200
     st = await state(http, d.url)
