@@ -74,7 +74,12 @@ class AiohttpSide(ClientSide):
 
     def __init__(self, http: web.Request) -> None:
         self._http = http
-        self.headers = {k.lower(): v for k, v in http.headers.items()}
+        # The first value of a repeated header, as documented (and as the front and the
+        # auth middleware read it): a later one must not replace the checked one.
+        headers: dict[str, str] = {}
+        for name, value in http.headers.items():
+            headers.setdefault(name.lower(), value)
+        self.headers = headers
         self.response: web.StreamResponse | None = None
         self._writer: Any = None
 

@@ -122,14 +122,16 @@ def parse_head(buf: bytes, max_body: int) -> Head | None:
         value = raw_value.strip(b" \t").decode("latin-1")
         if name in _SPECIAL_HEADERS:
             if name == "content-length":
-                if length >= 0 or not (value.isascii() and value.isdigit()):
+                # int() refuses over 4300 digits (ValueError inside data_received); no
+                # body this front serves needs more than 18.
+                if length >= 0 or len(value) > 18 or not (value.isascii() and value.isdigit()):
                     return None
                 length = int(value)
             elif name == "connection":
                 tokens = {t.strip().lower() for t in value.split(",")}
                 if "upgrade" in tokens:
                     return None
-                close = "close" in tokens
+                close = close or "close" in tokens  # a later Connection header adds to it
             else:  # transfer-encoding, expect, upgrade
                 return None
         if name not in headers:
@@ -238,24 +240,45 @@ class Front:
         self.idle_s = server.client_idle_timeout_s
         self.connections: set[FrontProtocol] = set()
         self.closing = False
+        self._changed: asyncio.Future[None] | None = None
 
     def protocol(self) -> FrontProtocol:
         return FrontProtocol(self)
 
     async def shutdown(self, drain_s: float) -> None:
         """Close idle connections now; let in-flight requests finish within ``drain_s``,
-        then cancel them (their connections close once they end)."""
+        then cancel them (their connections close once they end).
+
+        A request whose body is still arriving is in flight too (aiohttp runs its handler
+        from the head on, and drains it): it is served once the body is in, not dropped."""
         self.closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
         for conn in list(self.connections):
-            if conn.task is None:
+            if conn.idle:
                 conn.close()
-        tasks = [c.task for c in self.connections if c.task is not None]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=drain_s)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+        while (busy := [c for c in self.connections if not c.idle]) \
+                and loop.time() < deadline:
+            # Woken when a task ends, a body completes (a new task) or a connection goes.
+            changed = self._changed = loop.create_future()
+            tasks = [c.task for c in busy if c.task is not None]
+            await asyncio.wait([changed, *tasks], timeout=deadline - loop.time(),
+                               return_when=asyncio.FIRST_COMPLETED)
+            self._changed = None
+        late = [c.task for c in self.connections if c.task is not None]
+        for conn in list(self.connections):
+            if not conn.idle and conn.task is None:
+                conn.close()  # its body never came in time
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    def changed(self) -> None:
+        """A connection started a request or went away: a draining shutdown looks again."""
+        waiter = self._changed
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -276,6 +299,11 @@ class FrontProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
 
+    @property
+    def idle(self) -> bool:
+        """Neither serving a request nor receiving one's body."""
+        return self.task is None and self._head is None
+
     # -- connection events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -289,6 +317,8 @@ class FrontProtocol(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()  # the client left: abort both legs, free the budgets
         self._wake_drain(ConnectionResetError("the client went away"))
+        if self.front.closing:
+            self.front.changed()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -360,6 +390,8 @@ class FrontProtocol(asyncio.Protocol):
         self.close_after = head.close or self.front.closing
         side = RawSide(self, head.headers, body)
         self.task = self._loop.create_task(self._serve(side, head.endpoint))
+        if self.front.closing:
+            self.front.changed()
 
     def _wait_for_body(self, head: Head) -> None:
         self._head = head
@@ -450,6 +482,8 @@ class FrontProtocol(asyncio.Protocol):
         handler = self.front.aiohttp_server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self.writing_paused:  # the transport will not say it again: aiohttp must know
+            handler.pause_writing()
         if self._reading_paused:
             transport.resume_reading()
         handler.data_received(buf)
@@ -499,4 +533,11 @@ class FrontSite(web.TCPSite):
 
     async def stop(self) -> None:
         await super().stop()  # stop accepting
-        await self.front.shutdown(self.drain_s)
+        # The connections handed to aiohttp drain alongside the front's, on the same
+        # deadline (the runner would start on them only after this one: meanwhile their
+        # idle ones would take new requests, and the two drains would add up). The
+        # runner's own pre_shutdown and shutdown then find nothing left to do; pdlb has no
+        # on_shutdown hook that would need to run before the handlers finish.
+        server = self.front.aiohttp_server
+        server.pre_shutdown()
+        await asyncio.gather(self.front.shutdown(self.drain_s), server.shutdown(self.drain_s))

@@ -584,7 +584,14 @@ class Proxy:
         message, code = _describe_stream_failure(exc)
         log.warning("request %s: %s", request.request_id, message)
         self.metrics.stream_errors.labels(code=code).inc()
-        await _finish_with_error(client, message, code)
+        try:
+            # Bounded: a client that stopped reading (often why the stream stalled) must
+            # not pin the request, its decode lease and its admission ticket for ever.
+            async with asyncio.timeout(self.timeouts.idle_s):
+                await _finish_with_error(client, message, code)
+        except TimeoutError:
+            log.warning("request %s: the client is not reading; given up", request.request_id)
+            self.metrics.client_disconnects.labels(phase="not_reading").inc()
         self.metrics.decode.observe(time.monotonic() - sent)
 
     async def _read_body(self, client: ClientSide) -> bytes:
