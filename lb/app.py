@@ -27,7 +27,7 @@ from lb.health import HealthChecker
 from lb.metrics import Metrics
 from lb.pool import Pool
 from lb.proxy import Proxy
-from lb.request import Endpoint
+from lb.request import ENDPOINT_PATHS, Endpoint
 from lb.scrape import LoadScraper
 from lb.tokens import PromptTokenizer, make_counter
 from lb.upstream import Upstream
@@ -47,6 +47,7 @@ RELOAD: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("reload")
 ADMIN_APP = web.AppKey("admin_app", web.Application)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_ROUTE_ENDPOINTS = {path: endpoint for endpoint, path in ENDPOINT_PATHS.items()}
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -70,6 +71,10 @@ def _error_response(exc: PdlbError) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as an OpenAI-shaped JSON error with the right status."""
     metrics = request.app[METRICS]
+    if request.method == "POST" and request.path in _ROUTE_ENDPOINTS:
+        # Set here too, so a request refused before its handler (a bad API key) is counted
+        # in pdlb_requests, as the front counts it.
+        request[ENDPOINT] = _ROUTE_ENDPOINTS[request.path]
     try:
         response = await handler(request)
     except PdlbError as exc:

@@ -281,3 +281,20 @@ async def test_large_body_in_pieces_is_read_by_aiohttp(pair, start_pdlb, connect
     status, headers, body = await c.response()
     assert status == 200 and "aiohttp" in headers["server"], body[:200]
     assert p.requests[-1]["body"]["prompt"] == prompt
+
+
+@pytest.mark.parametrize("fast_front", [True, False])
+async def test_refused_key_is_counted_on_both_servers(pair, start_pdlb, connect,
+                                                      fast_front) -> None:
+    """A request refused for its API key shows in pdlb_requests, whichever server took it."""
+    _, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du], auth={"api_keys": ["k1"]},
+                                          server={"port": 0, "fast_front": fast_front}))
+    c = await connect(url)
+    await c.send(post(extra="Authorization: Bearer wrong\r\n"))
+    status, headers, _ = await c.response()
+    assert status == 401 and ("server" in headers) != fast_front
+    await c.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, text = await c.response()
+    assert status == 200
+    assert b'pdlb_requests_total{endpoint="completions",status="401"} 1.0' in text
