@@ -133,7 +133,7 @@ def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
     long_prompt = PARAGRAPH * 5  # ~700 chars, ~130 tokens
     raw = orjson.dumps(_body(long_prompt))
     headers = {"content-type": "application/json"}
-    from lb.front import parse_head
+    from lb.requesthead import parse_head
 
     wire = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
             b"Content-Type: application/json\r\nAccept: */*\r\nUser-Agent: OpenAI/Python\r\n"

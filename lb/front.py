@@ -15,214 +15,33 @@ close``, a slow body (408 after ``body_timeout_s``), idle connections (closed af
 ``client_idle_timeout_s``), a client leaving mid-request (the request is cancelled, so both
 legs are aborted) and draining on shutdown behave as on aiohttp.
 
-``[server] fast_front = false`` serves everything through aiohttp.
+``[server] fast_front = false`` serves everything through aiohttp. The head parser is
+lb/requesthead.py; answers are written by lb/rawside.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
-import re
-import time
-from collections.abc import Mapping
-from email.utils import formatdate
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import web
 from aiohttp.web_server import Server
 
 from lb.auth import matches
-from lb.clientside import SSE_HEADERS, ClientSide
 from lb.config import Config
 from lb.errors import InvalidRequest, PdlbError, Unauthorized
 from lb.metrics import Metrics
 from lb.proxy import Proxy
+from lb.rawside import RawSide
 from lb.request import Endpoint
+from lb.requesthead import MAX_HEAD_BYTES, Head, parse_head
 
 log = logging.getLogger("pdlb.front")
 
-ROUTES: Mapping[bytes, Endpoint] = {
-    b"/v1/completions": "completions",
-    b"/v1/chat/completions": "chat",
-}
-MAX_HEAD_BYTES = 16384
-"""Larger heads go to aiohttp, which applies its own limits (the same 16 KiB) and errors."""
-_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
-_SPECIAL_HEADERS = frozenset({"content-length", "connection", "transfer-encoding", "expect",
-                              "upgrade"})
 _ACCEPTED_TYPES = ("application/json", "", "application/octet-stream")
 BODY_WAIT_LIMIT = 1 << 20
 """A body longer than this that does not arrive with its head is read by aiohttp."""
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
-
-
-class _Date:
-    """The Date header's value, formatted once a second."""
-
-    __slots__ = ("_second", "_value")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = b""
-
-    def __call__(self) -> bytes:
-        second = int(time.time())
-        if second != self._second:
-            self._second = second
-            self._value = formatdate(second, usegmt=True).encode()
-        return self._value
-
-
-_date = _Date()
-
-
-class Head:
-    """A parsed request head that the front serves itself."""
-
-    __slots__ = ("body_end", "body_start", "close", "endpoint", "headers")
-
-    def __init__(self, endpoint: Endpoint, headers: dict[str, str], body_start: int,
-                 body_end: int, close: bool) -> None:
-        self.endpoint = endpoint
-        self.headers = headers
-        self.body_start = body_start
-        self.body_end = body_end
-        self.close = close
-
-
-def parse_head(buf: bytes, max_body: int) -> Head | None:
-    """The head at the start of ``buf``, or None: not a request this front serves (aiohttp
-    will)."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0 or end > MAX_HEAD_BYTES:
-        return None  # split or huge heads are rare: aiohttp waits for the rest
-    line_end = buf.find(b"\r\n")
-    parts = buf[:line_end].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-        return None
-    endpoint = ROUTES.get(parts[1])
-    if endpoint is None:
-        return None
-    # Every header line at once (C speed): a token, a colon, a value without control bytes.
-    if not _HEADER_LINES.fullmatch(buf, line_end + 2, end + 2):
-        return None
-    headers: dict[str, str] = {}
-    length = -1
-    close = False
-    for line in buf[line_end + 2:end].split(b"\r\n"):
-        raw_name, _, raw_value = line.partition(b":")
-        name = raw_name.decode("ascii").lower()
-        value = raw_value.strip(b" \t").decode("latin-1")
-        if name in _SPECIAL_HEADERS:
-            if name == "content-length":
-                # int() refuses over 4300 digits (ValueError inside data_received); no
-                # body this front serves needs more than 18.
-                if length >= 0 or len(value) > 18 or not (value.isascii() and value.isdigit()):
-                    return None
-                length = int(value)
-            elif name == "connection":
-                tokens = {t.strip().lower() for t in value.split(",")}
-                if "upgrade" in tokens:
-                    return None
-                close = close or "close" in tokens  # a later Connection header adds to it
-            else:  # transfer-encoding, expect, upgrade
-                return None
-        if name not in headers:
-            headers[name] = value
-    if length < 0 or length > max_body:
-        return None  # aiohttp answers a missing length or a too-large body its way
-    start = end + 4
-    return Head(endpoint, headers, start, start + length, close)
-
-
-class RawSide(ClientSide):
-    """The client of a request the front serves: answers go straight to its transport."""
-
-    __slots__ = ("_conn", "_stream_head", "headers", "started", "status", "whole_body")
-
-    def __init__(self, conn: FrontProtocol, headers: dict[str, str], body: bytes) -> None:
-        self._conn = conn
-        self.headers = headers
-        self.whole_body: bytes | None = body
-        self._stream_head = b""
-        self.started = False
-        self.status = 0
-
-    async def body(self) -> bytes:
-        return self.whole_body or b""
-
-    async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
-        self.send_now(status, body, headers)
-
-    def send_now(self, status: int, body: bytes, headers: Mapping[str, str],
-                 close: bool = False) -> None:
-        conn = self._conn
-        self.status = status
-        self.started = True
-        if close:
-            conn.close_after = True
-        head = [b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                % (status, _reason(status), len(body))]
-        for name, value in headers.items():
-            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
-        head.append(b"Date: %b\r\n%b\r\n" % (_date(), b"Connection: close\r\n"
-                                              if conn.close_after else b""))
-        transport = conn.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(b"".join(head) + body)
-
-    async def start_stream(self, headers: Mapping[str, str]) -> None:
-        self.status = 200
-        self.started = True
-        head = [b"HTTP/1.1 200 OK\r\n"]
-        for name, value in {**SSE_HEADERS, **headers}.items():
-            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
-        head.append(b"Transfer-Encoding: chunked\r\nDate: %b\r\n%b\r\n" % (
-            _date(), b"Connection: close\r\n" if self._conn.close_after else b""))
-        self._stream_head = b"".join(head)
-        # The head leaves with the first piece when that is ready in this same loop turn
-        # (one send instead of two), else on its own right after: a client sees the 200
-        # as soon as the decode accepted the request, as with aiohttp.
-        asyncio.get_running_loop().call_soon(self._flush_head)
-
-    def _flush_head(self) -> None:
-        head, self._stream_head = self._stream_head, b""
-        transport = self._conn.transport
-        if head and transport is not None and not transport.is_closing():
-            transport.write(head)
-
-    async def write(self, data: bytes) -> None:
-        if not data:
-            return  # an empty chunk would end the stream
-        transport = self._conn.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        head, self._stream_head = self._stream_head, b""
-        transport.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
-        if self._conn.writing_paused:
-            await self._conn.drain()
-
-    async def end(self) -> None:
-        transport = self._conn.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        head, self._stream_head = self._stream_head, b""
-        transport.write(head + b"0\r\n\r\n")
-
-    def direct(self) -> tuple[asyncio.Transport, Any] | None:
-        if self._stream_head or self._conn.transport is None:
-            return None  # nothing written yet: the head must go first
-        return self._conn.transport, self._conn
-
-    async def drain(self) -> None:
-        await self._conn.drain()
 
 
 class Front:

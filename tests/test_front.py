@@ -17,7 +17,8 @@ import pytest
 
 import lb.config
 import lb.front
-from lb.front import FrontProtocol, parse_head
+from lb.front import FrontProtocol
+from lb.requesthead import parse_head
 from tests.conftest import make_config
 
 # ------------------------------------------------------------------ aiohttp's server, again

@@ -1,0 +1,133 @@
+"""The client's side of a request that pdlb's front serves: answers written straight to its
+transport, hand-framed (status line, a few headers, chunked SSE), no aiohttp objects."""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import time
+from collections.abc import Mapping
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from lb.clientside import SSE_HEADERS, ClientSide
+
+
+class Connection(Protocol):
+    """What a :class:`RawSide` needs of its connection (lb/front.py's FrontProtocol)."""
+
+    transport: asyncio.Transport | None
+    writing_paused: bool
+    close_after: bool
+
+    async def drain(self) -> None: ...
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(second, usegmt=True).encode()
+        return self._value
+
+
+_date = _Date()
+
+
+class RawSide(ClientSide):
+    """The client of a request the front serves: answers go straight to its transport."""
+
+    __slots__ = ("_conn", "_stream_head", "headers", "started", "status", "whole_body")
+
+    def __init__(self, conn: Connection, headers: dict[str, str], body: bytes) -> None:
+        self._conn = conn
+        self.headers = headers
+        self.whole_body: bytes | None = body
+        self._stream_head = b""
+        self.started = False
+        self.status = 0
+
+    async def body(self) -> bytes:
+        return self.whole_body or b""
+
+    async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        self.send_now(status, body, headers)
+
+    def send_now(self, status: int, body: bytes, headers: Mapping[str, str],
+                 close: bool = False) -> None:
+        conn = self._conn
+        self.status = status
+        self.started = True
+        if close:
+            conn.close_after = True
+        head = [b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                % (status, _reason(status), len(body))]
+        for name, value in headers.items():
+            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        head.append(b"Date: %b\r\n%b\r\n" % (_date(), b"Connection: close\r\n"
+                                              if conn.close_after else b""))
+        transport = conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(head) + body)
+
+    async def start_stream(self, headers: Mapping[str, str]) -> None:
+        self.status = 200
+        self.started = True
+        head = [b"HTTP/1.1 200 OK\r\n"]
+        for name, value in {**SSE_HEADERS, **headers}.items():
+            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        head.append(b"Transfer-Encoding: chunked\r\nDate: %b\r\n%b\r\n" % (
+            _date(), b"Connection: close\r\n" if self._conn.close_after else b""))
+        self._stream_head = b"".join(head)
+        # The head leaves with the first piece when that is ready in this same loop turn
+        # (one send instead of two), else on its own right after: a client sees the 200
+        # as soon as the decode accepted the request, as with aiohttp.
+        asyncio.get_running_loop().call_soon(self._flush_head)
+
+    def _flush_head(self) -> None:
+        head, self._stream_head = self._stream_head, b""
+        transport = self._conn.transport
+        if head and transport is not None and not transport.is_closing():
+            transport.write(head)
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return  # an empty chunk would end the stream
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        head, self._stream_head = self._stream_head, b""
+        transport.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
+        if self._conn.writing_paused:
+            await self._conn.drain()
+
+    async def end(self) -> None:
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        head, self._stream_head = self._stream_head, b""
+        transport.write(head + b"0\r\n\r\n")
+
+    def direct(self) -> tuple[asyncio.Transport, Any] | None:
+        if self._stream_head or self._conn.transport is None:
+            return None  # nothing written yet: the head must go first
+        return self._conn.transport, self._conn
+
+    async def drain(self) -> None:
+        await self._conn.drain()
