@@ -60,7 +60,7 @@ ROOT_FRAMES = ("lb/cli.py", "lb/server.py", "asyncio/runners.py", "uvloop/__init
                "<frozen runpy>")
 CATEGORIES = [
     ("token counting (lb/tokens.py, tiktoken)", ("lb/tokens.py",)),
-    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("metrics (lb/metrics.py, prometheus_client)", ("lb/metrics.py", "prometheus_client/")),
     ("SSE relay: usage search/rewrite (lb/relay.py)", ("lb/relay.py",)),
     ("write chunks to the client (StreamResponse.write, incl. send())",
      ("StreamResponse.write (", "StreamResponse.write_eof (")),
@@ -74,6 +74,9 @@ CATEGORIES = [
     ("client request parse (lb/request.py)", ("lb/request.py",)),
     ("fast decode path (lb/fastclient.py: upstream reads, relay loop, send() to the client)",
      ("lb/fastclient.py",)),
+    ("the front: request heads and answers on the wire (lb/requesthead.py, lb/rawside.py,"
+     " FrontProtocol)", ("lb/requesthead.py", "lb/rawside.py", "FrontProtocol.data_received",
+                         "FrontProtocol._next", "FrontProtocol._check")),
     ("health checks and /metrics scrapes (lb/health.py, lb/scrape.py)",
      ("lb/health.py", "lb/scrape.py")),
     ("other pdlb code (lb/, policies/)", ("lb/", "policies/")),
