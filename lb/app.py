@@ -264,6 +264,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
             except BaseException:
                 await upstream.close()  # the caller reports the error (pdlb serve: exit 2)
                 raise
+        # /health, then /v1/models: two calls, each within timeout_s.
+        await checker.first_round(2 * config.health.timeout_s)
         checker.start()
         scraper.start()
         yield

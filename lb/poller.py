@@ -31,6 +31,15 @@ class BackendPoller:
     def set_backends(self, backends: Iterable[Backend]) -> None:
         self.backends = list(backends)
 
+    async def first_round(self, limit_s: float) -> None:
+        """Visit every backend once now, within ``limit_s``: run before pdlb accepts
+        requests, so the first ones go where the checks say, not where an optimistic
+        default would send them (a backend serving another model, say)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit_s):
+                await asyncio.gather(*(self.visit(b) for b in self.backends))
+                self.after_round()
+
     def start(self) -> None:
         """Start polling (an interval of 0 or less turns polling off)."""
         if self.interval_s > 0:

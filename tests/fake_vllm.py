@@ -36,6 +36,7 @@ class FakeBehaviour:
     finished: int = 0
     model: str = "fake"
     metrics_text: str = ""
+    models_delay_s: float = 0.0  # before answering GET /v1/models
 
 
 def _usage(b: FakeBehaviour, prompt: int, completion: int, cached: int | None) -> dict[str, Any]:
@@ -120,6 +121,8 @@ def make_fake(role: str, b: FakeBehaviour) -> web.Application:
         return web.Response(text="")
 
     async def models(request: web.Request) -> web.Response:
+        if b.models_delay_s:
+            await asyncio.sleep(b.models_delay_s)
         return web.json_response({"object": "list", "data": [{"id": b.model, "object": "model"}]})
 
     async def metrics(request: web.Request) -> web.Response:

@@ -349,6 +349,24 @@ async def test_backend_serving_another_model_is_kept_out(start_pdlb, http):
         assert len(other.requests) == 0 and len(good.requests) == 6
 
 
+async def test_mismatched_model_is_out_before_the_first_request(start_pdlb, http):
+    """The first health round runs before pdlb listens: requests sent the moment it is up
+    never reach a backend that serves another model (checks every 60 s: only that first
+    round can have excluded it; the odd backend is slow to list its models, so without
+    the round the first requests would reach it)."""
+    p, good = FakeBehaviour(), FakeBehaviour()
+    other = FakeBehaviour(model="other-model", models_delay_s=0.3)
+    async with run_app(make_fake("prefill", p)) as pu, run_app(make_fake("decode", good)) as g, \
+            run_app(make_fake("decode", other)) as o:
+        url, _ = await start_pdlb(make_config(
+            [pu], [g, o], health={"interval_s": 60.0, "timeout_s": 1.0},
+            pools={"decode": {"policy": "round_robin"}}))
+        for _ in range(4):
+            async with http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as r:
+                assert r.status == 200
+        assert len(other.requests) == 0 and len(good.requests) == 4
+
+
 @pytest.mark.parametrize(
     "extra,counted",
     [
