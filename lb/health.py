@@ -9,6 +9,7 @@ is ejected between two checks rather than after them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 
 from lb.config import HealthConfig
@@ -29,6 +30,8 @@ class HealthChecker(BackendPoller):
         self.config = config
         self.mismatched: set[str] = set()
         """URLs of backends that serve a different model than the rest."""
+        self._served: dict[str, frozenset[str]] = {}
+        """What each backend last said it serves (GET /v1/models)."""
 
     async def visit(self, backend: Backend) -> bool:
         try:
@@ -48,25 +51,47 @@ class HealthChecker(BackendPoller):
 
     async def _check_models(self, backend: Backend) -> bool:
         """Both pools must serve the same model(s): a decode fed KV computed by another
-        model answers 200 with garbage. The first backend to answer sets the reference; a
-        backend that serves something else never enters rotation (and says why, loudly)."""
+        model answers 200 with garbage. The reference is what most backends serve (ties:
+        the backend listed first), so one odd server that answers first cannot shut out
+        the rest; a backend that serves something else stays out of rotation (and says
+        why, loudly) until it serves the reference."""
         try:
             answer = await self.upstream.get_json(backend.url + "/v1/models",
                                                   timeout_s=self.config.timeout_s)
             ids = frozenset(m["id"] for m in answer["data"] if isinstance(m.get("id"), str))
         except (PdlbError, KeyError, TypeError, AttributeError):
             return True  # a server without /v1/models: nothing to compare, not a failure
-        known = [b.models for b in self.backends if b.models is not None and b is not backend]
-        if known and ids != known[0]:
-            if backend.healthy or backend.consecutive_failures == 0:
-                log.error("%s serves %s but the other backends serve %s: kept out of rotation",
-                          backend, sorted(ids), sorted(known[0]))
-            self.mismatched.add(backend.url)
-            backend.healthy = False
+        self._served[backend.url] = ids
+        if ids != self._reference():
+            self._keep_out(backend)
             return False
         backend.models = ids
         self.mismatched.discard(backend.url)
         return True
+
+    def after_round(self) -> None:
+        """Answers came in any order: once all are in, anyone off the majority goes out."""
+        reference = self._reference()
+        for backend in self.backends:
+            ids = self._served.get(backend.url)
+            if ids is not None and ids != reference and backend.url not in self.mismatched:
+                self._keep_out(backend)
+
+    def _reference(self) -> frozenset[str] | None:
+        counts = Counter(self._served[b.url] for b in self.backends if b.url in self._served)
+        if not counts:
+            return None
+        most = max(counts.values())
+        return next(self._served[b.url] for b in self.backends
+                    if b.url in self._served and counts[self._served[b.url]] == most)
+
+    def _keep_out(self, backend: Backend) -> None:
+        if backend.url not in self.mismatched:
+            log.error("%s serves %s but most backends serve %s: kept out of rotation", backend,
+                      sorted(self._served[backend.url]), sorted(self._reference() or ()))
+        self.mismatched.add(backend.url)
+        backend.models = None  # checked again every round: it may be restarted right
+        backend.healthy = False
 
     def report_success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0

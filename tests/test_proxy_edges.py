@@ -367,6 +367,26 @@ async def test_mismatched_model_is_out_before_the_first_request(start_pdlb, http
         assert len(other.requests) == 0 and len(good.requests) == 4
 
 
+async def test_odd_model_answering_first_does_not_shut_out_the_rest(start_pdlb, http):
+    """The reference model is the majority's, not the first answer's: the odd decode lists
+    its models at once, the others a moment later, and still only the odd one is kept out."""
+    p, good = FakeBehaviour(models_delay_s=0.2), FakeBehaviour(models_delay_s=0.2)
+    other = FakeBehaviour(model="other-model")
+    async with run_app(make_fake("prefill", p)) as pu, run_app(make_fake("decode", good)) as g, \
+            run_app(make_fake("decode", other)) as o:
+        url, _ = await start_pdlb(make_config(
+            [pu], [o, g], health={"interval_s": 60.0, "timeout_s": 1.0},
+            pools={"decode": {"policy": "round_robin"}}))
+        for _ in range(4):
+            async with http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as r:
+                assert r.status == 200
+        assert len(other.requests) == 0 and len(good.requests) == 4
+        async with http.get(url + "/health") as r:
+            pools = (await r.json())["pools"]
+        assert pools["prefill"]["usable_backends"] == 1
+        assert pools["decode"]["usable_backends"] == 1
+
+
 @pytest.mark.parametrize(
     "extra,counted",
     [
