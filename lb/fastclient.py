@@ -465,7 +465,8 @@ class FastClient:
                 continue
             lines.append(f"{name}: {value}\r\n")
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-        head = "".join(lines).encode("utf-8")
+        # Values read from a client request may carry its non-UTF-8 bytes as surrogates.
+        head = "".join(lines).encode("utf-8", "surrogateescape")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):

@@ -23,6 +23,11 @@ class Connection(Protocol):
     async def drain(self) -> None: ...
 
 
+def _header_value(value: str) -> bytes:
+    """The bytes the client sent, for a value read from a request (``surrogateescape``)."""
+    return value.encode("utf-8", "surrogateescape")
+
+
 def _reason(status: int) -> bytes:
     try:
         return http.HTTPStatus(status).phrase.encode()
@@ -79,7 +84,7 @@ class RawSide(ClientSide):
         head = [b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 % (status, _reason(status), len(body))]
         for name, value in headers.items():
-            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), _header_value(value)))
         head.append(b"Date: %b\r\n%b\r\n" % (_date(), b"Connection: close\r\n"
                                               if conn.close_after else b""))
         transport = conn.transport
@@ -91,7 +96,7 @@ class RawSide(ClientSide):
         self.started = True
         head = [b"HTTP/1.1 200 OK\r\n"]
         for name, value in {**SSE_HEADERS, **headers}.items():
-            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), _header_value(value)))
         head.append(b"Transfer-Encoding: chunked\r\nDate: %b\r\n%b\r\n" % (
             _date(), b"Connection: close\r\n" if self._conn.close_after else b""))
         self._stream_head = b"".join(head)

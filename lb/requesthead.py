@@ -61,7 +61,8 @@ def parse_head(buf: bytes, max_body: int) -> Head | None:
     for line in buf[line_end + 2:end].split(b"\r\n"):
         raw_name, _, raw_value = line.partition(b":")
         name = raw_name.decode("ascii").lower()
-        value = raw_value.strip(b" \t").decode("latin-1")
+        # As aiohttp's parser does, so both servers hand the proxy the same strings.
+        value = raw_value.strip(b" \t").decode("utf-8", "surrogateescape")
         if name in _SPECIAL_HEADERS:
             if name == "content-length":
                 # int() refuses over 4300 digits (ValueError inside data_received); no

@@ -299,3 +299,24 @@ async def test_refused_key_is_counted_on_both_servers(pair, start_pdlb, connect,
     status, _, text = await c.response()
     assert status == 200
     assert b'pdlb_requests_total{endpoint="completions",status="401"} 1.0' in text
+
+
+@pytest.mark.parametrize("fast_front", [True, False])
+async def test_non_ascii_request_id_is_kept_byte_for_byte(pair, start_pdlb, connect,
+                                                          fast_front) -> None:
+    """A UTF-8 X-Request-Id is echoed to the client and forwarded to both legs unchanged,
+    whichever server took the request; so is one with a byte that is not UTF-8 on the front
+    (aiohttp drops such a byte from the echo, a quirk of its own)."""
+    p, d, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du],
+                                          server={"port": 0, "fast_front": fast_front}))
+    c = await connect(url)
+    for rid in ("req-é€".encode(), b"req-\xff")[:2 if fast_front else 1]:
+        await c.send(post().replace(b"Host: x\r\n", b"Host: x\r\nX-Request-Id: " + rid + b"\r\n"))
+        head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"\r\nX-Request-Id: " + rid + b"\r\n" in head, head
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        await c.reader.readexactly(length)
+        sent = rid.decode("utf-8", "surrogateescape")
+        assert p.requests[-1]["headers"]["x-request-id"] == sent
+        assert d.requests[-1]["headers"]["x-request-id"] == sent
