@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from aiohttp import web
 from lb.app import POOLS, PROXY
 from lb.config import Config, parse_config
 from lb.server import start_site
+from tests.rawhttp import Client, bounded
 
 
 def make_config(prefill: list[str], decode: list[str], **extra: Any) -> Config:
@@ -77,3 +79,25 @@ async def start_pdlb() -> AsyncIterator[Callable[..., Any]]:
         for runner in runners:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Any]:
+    """Factory: ``client = await connect(url, rcvbuf=None)``, a raw HTTP/1.1 connection
+    (tests/rawhttp.py); closed after the test."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def open_(url: str, rcvbuf: int | None = None) -> Client:
+        host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await bounded(asyncio.get_running_loop().sock_connect(sock, (host, int(port))))
+        reader, writer = await bounded(asyncio.open_connection(sock=sock))
+        writers.append(writer)
+        return Client(reader, writer)
+
+    yield open_
+    for w in writers:
+        w.close()

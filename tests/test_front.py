@@ -9,7 +9,6 @@ test files with ``fast_front = false`` so aiohttp's server path stays covered.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -20,6 +19,7 @@ import lb.front
 from lb.front import FrontProtocol
 from lb.requesthead import parse_head
 from tests.conftest import make_config
+from tests.rawhttp import BODY, STREAM_BODY, post
 
 # ------------------------------------------------------------------ aiohttp's server, again
 from tests.test_faults import *  # noqa: F403  (collected again, fast_front off)
@@ -38,67 +38,6 @@ def _aiohttp_server_for_reimported_tests(request: pytest.FixtureRequest,
             raise AssertionError("the front was used with fast_front = false")
 
         monkeypatch.setattr(FrontProtocol, "connection_made", forbidden)
-
-
-BODY = orjson.dumps({"model": "fake", "prompt": "hello", "max_tokens": 3})
-STREAM_BODY = orjson.dumps({"model": "fake", "prompt": "hello", "max_tokens": 3, "stream": True})
-
-
-def post(path: str = "/v1/completions", body: bytes = BODY, extra: str = "",
-         version: str = "HTTP/1.1") -> bytes:
-    return (f"POST {path} {version}\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-class Client:
-    """A raw HTTP/1.1 connection that reads whole responses (Content-Length or chunked)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def response(self) -> tuple[int, dict[str, str], bytes]:
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
-                data = await self.reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                body += data[:-2]
-        else:
-            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        return status, headers, body
-
-    async def closed_by_server(self) -> bool:
-        return await asyncio.wait_for(self.reader.read(1), 5) == b""
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Any]:
-    writers: list[asyncio.StreamWriter] = []
-
-    async def open_(url: str) -> Client:
-        host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writers.append(writer)
-        return Client(reader, writer)
-
-    yield open_
-    for w in writers:
-        w.close()
 
 
 # ------------------------------------------------------------------ the head parser
