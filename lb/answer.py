@@ -127,15 +127,7 @@ class Answer:
                         if first:
                             first = False
                             self._ttft[request.endpoint].observe(time.monotonic() - started)
-                    if relay is not None:
-                        tail = relay.flush()
-                        if tail:
-                            await client.write(tail)
-                        done = relay.saw_done
-                if not done:
-                    raise UpstreamError(
-                        "decode stream ended before [DONE]", code="truncated_stream"
-                    )
+                    await _upstream_ended(client, relay, done)
             except (ClientConnectionResetError, ConnectionResetError):
                 # The client went away: close (not release) the decode connection so vLLM
                 # aborts the request and frees its KV.
@@ -211,17 +203,7 @@ class Answer:
                                 raise value
                             finished = True
                     pipe.unblock_if_idle()
-                if relay is not None:
-                    tail = relay.flush()
-                    if tail:
-                        await client.write(tail)
-                    done = relay.saw_done
-                else:
-                    done = pipe.done_marker
-                if not done:
-                    raise UpstreamError(
-                        "decode stream ended before [DONE]", code="truncated_stream"
-                    )
+                await _upstream_ended(client, relay, pipe.done_marker)
             except (ClientConnectionResetError, ConnectionResetError):
                 # The client went away: close (not release) the decode connection so vLLM
                 # aborts the request and frees its KV.
@@ -265,6 +247,18 @@ class Answer:
             log.warning("request %s: the client is not reading; given up", request.request_id)
             self.metrics.client_disconnects.labels(phase="not_reading").inc()
         self.metrics.decode.observe(time.monotonic() - sent)
+
+
+async def _upstream_ended(client: ClientSide, relay: SSERelay | None, saw_done: bool) -> None:
+    """The decode's body is all in: what the relay held back goes out, and the stream must
+    have carried ``[DONE]`` (``saw_done`` tells it when there is no relay)."""
+    if relay is not None:
+        tail = relay.flush()
+        if tail:
+            await client.write(tail)
+        saw_done = relay.saw_done
+    if not saw_done:
+        raise UpstreamError("decode stream ended before [DONE]", code="truncated_stream")
 
 
 def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:
