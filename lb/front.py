@@ -171,7 +171,7 @@ class FrontProtocol(asyncio.Protocol):
                 self._buf = b"".join(self._parts)
                 self._parts = []
                 self._head = None
-                self._next()
+                self._start(head)  # parsed already: no second parse of the same head
             return
         self._buf = self._buf + data if self._buf else data
         if self.task is not None:  # pipelined: answered in order, after the current one
@@ -203,6 +203,11 @@ class FrontProtocol(asyncio.Protocol):
             else:
                 self._wait_for_body(head)
             return
+        self._start(head)
+
+    def _start(self, head: Head) -> None:
+        """Serve the request whose head and whole body start ``self._buf``."""
+        buf = self._buf
         self._cancel_timer()
         body = buf[head.body_start:head.body_end]
         self._buf = buf[head.body_end:]

@@ -65,6 +65,7 @@ class _Family(Generic[Child]):
         self.name = name
         self.doc = doc
         self.labelnames = tuple(labelnames)
+        self._labelset = frozenset(self.labelnames)
         self._children: dict[tuple[str, ...], Child] = {}
         if not self.labelnames:
             self._children[()] = self._new_child()  # exported as 0 from the start
@@ -75,7 +76,7 @@ class _Family(Generic[Child]):
 
     def labels(self, **values: str) -> Child:
         """The child for these label values (the same object every time: bind it once)."""
-        if set(values) != set(self.labelnames):
+        if values.keys() != self._labelset:
             raise ValueError(f"{self.name}: labels {sorted(values)} != {list(self.labelnames)}")
         key = tuple(str(values[n]) for n in self.labelnames)
         child = self._children.get(key)
