@@ -81,29 +81,32 @@ class RawSide(ClientSide):
         self.started = True
         if close:
             conn.close_after = True
-        head = [b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                % (status, _reason(status), len(body))]
-        for name, value in headers.items():
-            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), _header_value(value)))
-        head.append(b"Date: %b\r\n%b\r\n" % (_date(), b"Connection: close\r\n"
-                                              if conn.close_after else b""))
+        head = self._head(b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n" % (status, _reason(status), len(body)),
+                          headers)
         transport = conn.transport
         if transport is not None and not transport.is_closing():
-            transport.write(b"".join(head) + body)
+            transport.write(head + body)
 
     async def start_stream(self, headers: Mapping[str, str]) -> None:
         self.status = 200
         self.started = True
-        head = [b"HTTP/1.1 200 OK\r\n"]
-        for name, value in {**SSE_HEADERS, **headers}.items():
-            head.append(b"%b: %b\r\n" % (name.encode("latin-1"), _header_value(value)))
-        head.append(b"Transfer-Encoding: chunked\r\nDate: %b\r\n%b\r\n" % (
-            _date(), b"Connection: close\r\n" if self._conn.close_after else b""))
-        self._stream_head = b"".join(head)
+        self._stream_head = self._head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n",
+                                       {**SSE_HEADERS, **headers})
         # The head leaves with the first piece when that is ready in this same loop turn
         # (one send instead of two), else on its own right after: a client sees the 200
         # as soon as the decode accepted the request, as with aiohttp.
         asyncio.get_running_loop().call_soon(self._flush_head)
+
+    def _head(self, first_lines: bytes, headers: Mapping[str, str]) -> bytes:
+        """The answer's head: ``first_lines`` (status line and framing), ``headers``, Date,
+        and ``Connection: close`` when the connection ends after this answer."""
+        lines = [first_lines]
+        for name, value in headers.items():
+            lines.append(b"%b: %b\r\n" % (name.encode("latin-1"), _header_value(value)))
+        lines.append(b"Date: %b\r\n%b\r\n" % (
+            _date(), b"Connection: close\r\n" if self._conn.close_after else b""))
+        return b"".join(lines)
 
     def _flush_head(self) -> None:
         head, self._stream_head = self._stream_head, b""
