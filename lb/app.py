@@ -72,8 +72,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every failure leaves as an OpenAI-shaped JSON error with the right status."""
     metrics = request.app[METRICS]
     if request.method == "POST" and request.path in _ROUTE_ENDPOINTS:
-        # Set here too, so a request refused before its handler (a bad API key) is counted
-        # in pdlb_requests, as the front counts it.
+        # Set here, before any handler, so a request refused before its handler (a bad API
+        # key) is counted in pdlb_requests too, as the front counts it.
         request[ENDPOINT] = _ROUTE_ENDPOINTS[request.path]
     try:
         response = await handler(request)
@@ -112,7 +112,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _completion_handler(endpoint: Endpoint) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        request[ENDPOINT] = endpoint
         if request.content_type not in ("application/json", "", "application/octet-stream"):
             raise InvalidRequest(
                 f"Content-Type must be application/json, got {request.content_type}",
@@ -266,7 +265,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                 raise
         # /health, then /v1/models: two calls, each within timeout_s.
         await checker.first_round(2 * config.health.timeout_s)
-        checker.start()
+        checker.start(first_after_s=config.health.interval_s)  # the first round just ran
         scraper.start()
         yield
         await scraper.stop()

@@ -37,13 +37,13 @@ class BackendPoller:
         default would send them (a backend serving another model, say)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit_s):
-                await asyncio.gather(*(self.visit(b) for b in self.backends))
-                self.after_round()
+                await self._round()
 
-    def start(self) -> None:
-        """Start polling (an interval of 0 or less turns polling off)."""
+    def start(self, first_after_s: float = 0.0) -> None:
+        """Start polling, the first round after ``first_after_s`` (an interval of 0 or less
+        turns polling off)."""
         if self.interval_s > 0:
-            self._task = asyncio.create_task(self._run(), name=self.name)
+            self._task = asyncio.create_task(self._run(first_after_s), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -52,8 +52,12 @@ class BackendPoller:
                 await self._task
             self._task = None
 
-    async def _run(self) -> None:
+    async def _round(self) -> None:
+        await asyncio.gather(*(self.visit(b) for b in self.backends))
+        self.after_round()
+
+    async def _run(self, first_after_s: float) -> None:
+        await asyncio.sleep(first_after_s)
         while True:
-            await asyncio.gather(*(self.visit(b) for b in self.backends))
-            self.after_round()
+            await self._round()
             await asyncio.sleep(self.interval_s)
