@@ -72,12 +72,12 @@ class _NullTransport:
 
 
 def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
+    from lb.backends.pool import Backend
     from lb.connectors.base import PrefillResult
     from lb.connectors.nixl import NixlConnector
-    from lb.pool import Backend
     from lb.prefix import prefix_hashes
-    from lb.relay import SSERelay, stitch_usage
     from lb.request import dumps, parse_request
+    from lb.stream.relay import SSERelay, stitch_usage
     from lb.tokens import EstimateCounter, PromptTokenizer, TiktokenCounter
     from policies.registry import build_policy
     from policies.testing import backends, make_request
@@ -133,7 +133,7 @@ def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
     long_prompt = PARAGRAPH * 5  # ~700 chars, ~130 tokens
     raw = orjson.dumps(_body(long_prompt))
     headers = {"content-type": "application/json"}
-    from lb.requesthead import parse_head
+    from lb.serve.requesthead import parse_head
 
     wire = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
             b"Content-Type: application/json\r\nAccept: */*\r\nUser-Agent: OpenAI/Python\r\n"

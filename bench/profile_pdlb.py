@@ -56,12 +56,12 @@ def _frame(f: str) -> str:
 # metric observed inside the relay counts as metrics). The process's root frames (cli,
 # server.run, the asyncio runner) are ignored, so a sample with nothing else on its stack is
 # the event loop itself: uvloop's C code and the syscalls it makes (epoll, recv).
-ROOT_FRAMES = ("lb/cli.py", "lb/server.py", "asyncio/runners.py", "uvloop/__init__",
+ROOT_FRAMES = ("lb/cli.py", "lb/serve/server.py", "asyncio/runners.py", "uvloop/__init__",
                "<frozen runpy>")
 CATEGORIES = [
     ("token counting (lb/tokens.py, tiktoken)", ("lb/tokens.py",)),
     ("metrics (lb/metrics.py, prometheus_client)", ("lb/metrics.py", "prometheus_client/")),
-    ("SSE relay: usage search/rewrite (lb/relay.py)", ("lb/relay.py",)),
+    ("SSE relay: usage search/rewrite (lb/stream/relay.py)", ("lb/stream/relay.py",)),
     ("write chunks to the client (StreamResponse.write, incl. send())",
      ("StreamResponse.write (", "StreamResponse.write_eof (")),
     ("client response headers (StreamResponse.prepare)", ("StreamResponse.prepare (",)),
@@ -72,13 +72,14 @@ CATEGORIES = [
      ("Upstream.post_json (",)),
     ("decode leg request (Upstream.open_stream)", ("Upstream.open_stream (",)),
     ("client request parse (lb/request.py)", ("lb/request.py",)),
-    ("fast decode path (lb/fastclient.py: upstream reads, relay loop, send() to the client)",
-     ("lb/fastclient.py",)),
-    ("the front: request heads and answers on the wire (lb/requesthead.py, lb/rawside.py,"
-     " FrontProtocol)", ("lb/requesthead.py", "lb/rawside.py", "FrontProtocol.data_received",
-                         "FrontProtocol._next", "FrontProtocol._check")),
-    ("health checks and /metrics scrapes (lb/health.py, lb/scrape.py)",
-     ("lb/health.py", "lb/scrape.py")),
+    ("fast decode path (lb/backends/http1.py, lb/stream/pipe.py: upstream reads, relay loop,"
+     " send() to the client)", ("lb/backends/http1.py", "lb/stream/pipe.py")),
+    ("the front: request heads and answers on the wire (lb/serve/requesthead.py,"
+     " lb/serve/rawside.py, FrontProtocol)",
+     ("lb/serve/requesthead.py", "lb/serve/rawside.py", "FrontProtocol.data_received",
+      "FrontProtocol._next", "FrontProtocol._check")),
+    ("health checks and /metrics scrapes (lb/backends/health.py, lb/backends/scrape.py)",
+     ("lb/backends/health.py", "lb/backends/scrape.py")),
     ("other pdlb code (lb/, policies/)", ("lb/", "policies/")),
     ("aiohttp server (request parsing, handler task)", ("aiohttp/web_", "aiohttp/http_")),
     ("other aiohttp / asyncio", ("aiohttp/", "asyncio/", "aiohappyeyeballs/")),

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from lb.errors import ConfigError
 
 DELEGATED = {
-    "demo": "lb.demo",
+    "demo": "lb.tools.demo",
     "emulate": "emulator.cli",
     "loadgen": "loadgen.cli",
-    "launch-vllm": "lb.launch_vllm",
+    "launch-vllm": "lb.tools.launch_vllm",
 }
 
 
@@ -69,7 +69,7 @@ def serve_main(argv: Sequence[str]) -> int:
             )
         config = override(config, prefill=args.prefill, decode=args.decode,
                           host=args.host, port=args.port)
-        from lb.app import create_app
+        from lb.serve.app import create_app
 
         create_app(config)  # validate policies and connector before binding anything
     except ConfigError as exc:
@@ -79,12 +79,12 @@ def serve_main(argv: Sequence[str]) -> int:
         print("pdlb: --workers must be >= 1", file=sys.stderr)
         return 2
     if args.workers > 1:
-        from lb.workers import run_workers
+        from lb.serve.workers import run_workers
 
         rest = _without_workers_flag(list(argv))
         return run_workers(rest, config, args.workers)
-    from lb.server import run
-    from lb.workers import share
+    from lb.serve.server import run
+    from lb.serve.workers import share
 
     def reloader() -> Config:
         fresh = override(load_config(args.config), prefill=args.prefill, decode=args.decode,

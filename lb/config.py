@@ -89,9 +89,9 @@ class ServerConfig:
     """On SIGTERM: how long in-flight requests may take to finish before they are cut."""
     fast_stream: bool = True
     fast_front: bool = True
-    """Serve ordinary completion requests with pdlb's own HTTP/1.1 front (lb/front.py);
+    """Serve ordinary completion requests with pdlb's own HTTP/1.1 front (lb/serve/front.py);
     false: every request through aiohttp's server."""
-    """Talk to plain-http backends through pdlb's own HTTP/1.1 client (lb/fastclient.py):
+    """Talk to plain-http backends through pdlb's own HTTP/1.1 client (lb/backends/http1.py):
     streamed decode answers relayed chunk by chunk inside the socket callbacks, JSON legs
     without aiohttp's client; false: everything through aiohttp's client."""
 

@@ -1,9 +1,9 @@
 """The one error tree of pdlb, and its translation to OpenAI-shaped JSON.
 
 Every failure a client can see is a :class:`PdlbError`. Lower-level errors (aiohttp client
-errors, timeouts, bad JSON) are translated into these in one place each (``lb/upstream.py``
+errors, timeouts, bad JSON) are translated into these in one place each (``lb/backends/upstream.py``
 for transport, ``lb/request.py`` for input), with ``raise ... from exc`` so the cause stays in
-logs. ``lb/app.py`` turns any :class:`PdlbError` into a response with :meth:`PdlbError.body`.
+logs. ``lb/serve/app.py`` turns any :class:`PdlbError` into a response with :meth:`PdlbError.body`.
 
 Tree::
 

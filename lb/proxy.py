@@ -28,8 +28,9 @@ import time
 from collections.abc import Mapping
 
 from lb.admission import Admission, Ticket
-from lb.answer import Answer, PendingPrefill
-from lb.clientside import ClientSide
+from lb.backends.health import HealthChecker
+from lb.backends.pool import Backend, Pool
+from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import Connector, Dispatch, PrefillResult
 from lb.errors import (
@@ -41,13 +42,12 @@ from lb.errors import (
     PrefillFailed,
     UpstreamError,
 )
-from lb.health import HealthChecker
 from lb.metrics import Metrics
-from lb.pool import Backend, Pool
 from lb.prefix import prefix_hashes
 from lb.request import Endpoint, ProxyRequest, dumps, parse_request
+from lb.stream.answer import Answer, PendingPrefill
+from lb.stream.port import ClientSide
 from lb.tokens import PromptTokenizer
-from lb.upstream import Upstream
 from policies.base import Leg, RouteRequest
 
 log = logging.getLogger("pdlb.proxy")

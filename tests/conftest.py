@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from lb.app import POOLS, PROXY
 from lb.config import Config, parse_config
-from lb.server import start_site
+from lb.serve.app import POOLS, PROXY
+from lb.serve.server import start_site
 from tests.rawhttp import Client, bounded
 
 

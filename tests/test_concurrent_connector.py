@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 import lb.connectors.registry as registry
+from lb.backends.pool import Backend
 from lb.connectors.base import Dispatch, PrefillResult, one_token_prefill_body, usage_of
-from lb.pool import Backend
 from lb.request import ProxyRequest
 from tests.conftest import make_config
 from tests.fake_vllm import FakeBehaviour, make_fake, run_app

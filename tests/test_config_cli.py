@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_is_valid():
     """The shipped backends.toml parses and builds an app (policies and connector load)."""
-    from lb.app import create_app
+    from lb.serve.app import create_app
 
     config = load_config(REPO / "backends.toml")
     assert config.prefill.backends and config.decode.backends

@@ -1,4 +1,4 @@
-"""The fast decode-stream path (lb/fastclient.py, ``[server] fast_stream``).
+"""The fast decode-stream path (lb/backends/http1.py, ``[server] fast_stream``).
 
 The proxy test files run with the fast path on (the default); this module adds what only
 the fast path has — its HTTP/1.1 parser, connection reuse, backpressure, the HTTP/1.0
@@ -19,9 +19,10 @@ import pytest
 from aiohttp import web
 
 import lb.config
-from lb.app import UPSTREAM
+from lb.backends.http1 import FastClient, _Conn
 from lb.errors import BackendConnectError, BackendHTTPError, BackendTimeout
-from lb.fastclient import DRAIN, FastClient, Pipe, _Conn
+from lb.serve.app import UPSTREAM
+from lb.stream.pipe import DRAIN, Pipe
 from tests.conftest import make_config
 from tests.fake_vllm import run_app
 

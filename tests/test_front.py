@@ -1,4 +1,4 @@
-"""pdlb's own HTTP/1.1 front (lb/front.py, ``[server] fast_front``).
+"""pdlb's own HTTP/1.1 front (lb/serve/front.py, ``[server] fast_front``).
 
 The proxy test files run through the front (the default); this module tests what only the
 front has — its head parser, keep-alive and pipelining, bodies that arrive late or never,
@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 import lb.config
-import lb.front
-from lb.front import FrontProtocol
-from lb.requesthead import parse_head
+import lb.serve.front
+from lb.serve.front import FrontProtocol
+from lb.serve.requesthead import parse_head
 from tests.conftest import make_config
 from tests.rawhttp import BODY, STREAM_BODY, post
 
@@ -209,7 +209,7 @@ async def test_large_body_in_pieces_is_read_by_aiohttp(pair, start_pdlb, connect
     """A body over BODY_WAIT_LIMIT (1 MiB; 20 kB here, the fake backend takes 1 MiB at most)
     that does not come with its head: the connection goes to aiohttp with everything read
     so far, and the request is served whole."""
-    monkeypatch.setattr(lb.front, "BODY_WAIT_LIMIT", 20_000)
+    monkeypatch.setattr(lb.serve.front, "BODY_WAIT_LIMIT", 20_000)
     p, _, pu, du = pair
     url, _ = await start_pdlb(make_config([pu], [du]))
     c = await connect(url)

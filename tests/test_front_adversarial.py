@@ -1,4 +1,4 @@
-"""Adversarial tests of pdlb's own HTTP/1.1 front (lb/front.py), over raw sockets.
+"""Adversarial tests of pdlb's own HTTP/1.1 front (lb/serve/front.py), over raw sockets.
 
 Each test pins one behaviour a client, a proxy in front of pdlb or an operator relies on:
 message framing (smuggling), pipelining order, keep-alive and ``Connection: close``, the
@@ -18,8 +18,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from lb.app import METRICS, PROXY
-from lb.server import start_site
+from lb.serve.app import METRICS, PROXY
+from lb.serve.server import start_site
 from tests.conftest import counters, make_config, wait_idle
 from tests.fake_vllm import FakeBehaviour, make_fake, run_app
 from tests.rawhttp import STREAM_BODY, bounded, post

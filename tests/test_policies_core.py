@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from lb.backends.pool import Pool
 from lb.config import parse_config
 from lb.metrics import Metrics
-from lb.pool import Pool
 from policies.base import BackendView, RouteRequest
 from policies.least_tokens import LeastTokens
 from policies.registry import PolicyLoadError, build_policy

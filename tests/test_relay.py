@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from lb.connectors.base import PrefillResult
-from lb.relay import SSERelay, stitch_usage
+from lb.stream.relay import SSERelay, stitch_usage
 
 PREFILL = PrefillResult(handoff={}, usage={"prompt_tokens": 100, "completion_tokens": 1,
                                            "total_tokens": 101,

@@ -185,7 +185,7 @@ async def test_reload_over_http_swaps_backends_without_dropping_streams(start_pd
             run_app(make_fake("decode", d2b)) as d2:
         path = tmp_path / "backends.toml"
         write_config(path, [pu], [d1])
-        from lb.server import start_site
+        from lb.serve.server import start_site
 
         runner, url = await start_site(load_config(path), drain_s=1,
                                        reloader=lambda: load_config(path))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from lb.backends.scrape import parse_vllm_load
 from lb.prefix import BLOCK_BYTES, prefix_hashes
-from lb.scrape import parse_vllm_load
 
 METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -55,7 +55,7 @@ async def test_auto_budget_follows_scraped_capacity(start_pdlb):
     """max_inflight_tokens = "auto": the decode budget is what the backends report."""
     import aiohttp
 
-    from lb.app import PROXY
+    from lb.serve.app import PROXY
     from tests.conftest import make_config
     from tests.fake_vllm import FakeBehaviour, make_fake, run_app
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from lb.backends.pool import Backend
 from lb.config import TokenizerConfig
 from lb.connectors.base import Dispatch
 from lb.connectors.nixl import NixlConnector
 from lb.errors import PrefillFailed
-from lb.pool import Backend
 from lb.request import parse_request
 from lb.tokens import EstimateCounter, PromptTokenizer, make_counter
 

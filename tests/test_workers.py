@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from lb.workers import share
+from lb.serve.workers import share
 from tests.conftest import make_config
 from tests.fake_vllm import FakeBehaviour, make_fake, run_app
 

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from lb.pool import Backend
+from lb.backends.pool import Backend
 from lb.request import ProxyRequest
 
 # Fields that make no sense (or are rejected by vLLM) on a one-token, non-streamed prefill.

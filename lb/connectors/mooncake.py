@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from lb.backends.pool import Backend
 from lb.connectors.base import (
     ConnectorOptionError,
     Dispatch,
@@ -60,7 +61,6 @@ from lb.connectors.base import (
 )
 from lb.connectors.options import ConnectorOptions, check_port
 from lb.errors import ConfigError, PdlbError, PrefillFailed
-from lb.pool import Backend
 from lb.request import ProxyRequest
 
 log = logging.getLogger("pdlb.connectors.mooncake")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lb.backends.pool import LOOPBACK_HOSTS, Backend
 from lb.connectors.base import (
     ConnectorOptionError,
     Dispatch,
@@ -29,7 +30,6 @@ from lb.connectors.base import (
     usage_of,
 )
 from lb.errors import PrefillFailed
-from lb.pool import LOOPBACK_HOSTS, Backend
 from lb.request import ProxyRequest
 
 PREFILL_PARAMS: Mapping[str, Any] = {

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from lb.backends.pool import Backend
 from lb.connectors.base import (
     ConnectorOptionError,
     Dispatch,
@@ -51,7 +52,6 @@ from lb.connectors.base import (
 from lb.connectors.nixl import PREFILL_PARAMS
 from lb.connectors.options import ConnectorOptions, check_port
 from lb.errors import PrefillFailed
-from lb.pool import Backend
 from lb.request import ProxyRequest
 
 

@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lb.backends.pool import Backend
 from lb.connectors.base import (
     ConnectorOptionError,
     Dispatch,
@@ -49,7 +50,6 @@ from lb.connectors.base import (
 from lb.connectors.options import ConnectorOptions, check_host_port
 from lb.connectors.plain import plain_decode_body, plain_prefill_body
 from lb.errors import PrefillFailed
-from lb.pool import Backend
 from lb.request import ProxyRequest
 
 

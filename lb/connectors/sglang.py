@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from lb.backends.pool import Backend
 from lb.connectors.base import (
     ConnectorOptionError,
     Dispatch,
@@ -52,7 +53,6 @@ from lb.connectors.base import (
 from lb.connectors.mooncake import bracket
 from lb.connectors.options import ConnectorOptions, check_port
 from lb.errors import ConfigError, PdlbError, PrefillFailed
-from lb.pool import Backend
 from lb.request import ProxyRequest
 
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from lb.app import METRICS
+from lb.serve.app import METRICS
 from tests.conftest import make_config
 from tests.connectors.kvpd import MODEL, emulators, eventually, idle, legs, pd_config, state
 

@@ -6,10 +6,10 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from lb.app import PROXY, create_app
 from lb.connectors.registry import BUILTINS, available, build_connector
 from lb.errors import ConfigError
-from lb.server import start_site
+from lb.serve.app import PROXY, create_app
+from lb.serve.server import start_site
 from tests.conftest import make_config
 from tests.connectors.kvpd import ALL
 

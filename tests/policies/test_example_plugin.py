@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from emulator import EmulatorConfig, EmulatorServer
-from lb.app import POOLS
+from lb.serve.app import POOLS
 from policies.registry import available, build_policy
 from tests.conftest import make_config
 

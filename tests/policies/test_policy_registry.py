@@ -10,7 +10,7 @@ import pytest
 
 from lb.config import parse_config
 from lb.errors import ConfigError
-from lb.server import start_site
+from lb.serve.server import start_site
 from policies.base import Policy
 from policies.registry import BUILTINS, PolicyLoadError, available, build_policy
 

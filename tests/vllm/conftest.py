@@ -6,7 +6,7 @@
 * ``tiny_model``: ``<repo>/.cache/tiny-llama``, built by scripts/make_tiny_model.py under
   the vLLM venv's python when missing (~5 s).
 * ``vllm_pair``: ONE real prefill + decode pair (NixlConnector, CPU) per test module, on free
-  loopback ports, through :class:`lb.launch_vllm.VllmPool`.
+  loopback ports, through :class:`lb.tools.launch_vllm.VllmPool`.
 * ``pdlb_url``: pdlb itself as a real subprocess (``python -m lb.cli serve``) in front of
   that pair.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from lb.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backends_toml
+from lb.tools.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backends_toml
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny"

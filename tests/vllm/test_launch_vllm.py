@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lb.config import load_config
-from lb.launch_vllm import (
+from lb.tools.launch_vllm import (
     LaunchConfig,
     VllmLaunchError,
     VllmPool,
@@ -277,7 +277,7 @@ def test_pool_start_times_out(tmp_path):
 
 def _launch(exe: Path, tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "lb.launch_vllm", "--model", "m", "--vllm", str(exe),
+        [sys.executable, "-m", "lb.tools.launch_vllm", "--model", "m", "--vllm", str(exe),
          "--base-port", "0", "--side-channel-port", "0", "--run-dir", str(tmp_path / "run"),
          "--write-config", str(tmp_path / "backends.toml"), "--stop-timeout", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},

@@ -30,7 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
-from lb.launch_vllm import VllmPool
+from lb.tools.launch_vllm import VllmPool
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(420)]
 

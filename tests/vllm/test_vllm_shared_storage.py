@@ -31,7 +31,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
-from lb.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backends_toml
+from lb.tools.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backends_toml
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(420)]
 

@@ -5,7 +5,7 @@ that is what lets pdlb abort the upstream legs at once instead of finishing a st
 reads (and holding the prefill's KV meanwhile).
 
 Signals: SIGTERM/SIGINT stop accepting connections, let in-flight requests finish for up to
-``[server] drain_timeout_s``, then exit. SIGHUP reloads the config file (see lb/admin.py).
+``[server] drain_timeout_s``, then exit. SIGHUP reloads the config file (see lb/serve/admin.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
-from lb.admin import Reloader
-from lb.app import ADMIN_APP, METRICS, PROXY, RELOAD, create_app
 from lb.config import Config
 from lb.errors import ConfigError
-from lb.front import Front, FrontSite
+from lb.serve.admin import Reloader
+from lb.serve.app import ADMIN_APP, METRICS, PROXY, RELOAD, create_app
+from lb.serve.front import Front, FrontSite
 
 log = logging.getLogger("pdlb.server")
 

@@ -16,10 +16,10 @@ import re
 import time
 from collections.abc import Callable, Iterable
 
+from lb.backends.poller import BackendPoller
+from lb.backends.pool import Backend
+from lb.backends.upstream import Upstream
 from lb.errors import PdlbError
-from lb.poller import BackendPoller
-from lb.pool import Backend
-from lb.upstream import Upstream
 from policies.base import ScrapedLoad
 
 log = logging.getLogger("pdlb.scrape")

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
+from lb.backends.http1 import FastClient, http_error
 from lb.config import TimeoutsConfig
 from lb.errors import (
     BackendConnectError,
@@ -28,9 +29,25 @@ from lb.errors import (
     PdlbError,
     UpstreamError,
 )
-from lb.fastclient import FastClient, http_error
 
 log = logging.getLogger("pdlb.upstream")
+
+
+class BodySource(Protocol):
+    """A backend response's body, delivered piece by piece inside the socket callbacks."""
+
+    def start(self, on_data: Callable[[bytes], None],
+              on_end: Callable[[BaseException | None], None]) -> None:
+        """Deliver each body piece to ``on_data``, then ``on_end(None | error)``."""
+
+    def pause(self) -> None:
+        """Stop reading from the backend (the client is slow, or an await is pending)."""
+
+    def resume(self) -> None:
+        """Read again."""
+
+    def close(self) -> None:
+        """Abandon the response: its connection is closed unless already released."""
 
 
 @contextmanager

@@ -15,22 +15,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from lb.admin import Reloader, admin_routes, apply_reload, state
 from lb.admission import Admission
-from lb.auth import client_auth_middleware
-from lb.clientside import AiohttpSide
+from lb.backends.health import HealthChecker
+from lb.backends.pool import Pool
+from lb.backends.scrape import LoadScraper
+from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import ConnectorStartup
 from lb.connectors.registry import build_connector
 from lb.errors import ConfigError, InvalidRequest, NotFound, PayloadTooLarge, PdlbError
-from lb.health import HealthChecker
 from lb.metrics import Metrics
-from lb.pool import Pool
 from lb.proxy import Proxy
 from lb.request import ENDPOINT_PATHS, Endpoint
-from lb.scrape import LoadScraper
+from lb.serve.admin import Reloader, admin_routes, apply_reload, state
+from lb.serve.aiohttpside import AiohttpSide
+from lb.serve.auth import client_auth_middleware
 from lb.tokens import PromptTokenizer, make_counter
-from lb.upstream import Upstream
 from policies.registry import PolicyLoadError, build_policy
 
 log = logging.getLogger("pdlb.app")

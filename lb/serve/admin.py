@@ -18,10 +18,10 @@ import orjson
 from aiohttp import web
 
 from lb.admission import Admission
-from lb.auth import bearer, matches
+from lb.backends.pool import Pool
 from lb.config import Config
 from lb.errors import ConfigError, PdlbError, Unauthorized
-from lb.pool import Pool
+from lb.serve.auth import bearer, matches
 from policies.registry import PolicyLoadError, build_policy
 
 log = logging.getLogger("pdlb.admin")

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any, Protocol
 
-from lb.clientside import SSE_HEADERS, ClientSide
+from lb.stream.port import SSE_HEADERS, ClientSide
 
 
 class Connection(Protocol):
-    """What a :class:`RawSide` needs of its connection (lb/front.py's FrontProtocol)."""
+    """What a :class:`RawSide` needs of its connection (lb/serve/front.py's FrontProtocol)."""
 
     transport: asyncio.Transport | None
     writing_paused: bool

@@ -12,11 +12,11 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 
+from lb.backends.poller import BackendPoller
+from lb.backends.pool import Backend
+from lb.backends.upstream import Upstream
 from lb.config import HealthConfig
 from lb.errors import PdlbError
-from lb.poller import BackendPoller
-from lb.pool import Backend
-from lb.upstream import Upstream
 
 log = logging.getLogger("pdlb.health")
 

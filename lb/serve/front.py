@@ -16,7 +16,7 @@ close``, a slow body (408 after ``body_timeout_s``), idle connections (closed af
 legs are aborted) and draining on shutdown behave as on aiohttp.
 
 ``[server] fast_front = false`` serves everything through aiohttp. The head parser is
-lb/requesthead.py; answers are written by lb/rawside.py.
+lb/serve/requesthead.py; answers are written by lb/serve/rawside.py.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import cast
 from aiohttp import web
 from aiohttp.web_server import Server
 
-from lb.auth import matches
 from lb.config import Config
 from lb.errors import InvalidRequest, PdlbError, Unauthorized
 from lb.metrics import Metrics
 from lb.proxy import Proxy
-from lb.rawside import RawSide
 from lb.request import Endpoint
-from lb.requesthead import MAX_HEAD_BYTES, Head, parse_head
+from lb.serve.auth import matches
+from lb.serve.rawside import RawSide
+from lb.serve.requesthead import MAX_HEAD_BYTES, Head, parse_head
 
 log = logging.getLogger("pdlb.front")
 

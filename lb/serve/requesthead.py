@@ -1,4 +1,4 @@
-"""The head of a request that pdlb's front (lb/front.py) serves itself — or None.
+"""The head of a request that pdlb's front (lb/serve/front.py) serves itself — or None.
 
 Only the common case is accepted: ``POST /v1/completions`` or ``/v1/chat/completions``,
 HTTP/1.1, the whole head within 16 KiB, well-formed header lines, one ``Content-Length``

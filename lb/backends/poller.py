@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 
-from lb.pool import Backend
+from lb.backends.pool import Backend
 
 
 class BackendPoller:

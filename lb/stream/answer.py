@@ -2,7 +2,7 @@
 
 The proxy (lb/proxy.py) decides where a request goes; this module moves the decode's bytes
 once a decode backend has been chosen: a JSON answer with its usage stitched, or the stream —
-through pdlb's own HTTP client (lb/fastclient.py: relayed inside the socket callbacks) or
+through pdlb's own HTTP client (lb/backends/http1.py: relayed inside the socket callbacks) or
 aiohttp's — with only the final usage event parsed, a stalled or broken stream ended with an
 in-band error event and ``[DONE]``, and the client's departure turned into closing the decode
 connection (which makes vLLM abort the request and free its KV).
@@ -19,15 +19,16 @@ import aiohttp
 import orjson
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-from lb.clientside import ClientSide
+from lb.backends.http1 import FastClient
+from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import UNKNOWN_PREFILL, PrefillResult
 from lb.errors import PdlbError, UpstreamError, error_payload
-from lb.fastclient import DRAIN, GONE, PIECE, RAW, SETTLE, Event, FastClient, Pipe
 from lb.metrics import Metrics
-from lb.relay import DONE_EVENT, SSERelay, rewrite_response_usage, sse_event
 from lb.request import ProxyRequest
-from lb.upstream import Upstream
+from lb.stream.pipe import DRAIN, GONE, PIECE, RAW, SETTLE, Event, Pipe
+from lb.stream.port import ClientSide
+from lb.stream.relay import DONE_EVENT, SSERelay, rewrite_response_usage, sse_event
 
 log = logging.getLogger("pdlb.proxy")
 
@@ -148,7 +149,7 @@ class Answer:
         body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None,
         started: float, pending: PendingPrefill | None,
     ) -> None:
-        """:meth:`stream` through lb/fastclient.py: the body is relayed inside the
+        """:meth:`stream` through lb/backends/http1.py: the body is relayed inside the
         socket callbacks; this coroutine wakes only for what needs an await."""
         sent = time.monotonic()
         upstream = await fast.post(url, body, headers, timeout_s=self.timeouts.first_byte_s,
