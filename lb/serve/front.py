@@ -42,6 +42,8 @@ log = logging.getLogger("pdlb.front")
 _ACCEPTED_TYPES = ("application/json", "", "application/octet-stream")
 BODY_WAIT_LIMIT = 1 << 20
 """A body longer than this that does not arrive with its head is read by aiohttp."""
+PIPELINE_BACKLOG = 1 << 16
+"""Bytes read ahead of the request being served beyond which reading pauses (pipelining)."""
 
 
 class Front:
@@ -101,7 +103,16 @@ class Front:
 
 
 class FrontProtocol(asyncio.Protocol):
-    """One client connection, until (and unless) it is handed to aiohttp."""
+    """One client connection, until (and unless) it is handed to aiohttp.
+
+    Flow control: requests are served one at a time, in order. Bytes that arrive behind
+    the request being served (pipelining) wait in ``_buf``; past :data:`PIPELINE_BACKLOG`
+    of them reading pauses, and it resumes only once they are down to that again. The next
+    pipelined request is not started while the client's transport is paused for writing
+    (the client is not reading its answers): it starts when ``resume_writing`` comes. So
+    a client that sends without reading holds at most the backlog, one request and the
+    transport's write buffer in pdlb, and makes pdlb do no work beyond that.
+    """
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -109,7 +120,8 @@ class FrontProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.writing_paused = False
         self.close_after = False
-        self._buf = b""
+        self._buf = b""  # bytes read and not yet served, from _pos on (no copy per request)
+        self._pos = 0
         self._head: Head | None = None  # a head whose body is still arriving
         self._parts: list[bytes] = []
         self._have = 0
@@ -145,6 +157,10 @@ class FrontProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._wake_drain(None)
+        if self.task is None and self._pos < len(self._buf):
+            # A pipelined request held while the client did not read: start it, outside
+            # the transport's callback.
+            self._loop.call_soon(self._serve_held)
 
     async def drain(self) -> None:
         if self.transport is None:
@@ -169,16 +185,22 @@ class FrontProtocol(asyncio.Protocol):
             self._have += len(data)
             if self._have >= head.body_end:
                 self._buf = b"".join(self._parts)
+                self._pos = 0
                 self._parts = []
                 self._head = None
                 self._start(head)  # parsed already: no second parse of the same head
+                self._flow()
             return
-        self._buf = self._buf + data if self._buf else data
-        if self.task is not None:  # pipelined: answered in order, after the current one
-            if len(self._buf) > self.front.max_body + MAX_HEAD_BYTES:
-                self._pause_reading()
-            return
-        self._next()
+        if self._pos < len(self._buf):
+            # Behind a request being served (or held): the copy is bounded, since reading
+            # pauses past PIPELINE_BACKLOG.
+            self._buf = self._buf[self._pos:] + data
+        else:
+            self._buf = data  # the common case: one request per read, no copy
+        self._pos = 0
+        if self.task is None and not self.writing_paused:
+            self._next()
+        self._flow()
 
     def eof_received(self) -> bool:
         return False
@@ -189,15 +211,18 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- requests
     def _next(self) -> None:
-        """Start the request at the head of the buffer, or wait for the rest of its body."""
-        buf = self._buf
-        if not buf or self.transport is None:
+        """Start the request at ``_pos``, or wait for the rest of its body."""
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf) or self.transport is None:
             return
-        head = parse_head(buf, self.front.max_body)
+        # parse_head reads a head at the start of its buffer: behind a served request, a
+        # window just long enough for the longest head it accepts (a bounded copy).
+        window = buf if pos == 0 else buf[pos:pos + MAX_HEAD_BYTES + 4]
+        head = parse_head(window, self.front.max_body)
         if head is None:
             self._hand_off()
             return
-        if len(buf) < head.body_end:
+        if len(buf) - pos < head.body_end:
             if head.body_end > BODY_WAIT_LIMIT:
                 self._hand_off()
             else:
@@ -206,22 +231,33 @@ class FrontProtocol(asyncio.Protocol):
         self._start(head)
 
     def _start(self, head: Head) -> None:
-        """Serve the request whose head and whole body start ``self._buf``."""
-        buf = self._buf
+        """Serve the request whose head and whole body start at ``_pos``."""
+        buf, pos = self._buf, self._pos
         self._cancel_timer()
-        body = buf[head.body_start:head.body_end]
-        self._buf = buf[head.body_end:]
+        body = buf[pos + head.body_start:pos + head.body_end]
+        pos += head.body_end
+        if pos < len(buf):
+            self._pos = pos
+        else:
+            self._buf, self._pos = b"", 0
         self.close_after = head.close or self.front.closing
         side = RawSide(self, head.headers, body)
         self.task = self._loop.create_task(self._serve(side, head.endpoint))
         if self.front.closing:
             self.front.changed()
 
+    def _serve_held(self) -> None:
+        """The client reads again: serve the pipelined request held meanwhile."""
+        if (self.task is None and self._head is None and not self.writing_paused
+                and self.transport is not None):
+            self._next()
+            self._flow()
+
     def _wait_for_body(self, head: Head) -> None:
         self._head = head
-        self._parts = [self._buf]
-        self._have = len(self._buf)
-        self._buf = b""
+        self._parts = [self._buf[self._pos:] if self._pos else self._buf]
+        self._have = len(self._parts[0])
+        self._buf, self._pos = b"", 0
         self._cancel_timer()
         self._timer = self._loop.call_at(self._loop.time() + self.front.body_timeout_s,
                                          self._body_timeout)
@@ -265,10 +301,10 @@ class FrontProtocol(asyncio.Protocol):
                 if self.close_after or self.front.closing:
                     self.close()
                 else:
-                    self._resume_reading()
                     self._arm_idle()
-                    if self._buf:
+                    if not self.writing_paused:  # else resume_writing starts the next
                         self._next()
+                    self._flow()
 
     def _check(self, side: RawSide) -> None:
         """What the app's middlewares and handler check before the proxy runs."""
@@ -299,7 +335,8 @@ class FrontProtocol(asyncio.Protocol):
         assert transport is not None and self.task is None
         self._cancel_timer()
         self.front.connections.discard(self)
-        buf, self._buf = self._buf, b""
+        buf = self._buf[self._pos:] if self._pos else self._buf
+        self._buf, self._pos = b"", 0
         if self._head is not None:
             buf = b"".join(self._parts)
             self._head, self._parts = None, []
@@ -310,6 +347,8 @@ class FrontProtocol(asyncio.Protocol):
             handler.pause_writing()
         if self._reading_paused:
             transport.resume_reading()
+            self._reading_paused = False
+        self.transport = None  # nothing of this protocol touches the connection again
         handler.data_received(buf)
 
     # -- timers and flow control
@@ -326,6 +365,14 @@ class FrontProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _flow(self) -> None:
+        """Read on while the bytes waiting behind the current request are few; else pause
+        until they are served (the client's kernel buffers then push back on it)."""
+        if len(self._buf) - self._pos > PIPELINE_BACKLOG:
+            self._pause_reading()
+        else:
+            self._resume_reading()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
