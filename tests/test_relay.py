@@ -79,3 +79,23 @@ def test_relay_leaves_error_events_and_unrelated_usage_alone():
     cont = b'data: {"choices":[{"text":"a"}],"usage":{"prompt_tokens":1}}\n\n'
     assert relay.feed(err + cont) == err + cont
     assert relay.rewrites == 0
+
+
+@pytest.mark.parametrize("piece", [1, 5, 10_000])
+def test_relay_without_prefill_passes_everything_and_still_sees_done(piece):
+    """A decode-only stream (nothing to stitch) goes through byte for byte, usage event
+    included; [DONE] is noticed even when it is split across reads."""
+    raw = events(3)
+    relay = SSERelay(None)
+    out = b"".join(relay.feed(raw[i:i + piece]) for i in range(0, len(raw), piece))
+    out += relay.flush()
+    assert out == raw
+    assert relay.saw_done and relay.rewrites == 0
+
+
+def test_relay_without_done_says_so():
+    """A stream cut before [DONE] (its tail flushed as is) is recognisable as truncated."""
+    relay = SSERelay(None)
+    assert relay.feed(b"data: {}\n\ndata: [DO") == b"data: {}\n\n"
+    assert relay.flush() == b"data: [DO"
+    assert not relay.saw_done

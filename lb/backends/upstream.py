@@ -1,10 +1,17 @@
-"""Talking to backends: one shared aiohttp session, and transport errors → lb.errors in one place.
+"""Talking to backends: the one facade over pdlb's two HTTP clients.
+
+pdlb calls a backend two ways: a POST whose JSON answer is read whole (prefill, non-streamed
+decode, health, models) and a POST whose body is relayed as it arrives (the streamed decode).
+Both go through :class:`Upstream`, which picks the client — pdlb's own HTTP/1.1 client
+(lb/backends/http1.py, relaying inside the socket callbacks) for plain ``http://`` backends
+when ``[server] fast_stream`` is on, aiohttp's otherwise — and translates every transport
+failure into lb.errors (lb/backends/translate.py). Callers never see which client served.
 
 Creating a ClientSession per request is the classic mistake of this field's proxies (a new
 connection pool, TCP + maybe TLS handshakes inside TTFT). pdlb opens one session per app with
 keep-alive pools per backend and closes it at shutdown.
 
-A response that is abandoned before its end (client gone, timeout, error) is *closed*, not
+A stream that is abandoned before its end (client gone, timeout, error) is *closed*, not
 released: closing the decode connection is what makes vLLM abort the request and free the
 KV the prefill is holding for it.
 """
@@ -13,32 +20,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
-from lb.backends.http1 import FastClient, http_error
+from lb.backends.aiohttp_body import AiohttpStream
+from lb.backends.http1 import FastClient, FastResponse, http_error
+from lb.backends.translate import translate, translate_errors
 from lb.config import TimeoutsConfig
-from lb.errors import (
-    BackendConnectError,
-    BackendHTTPError,
-    BackendTimeout,
-    PdlbError,
-    UpstreamError,
-)
+from lb.errors import BackendHTTPError, UpstreamError
 
 log = logging.getLogger("pdlb.upstream")
 
 
 class BodySource(Protocol):
-    """A backend response's body, delivered piece by piece inside the socket callbacks."""
+    """A backend response's body, delivered piece by piece through callbacks."""
 
     def start(self, on_data: Callable[[bytes], None],
               on_end: Callable[[BaseException | None], None]) -> None:
-        """Deliver each body piece to ``on_data``, then ``on_end(None | error)``."""
+        """Deliver each body piece to ``on_data``, then ``on_end(None | error)``; the error
+        is an lb.errors type. ``on_data`` may call :meth:`pause` and :meth:`close`."""
 
     def pause(self) -> None:
         """Stop reading from the backend (the client is slow, or an await is pending)."""
@@ -47,30 +50,51 @@ class BodySource(Protocol):
         """Read again."""
 
     def close(self) -> None:
-        """Abandon the response: its connection is closed unless already released."""
+        """Abandon the response: its connection is closed unless already released; no
+        callback follows."""
 
 
-@contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Map aiohttp/asyncio transport failures to pdlb's error tree; ``what`` names the leg."""
-    try:
-        yield
-    except PdlbError:
-        raise
-    except TimeoutError as exc:
-        raise BackendTimeout(f"{what}: timed out", code="backend_timeout") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise BackendConnectError(
-            f"{what}: cannot connect ({exc.os_error.strerror or exc.os_error})",
-            code="backend_connect_error",
-        ) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
-            aiohttp.ClientOSError) as exc:
-        raise BackendConnectError(
-            f"{what}: connection lost ({type(exc).__name__})", code="backend_connection_lost"
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"{what}: {type(exc).__name__}: {exc}", code="backend_error") from exc
+class BackendStream(BodySource, Protocol):
+    """A streamed answer whose head arrived with a status below 400, and its body."""
+
+    status: int
+    headers: Mapping[str, str]
+    """Response headers (look names up in lower case)."""
+
+
+class _Http1Stream:
+    """A response of the HTTP/1.1 client as a :class:`BackendStream`: pieces go to ``on_data``
+    untouched (inside ``data_received``); only the end is wrapped, to translate its error and
+    to keep it from following a :meth:`close`."""
+
+    __slots__ = ("_closed", "_response", "_what", "headers", "status")
+
+    def __init__(self, response: FastResponse, what: str) -> None:
+        self._response = response
+        self._what = what
+        self._closed = False
+        self.status: int = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    def start(self, on_data: Callable[[bytes], None],
+              on_end: Callable[[BaseException | None], None]) -> None:
+        what = self._what
+
+        def ended(error: BaseException | None) -> None:
+            if not self._closed:
+                on_end(None if error is None else translate(error, what))
+
+        self._response.start(on_data, ended)
+
+    def pause(self) -> None:
+        self._response.pause()
+
+    def resume(self) -> None:
+        self._response.resume()
+
+    def close(self) -> None:
+        self._closed = True
+        self._response.close()
 
 
 async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> BackendHTTPError:
@@ -79,18 +103,18 @@ async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> Backe
 
 
 class Upstream:
-    """The app's single client session and the two ways pdlb calls a backend."""
+    """The app's backend clients and the two ways pdlb calls a backend."""
 
-    def __init__(self, timeouts: TimeoutsConfig, *, fast_json: bool = False) -> None:
+    def __init__(self, timeouts: TimeoutsConfig, *, fast: bool = False) -> None:
         self.timeouts = timeouts
-        self.fast_json = fast_json
-        """POST legs with a JSON answer (prefill, non-streamed decode) through :attr:`fast`."""
+        self.fast = fast
+        """Plain ``http://`` POST legs (JSON and streams) through pdlb's HTTP/1.1 client
+        (``[server] fast_stream``); aiohttp's otherwise, and always for GETs."""
         self._session: aiohttp.ClientSession | None = None
-        self.fast: FastClient | None = None
-        """The raw HTTP/1.1 client of the streamed decode leg (``[server] fast_stream``)."""
+        self._http1: FastClient | None = None
 
     async def start(self) -> None:
-        self.fast = FastClient(self.timeouts.connect_s)
+        self._http1 = FastClient(self.timeouts.connect_s)
         connector = aiohttp.TCPConnector(
             limit=0,  # admission control bounds concurrency, not the pool
             ttl_dns_cache=300,
@@ -105,9 +129,9 @@ class Upstream:
         )
 
     async def close(self) -> None:
-        if self.fast is not None:
-            self.fast.close()
-            self.fast = None
+        if self._http1 is not None:
+            self._http1.close()
+            self._http1 = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -118,13 +142,20 @@ class Upstream:
             raise RuntimeError("Upstream.start() was not called")
         return self._session
 
+    def _http1_for(self, url: str) -> FastClient | None:
+        """The HTTP/1.1 client when it serves ``url``; None: aiohttp's session does."""
+        client = self._http1
+        if self.fast and client is not None and client.supports(url):
+            return client
+        return None
+
     async def post_json(
         self, url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float, what: str
     ) -> dict[str, Any]:
         """POST a JSON body and return the decoded JSON object; any error status raises."""
-        fast = self.fast
-        if self.fast_json and fast is not None and fast.supports(url):
-            raw = await fast.post_read(url, body, headers, timeout_s=timeout_s, what=what)
+        http1 = self._http1_for(url)
+        if http1 is not None:
+            raw = await http1.post_read(url, body, headers, timeout_s=timeout_s, what=what)
         else:
             with translate_errors(what):
                 async with asyncio.timeout(timeout_s):
@@ -144,31 +175,31 @@ class Upstream:
             )
         return data
 
-    @asynccontextmanager
     async def open_stream(
         self, url: str, body: bytes, headers: Mapping[str, str], *, what: str
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """POST and yield the response once its headers arrived (within first_byte_s).
+    ) -> BackendStream:
+        """POST and return the answer once its head arrived (within ``first_byte_s``).
 
-        The body is left to the caller to read. On any exit but a fully read body the
-        connection is closed, which aborts the request on the backend.
+        A 4xx/5xx raises :class:`BackendHTTPError` with the backend's body; transport
+        failures raise lb.errors. The caller owns the stream from here: it must
+        :meth:`~BodySource.close` it on any exit (a no-op once the body was read to its end,
+        when the connection is already back in its pool).
         """
+        http1 = self._http1_for(url)
+        if http1 is not None:
+            response = await http1.post(url, body, headers,
+                                        timeout_s=self.timeouts.first_byte_s, what=what)
+            return _Http1Stream(response, what)
         with translate_errors(what):
             async with asyncio.timeout(self.timeouts.first_byte_s):
                 resp = await self.session.post(url, data=body, headers=headers)
-            try:
-                if resp.status >= 400:
-                    raise await _error_from_response(resp, what)
-            except BaseException:
-                resp.close()
-                raise
-        try:
-            yield resp
-        except BaseException:
-            resp.close()
-            raise
-        finally:
-            resp.release()
+                try:
+                    if resp.status >= 400:
+                        raise await _error_from_response(resp, what)
+                except BaseException:
+                    resp.close()
+                    raise
+        return AiohttpStream(resp, what)
 
     async def get_json(self, url: str, *, timeout_s: float) -> Any:
         """GET a JSON document (health, models); raises lb.errors on any failure."""

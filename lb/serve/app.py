@@ -207,7 +207,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                                 config.source,
                                 prefill=[b.url for b in config.prefill.backends],
                                 decode=[b.url for b in config.decode.backends])
-    upstream = Upstream(config.server.timeouts, fast_json=config.server.fast_stream)
+    upstream = Upstream(config.server.timeouts, fast=config.server.fast_stream)
     tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
     admission = Admission(config.pools, metrics)
     all_backends = [b for pool in pools.values() for b in pool.backends]

@@ -2,10 +2,10 @@
 
 The proxy (lb/proxy.py) decides where a request goes; this module moves the decode's bytes
 once a decode backend has been chosen: a JSON answer with its usage stitched, or the stream —
-through pdlb's own HTTP client (lb/backends/http1.py: relayed inside the socket callbacks) or
-aiohttp's — with only the final usage event parsed, a stalled or broken stream ended with an
-in-band error event and ``[DONE]``, and the client's departure turned into closing the decode
-connection (which makes vLLM abort the request and free its KV).
+relayed by the one loop of lb/stream/pipe.py whichever client lb/backends/upstream.py used —
+with only the final usage event parsed, a stalled or broken stream ended with an in-band error
+event and ``[DONE]``, and the client's departure turned into closing the decode connection
+(which makes vLLM abort the request and free its KV).
 """
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ import logging
 import time
 from collections.abc import Mapping
 
-import aiohttp
 import orjson
-from aiohttp.client_exceptions import ClientConnectionResetError
 
-from lb.backends.http1 import FastClient
 from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import UNKNOWN_PREFILL, PrefillResult
-from lb.errors import PdlbError, UpstreamError, error_payload
+from lb.errors import PdlbError, error_payload
 from lb.metrics import Metrics
 from lb.request import ProxyRequest
-from lb.stream.pipe import DRAIN, GONE, PIECE, RAW, SETTLE, Event, Pipe
+from lb.stream.pipe import Pipe
 from lb.stream.port import ClientSide
 from lb.stream.relay import DONE_EVENT, SSERelay, rewrite_response_usage, sse_event
 
@@ -89,140 +86,34 @@ class Answer:
         headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
         pending: PendingPrefill | None,
     ) -> None:
-        fast = self.upstream.fast
-        if fast is not None and self.config.server.fast_stream and fast.supports(url):
-            return await self._stream_fast(
-                fast, client, request, url, body, headers, prefill, started, pending)
         sent = time.monotonic()
-        async with self.upstream.open_stream(url, body, headers, what=f"decode {url}") as upstream:
-            self.metrics.handoff.observe(time.monotonic() - sent)
-            await client.start_stream({"X-Request-Id": request.request_id})
-            if pending is not None:
-                pending.responding.set()
-            relay = SSERelay(prefill) if prefill is not None or pending is not None else None
-            first = True
-            loop = asyncio.get_running_loop()
-            idle = self.timeouts.idle_s
-            # Re-arming a timer per chunk costs more than the relay itself; re-arm at most
-            # every idle/8, so a stall is detected after between 7/8 and all of idle_s.
-            rearm_every = idle / 8
-            armed_at = -idle
-            done = False
-            try:
-                async with asyncio.timeout(loop.time() + self.timeouts.first_byte_s) as watchdog:
-                    async for data in upstream.content.iter_any():
-                        now = loop.time()
-                        if now - armed_at > rearm_every:
-                            watchdog.reschedule(now + idle)
-                            armed_at = now
-                        if relay is not None:
-                            if pending is not None and relay.prefill is None \
-                                    and relay.may_hold_final_usage(data):
-                                relay.prefill = await pending.settle()
-                            data = relay.feed(data)
-                            if not data:
-                                continue
-                        elif not done and b"data: [DONE]" in data:
-                            done = True
-                        await client.write(data)
-                        if first:
-                            first = False
-                            self._ttft[request.endpoint].observe(time.monotonic() - started)
-                    await _upstream_ended(client, relay, done)
-            except (ClientConnectionResetError, ConnectionResetError):
-                # The client went away: close (not release) the decode connection so vLLM
-                # aborts the request and frees its KV.
-                self.metrics.client_disconnects.labels(phase="stream").inc()
-                upstream.close()
-                return
-            except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
-                await self._stream_failed(client, request, exc, sent)
-                return
-            finally:
-                if relay is not None and relay.rewrites:
-                    self.metrics.usage_rewrites.inc()
-            await self._end_stream(client)
-        self.metrics.decode.observe(time.monotonic() - sent)
-
-    async def _stream_fast(
-        self, fast: FastClient, client: ClientSide, request: ProxyRequest, url: str,
-        body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None,
-        started: float, pending: PendingPrefill | None,
-    ) -> None:
-        """:meth:`stream` through lb/backends/http1.py: the body is relayed inside the
-        socket callbacks; this coroutine wakes only for what needs an await."""
-        sent = time.monotonic()
-        upstream = await fast.post(url, body, headers, timeout_s=self.timeouts.first_byte_s,
-                                   what=f"decode {url}")
-        pipe: Pipe | None = None
-        relay: SSERelay | None = None
+        decode = await self.upstream.open_stream(url, body, headers, what=f"decode {url}")
+        relay = SSERelay(prefill)
         try:
             self.metrics.handoff.observe(time.monotonic() - sent)
             await client.start_stream({"X-Request-Id": request.request_id})
             if pending is not None:
                 pending.responding.set()
-            relay = SSERelay(prefill) if prefill is not None or pending is not None else None
-            needs_settle = None
-            if pending is not None and relay is not None:
-                live = relay
-
-                def needs_settle(data: bytes) -> bool:
-                    return live.prefill is None and live.may_hold_final_usage(data)
-
-            pipe = Pipe(upstream, relay.feed if relay is not None else None, needs_settle,
+            pipe = Pipe(decode, relay, pending.settle if pending is not None else None,
                         self.timeouts.first_byte_s, self.timeouts.idle_s)
-            pipe.start()
-            first = True
+            ttft = self._ttft[request.endpoint]
             try:
-                finished = False
-                while not finished:
-                    event: Event | None = await pipe.next()
-                    while event is not None:
-                        kind, value = event
-                        event = None
-                        if kind == RAW:
-                            event = pipe.process(value)
-                        elif kind == PIECE:
-                            await client.write(value)
-                            if first:
-                                first = False
-                                self._ttft[request.endpoint].observe(time.monotonic() - started)
-                                target = client.direct()
-                                if target is not None:
-                                    pipe.go_direct(*target)
-                        elif kind == DRAIN:
-                            async with asyncio.timeout(self.timeouts.idle_s):
-                                await client.drain()
-                        elif kind == SETTLE:
-                            assert relay is not None and pending is not None
-                            relay.prefill = await pending.settle()
-                            event = pipe.process(value)
-                        elif kind == GONE:
-                            raise ConnectionResetError("the client went away")
-                        else:  # END
-                            if value is not None:
-                                raise value
-                            finished = True
-                    pipe.unblock_if_idle()
-                await _upstream_ended(client, relay, pipe.done_marker)
-            except (ClientConnectionResetError, ConnectionResetError):
-                # The client went away: close (not release) the decode connection so vLLM
-                # aborts the request and frees its KV.
+                await pipe.run(client, lambda: ttft.observe(time.monotonic() - started))
+            except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
+                # The client went away: the decode connection is closed (not released) below,
+                # so vLLM aborts the request and frees its KV.
                 self.metrics.client_disconnects.labels(phase="stream").inc()
-                upstream.close()
                 return
-            except (PdlbError, TimeoutError, OSError, aiohttp.ClientError) as exc:
-                upstream.close()
+            except (PdlbError, TimeoutError, OSError) as exc:
+                decode.close()  # before telling the client: the backend stops at once
                 await self._stream_failed(client, request, exc, sent)
                 return
             await self._end_stream(client)
         finally:
-            # A response not read to its end is closed here (cancellation included); one
-            # that was is back in the pool already and this does nothing.
-            upstream.close()
-            if pipe is not None:
-                pipe.close()
-            if relay is not None and relay.rewrites:
+            # A body not read to its end is closed here (cancellation included); one that
+            # was is back in its pool already and this does nothing.
+            decode.close()
+            if relay.rewrites:
                 self.metrics.usage_rewrites.inc()
         self.metrics.decode.observe(time.monotonic() - sent)
 
@@ -230,7 +121,7 @@ class Answer:
         """The terminating chunk; a client that left just before it is not an error."""
         try:
             await client.end()
-        except (ClientConnectionResetError, ConnectionResetError):
+        except ConnectionResetError:
             self.metrics.client_disconnects.labels(phase="stream_end").inc()
 
     async def _stream_failed(self, client: ClientSide, request: ProxyRequest,
@@ -250,18 +141,6 @@ class Answer:
         self.metrics.decode.observe(time.monotonic() - sent)
 
 
-async def _upstream_ended(client: ClientSide, relay: SSERelay | None, saw_done: bool) -> None:
-    """The decode's body is all in: what the relay held back goes out, and the stream must
-    have carried ``[DONE]`` (``saw_done`` tells it when there is no relay)."""
-    if relay is not None:
-        tail = relay.flush()
-        if tail:
-            await client.write(tail)
-        saw_done = relay.saw_done
-    if not saw_done:
-        raise UpstreamError("decode stream ended before [DONE]", code="truncated_stream")
-
-
 def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, PdlbError):
         return exc.message, exc.code or "upstream_error"
@@ -276,5 +155,5 @@ async def _finish_with_error(client: ClientSide, message: str, code: str) -> Non
         await client.write(sse_event(error_payload(message, "upstream_error", code)))
         await client.write(DONE_EVENT)
         await client.end()
-    except (ClientConnectionResetError, ConnectionResetError):
+    except ConnectionResetError:
         pass

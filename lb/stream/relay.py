@@ -9,8 +9,10 @@ total recomputed.
 Streams pass through as bytes. :class:`SSERelay` never JSON-parses an event unless it may be
 the final usage event (``"choices":[]``), found by a byte search; it holds back only an
 incomplete trailing event (an event split across reads), and it notices whether ``[DONE]``
-arrived, so a stream that ends early can be finished with an error event instead of being
-silently truncated. Both ``\\n\\n`` and ``\\r\\n\\r\\n`` framings are handled.
+arrived — the one place pdlb looks for it — so a stream that ends early can be finished with
+an error event instead of being silently truncated. Every stream goes through a relay, with
+or without usage to stitch: the check costs a byte search per chunk. Both ``\\n\\n`` and
+``\\r\\n\\r\\n`` framings are handled.
 """
 
 from __future__ import annotations
@@ -67,13 +69,14 @@ def rewrite_response_usage(body: dict[str, Any], prefill: PrefillResult) -> bool
 class SSERelay:
     """Feeds decode bytes through, rewriting only the final usage event."""
 
-    __slots__ = ("_pending", "prefill", "rewrites", "saw_done", "saw_error")
+    __slots__ = ("_pending", "prefill", "rewrites", "saw_done")
 
     def __init__(self, prefill: PrefillResult | None) -> None:
         self.prefill = prefill
+        """Whose usage to stitch in; None: none (a decode-only request), pass through."""
         self._pending = b""
         self.saw_done = False
-        self.saw_error = False
+        """``data: [DONE]`` went by: pdlb's only place that knows whether a stream ended."""
         self.rewrites = 0
 
     def feed(self, data: bytes) -> bytes:
@@ -90,7 +93,7 @@ class SSERelay:
             data = data[:cut]
         if _DONE in data:
             self.saw_done = True
-        if _has_final_usage(data):
+        if self.prefill is not None and _has_final_usage(data):
             data = self._rewrite_events(data)
         return data
 
