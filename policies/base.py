@@ -9,16 +9,19 @@ in backends.toml) and calls :meth:`Policy.pick` for every request on the event l
   sequence, and must return one of them;
 * it reads, never writes, the backend views: pdlb does all accounting itself.
 
+A policy also says whether it reads :attr:`RouteRequest.prefix_hashes`
+(:attr:`Policy.wants_prefix_hashes`): hashing the prompt costs a few µs per request, so pdlb
+computes the hashes only when a pool's policy asks; for the others the field is empty.
 Optional hooks live in a second protocol, :class:`PolicyHooks`; pdlb calls
 ``on_request_done`` after a leg finished on a backend (for learning or stateful policies).
-A policy that routes by prompt prefix sets the class attribute ``wants_prefix_hashes = True``
-(or an instance attribute, when it depends on options) and pdlb fills
-:attr:`RouteRequest.prefix_hashes` (it costs a few µs per request, so pdlb only computes them
-for policies that ask).
+:func:`policies.choose.choose` is how pdlb asks a policy — the pool and
+``policies.testing.simulate`` both go through it.
 
 A minimal policy::
 
     class FewestRequests:
+        wants_prefix_hashes = False
+
         def __init__(self, options: Mapping[str, Any]) -> None:
             check_options("fewest_requests", options, {})
 
@@ -31,17 +34,20 @@ Register it under the entry-point group ``pdlb.policies`` in your package's pypr
     fewest_requests = "my_package.module:FewestRequests"
 
 and select it with ``policy = "fewest_requests"``. The factory (usually the class) is called
-with the pool's ``policy_options`` table; raise :class:`PolicyOptionError` for a bad option —
-pdlb reports it at start-up with the pool and option named. See ``examples/`` for a complete,
+with the pool's ``policy_options`` table (a read-only mapping; pdlb passes a
+:class:`policies.options.Options`, which knows where the table is written); raise
+:class:`PolicyOptionError` for a bad option — pdlb reports it at start-up with the file, the
+pool and the option named. See ``examples/`` for a complete,
 installable plugin and ``policies.testing`` for fakes to unit-test ``pick``.
 
 Helpers for factories: :func:`check_options` rejects unknown options and wrong types;
 :func:`number_option` and :func:`int_option` read one option with a default and a range,
-naming the option when it is out of range. Randomised policies take an optional ``seed``
-option and draw from :func:`seeded_rng`, so tests are reproducible. Per-policy state (a
-cursor, an LRU of prefixes) lives on the policy object: pdlb builds one per pool, never
-shared, and a new one on a config reload. State keyed by :attr:`BackendView.index` is only
-meaningful within one policy object.
+naming the option when it is out of range; :func:`read_options` gives the whole checker
+(:mod:`policies.options`, which also reads backends.toml and connector options).
+Randomised policies take an optional ``seed`` option and draw from :func:`seeded_rng`, so
+tests are reproducible. Per-policy state (a cursor, an LRU of prefixes) lives on the policy
+object: pdlb builds one per pool, never shared, and a new one on a config reload. State
+keyed by :attr:`BackendView.index` is only meaningful within one policy object.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
+
+from policies.options import Kind, OptionError, Options
 
 Leg = Literal["prefill", "decode"]
 
@@ -125,6 +133,11 @@ class BackendView(Protocol):
 class Policy(Protocol):
     """Picks one backend among usable candidates. Synchronous, no I/O."""
 
+    wants_prefix_hashes: bool
+    """True: pdlb fills :attr:`RouteRequest.prefix_hashes` for this policy's pool (a class
+    attribute, or an instance attribute when it depends on the options); False: the field
+    is empty."""
+
     def pick(self, request: RouteRequest, candidates: Sequence[BackendView]) -> BackendView: ...
 
 
@@ -140,24 +153,23 @@ class PolicyHooks(Protocol):
 PolicyFactory = Callable[[Mapping[str, Any]], Policy]
 
 
-class PolicyOptionError(ValueError):
+class PolicyOptionError(OptionError):
     """Raised by a policy factory for a bad option; the message should name the option."""
 
 
-def check_options(
-    policy: str, options: Mapping[str, Any], allowed: Mapping[str, type | tuple[type, ...]]
-) -> None:
+def read_options(policy: str, options: Mapping[str, Any]) -> Options:
+    """``options`` as an :class:`~policies.options.Options` reader (pdlb passes one; a test
+    may pass a plain dict), for checks beyond the helpers below: ``.choice(...)``,
+    ``.sub("table")``, ``.fail(name, why)`` — errors name ``policy_options.<key>``."""
+    if isinstance(options, Options):
+        return options
+    return Options(options, "policy_options", owner=f"policy {policy!r}",
+                   error=PolicyOptionError)
+
+
+def check_options(policy: str, options: Mapping[str, Any], allowed: Mapping[str, Kind]) -> None:
     """Reject unknown options and options of the wrong type, naming them."""
-    for name, value in options.items():
-        if name not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise PolicyOptionError(f"{policy}: unknown option {name!r} (known: {known})")
-        kind = allowed[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} has the wrong type")
-        if not isinstance(value, kind):
-            raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} has the wrong type")
+    read_options(policy, options).check(allowed)
 
 
 def number_option(
@@ -165,18 +177,7 @@ def number_option(
     *, minimum: float | None = None, maximum: float | None = None,
 ) -> float:
     """Read a numeric option (an int is accepted) within ``[minimum, maximum]``, naming it."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} must be a number")
-    if value != value or (minimum is not None and value < minimum) or (
-        maximum is not None and value > maximum
-    ):
-        low = "-inf" if minimum is None else f"{minimum:g}"
-        high = "inf" if maximum is None else f"{maximum:g}"
-        raise PolicyOptionError(
-            f"{policy}: option {name!r} = {value!r} is out of range ({low} .. {high})"
-        )
-    return float(value)
+    return read_options(policy, options).number(name, default, minimum=minimum, maximum=maximum)
 
 
 def int_option(
@@ -184,11 +185,7 @@ def int_option(
     *, minimum: int | None = None, maximum: int | None = None,
 ) -> int:
     """Read an integer option within ``[minimum, maximum]``, naming it."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyOptionError(f"{policy}: option {name!r} = {value!r} must be an integer")
-    number_option(policy, {name: value}, name, default, minimum=minimum, maximum=maximum)
-    return value
+    return read_options(policy, options).integer(name, default, minimum=minimum, maximum=maximum)
 
 
 def seeded_rng(options: Mapping[str, Any]) -> random.Random:

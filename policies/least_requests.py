@@ -23,6 +23,8 @@ def _key(backend: BackendView) -> tuple[int, int]:
 class LeastRequests:
     """Fewest in-flight requests; ties rotate so equal backends share load."""
 
+    wants_prefix_hashes = False
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options(NAME, options, {})
         self._turn = 0

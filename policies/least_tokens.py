@@ -39,6 +39,8 @@ NAME = "least_tokens"
 class LeastTokens:
     """Fewest in-flight tokens; ties rotate so equal backends share load."""
 
+    wants_prefix_hashes = False
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options(NAME, options, {"kv_capacity_tokens": int,
                                       "max_scrape_age_s": (int, float)})

@@ -22,6 +22,8 @@ NAME = "power_of_two"
 class PowerOfTwo:
     """Compares two distinct random candidates by (in-flight tokens, in-flight requests)."""
 
+    wants_prefix_hashes = False
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options(NAME, options, {"seed": int})
         self._rng = seeded_rng(options)

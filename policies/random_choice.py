@@ -16,6 +16,8 @@ NAME = "random"
 class RandomChoice:
     """Stateless apart from its own generator (never the module-global one)."""
 
+    wants_prefix_hashes = False
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options(NAME, options, {"seed": int})
         self._rng = seeded_rng(options)

@@ -5,17 +5,27 @@ that does not implement :class:`policies.base.Policy` is named with what it lack
 option is named by the factory's :class:`PolicyOptionError`. Built-ins are registered through
 pdlb's own pyproject like any plugin, with an in-code fallback so a source checkout that was
 never pip-installed still finds them.
+
+Built-in names are reserved: :data:`BUILTINS` always wins over an installed entry point of
+the same name, so ``policy = "round_robin"`` means pdlb's own whatever else is installed; a
+plugin that reuses a built-in's name is ignored with a warning in the log (between two
+plugins of one name, the first entry point found wins, also warned). The connector registry
+(lb/connectors/registry.py) does the same.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
 from policies.base import Policy, PolicyOptionError
+from policies.options import OptionError, Options
+
+log = logging.getLogger("pdlb.policies")
 
 GROUP = "pdlb.policies"
 
@@ -36,10 +46,15 @@ class PolicyLoadError(ValueError):
 
 
 def available() -> dict[str, str]:
-    """Name → "module:attr" for every registered policy (plugins may override nothing)."""
+    """Name → ``"module:attr"`` of every policy: the built-ins, then the plugins."""
     found = dict(BUILTINS)
     for ep in entry_points(group=GROUP):
-        found.setdefault(ep.name, ep.value)
+        if ep.name not in found:
+            found[ep.name] = ep.value
+        elif ep.value != found[ep.name]:
+            kind = "a built-in policy's" if ep.name in BUILTINS else "another plugin's"
+            log.warning("policy entry point %s = %s is ignored: %r is %s name (%s)",
+                        ep.name, ep.value, ep.name, kind, found[ep.name])
     return found
 
 
@@ -65,10 +80,12 @@ def build_policy(name: str, options: Mapping[str, Any], *, pool: str) -> Policy:
     factory = _load(name, registry[name])
     if not callable(factory):
         raise PolicyLoadError(f"policy {name!r} ({registry[name]}) is not callable")
+    table = Options(dict(options), f"pools.{pool}.policy_options", owner=f"policy {name!r}",
+                    error=PolicyOptionError)
     try:
-        policy = factory(dict(options))
-    except PolicyOptionError as exc:
-        raise PolicyLoadError(f"pools.{pool}.policy_options: {exc}") from None
+        policy = factory(table)
+    except OptionError as exc:
+        raise PolicyLoadError(str(exc) if exc.located else f"{table.where}: {exc}") from None
     except TypeError as exc:
         raise PolicyLoadError(
             f"policy {name!r} ({registry[name]}): its factory must accept one argument, the"
@@ -90,4 +107,10 @@ def build_policy(name: str, options: Mapping[str, Any], *, pool: str) -> Policy:
         raise PolicyLoadError(
             f"policy {name!r} ({registry[name]}): pick() must take (request, candidates)"
         ) from None
+    if not isinstance(getattr(policy, "wants_prefix_hashes", None), bool):
+        raise PolicyLoadError(
+            f"policy {name!r} ({registry[name]}) does not implement Policy: it has no boolean"
+            " wants_prefix_hashes attribute (True: pdlb computes RouteRequest.prefix_hashes"
+            " for it)"
+        )
     return policy  # type: ignore[no-any-return]

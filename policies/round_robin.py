@@ -12,6 +12,8 @@ class RoundRobin:
     """A single cursor for the pool's lifetime (never reset per request), over the configured
     order; backends that are not usable right now are skipped without losing the rotation."""
 
+    wants_prefix_hashes = False
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options("round_robin", options, {})
         self._cursor = 0

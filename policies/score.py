@@ -43,11 +43,11 @@ from typing import Any
 
 from policies.base import (
     BackendView,
-    PolicyOptionError,
     RouteRequest,
     check_options,
     int_option,
     number_option,
+    read_options,
 )
 from policies.load import load_limit, request_tokens
 from policies.prefix_index import PrefixIndex
@@ -59,19 +59,14 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {"load": 1.0, "prefix": 1.0, "kv_usage": 
 
 
 def _weights(options: Mapping[str, Any]) -> dict[str, float]:
-    given = options.get("weights", {})
-    if not isinstance(given, Mapping):
-        raise PolicyOptionError(f"{NAME}: option 'weights' must be a table of scorer = weight")
+    table = read_options(NAME, options)
+    given = table.sub("weights")
+    given.check(dict.fromkeys(DEFAULT_WEIGHTS, (int, float)))
     weights = dict(DEFAULT_WEIGHTS)
     for name in given:
-        if name not in DEFAULT_WEIGHTS:
-            raise PolicyOptionError(
-                f"{NAME}: option 'weights' names unknown scorer {name!r}"
-                f" (known: {', '.join(DEFAULT_WEIGHTS)})"
-            )
-        weights[name] = number_option(NAME, given, name, 0.0, minimum=0.0)
+        weights[name] = given.number(name, 0.0, minimum=0.0)
     if not any(weights.values()):
-        raise PolicyOptionError(f"{NAME}: option 'weights' must give some scorer a weight > 0")
+        raise table.fail("weights", "give some scorer a weight > 0")
     return weights
 
 
@@ -99,7 +94,7 @@ class Score:
             int_option(NAME, options, "max_entries", 100_000, minimum=1),
             int_option(NAME, options, "holders", 2, minimum=1),
         )
-        # An instance attribute: pdlb reads it from the policy object at start-up.
+        # An instance attribute: it depends on the options.
         self.wants_prefix_hashes = self.weights["prefix"] > 0
         scorers: dict[str, Scorer] = {
             "load": self.score_load, "prefix": self.score_prefix,

@@ -25,11 +25,11 @@ from typing import Any
 
 from policies.base import (
     BackendView,
-    PolicyOptionError,
     RouteRequest,
     check_options,
     int_option,
     number_option,
+    read_options,
 )
 from policies.load import least_loaded, load_limit
 
@@ -37,6 +37,8 @@ NAME = "session_affinity"
 
 
 class SessionAffinity:
+    wants_prefix_hashes = False
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options(NAME, options, {
             "header": str, "load_factor": (int, float), "load_slack_tokens": int,
@@ -44,7 +46,7 @@ class SessionAffinity:
         })
         header = options.get("header")
         if header is not None and not header.strip():
-            raise PolicyOptionError(f"{NAME}: option 'header' must name a header")
+            raise read_options(NAME, options).fail("header", "must name a header")
         self.header: str | None = header.strip().lower() if header is not None else None
         self.load_factor = number_option(NAME, options, "load_factor", 1.25, minimum=1.0)
         self.load_slack_tokens: int | None = None

@@ -11,9 +11,11 @@
     chosen = simulate(MyPolicy({}), [make_request(prompt="...") for _ in range(100)],
                       backends(4), concurrency=8)
 
-:func:`simulate` mirrors ``lb.backends.pool.Pool``: only healthy backends under their token budget
-are candidates, a single candidate is returned without asking the policy, and a pick that
-is not one of the candidates raises.
+:func:`simulate` asks the policy through :func:`policies.choose.choose`, the function
+``lb.backends.pool.Pool.pick`` uses: only healthy backends under their token budget are
+candidates, the policy is asked even when one is left, and a pick that is not one of the
+candidates raises :class:`~policies.choose.NotACandidate` (no usable backend at all:
+:class:`~policies.choose.NoCandidate`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from policies.base import BackendView, Leg, Policy, PolicyHooks, RouteRequest, ScrapedLoad
+from policies.base import Leg, Policy, PolicyHooks, RouteRequest, ScrapedLoad
+from policies.choose import choose
 from policies.load import request_tokens
 
 _ids = itertools.count()
@@ -124,11 +127,7 @@ def simulate(
             hooks.on_request_done(request, backend, True, 0.0)
 
     for request in requests:
-        candidates = [b for b in pool if b.usable()]
-        if not candidates:
-            raise RuntimeError("simulate: no usable backend")
-        backend = candidates[0] if len(candidates) == 1 else _checked(
-            policy.pick(request, candidates), candidates)
+        backend = choose(policy, request, pool)
         backend.inflight_requests += 1
         backend.inflight_tokens += request_tokens(request)
         backend.tokens_since_scrape += request_tokens(request)
@@ -141,9 +140,3 @@ def simulate(
         finish()
     return chosen
 
-
-def _checked(picked: BackendView, candidates: Sequence[FakeBackend]) -> FakeBackend:
-    for backend in candidates:
-        if backend is picked:
-            return backend
-    raise AssertionError(f"pick returned {picked!r}, which is not one of the candidates")

@@ -56,7 +56,8 @@ def test_backend_token_budget_takes_it_out_of_rotation():
 def test_registry_errors_name_the_problem():
     with pytest.raises(PolicyLoadError, match=r"available: .*least_tokens.*round_robin"):
         build_policy("nope", {}, pool="prefill")
-    with pytest.raises(PolicyLoadError, match="unknown option 'x'"):
+    with pytest.raises(PolicyLoadError, match=r"^pools\.prefill\.policy_options\.x: unknown key"
+                                              r" for policy 'round_robin' \(known here: none\)"):
         build_policy("round_robin", {"x": 1}, pool="prefill")
 
 
@@ -73,13 +74,26 @@ class NoPick:
         pass
 
 
+class NoPrefixFlag:
+    """Implements pick but does not say whether it reads prefix_hashes."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        pass
+
+    def pick(self, request: RouteRequest, candidates: Sequence[BackendView]) -> BackendView:
+        return candidates[0]
+
+
 def test_registry_rejects_plugins_that_do_not_implement_the_interface(monkeypatch):
     import policies.registry as registry
 
     monkeypatch.setattr(registry, "BUILTINS", {**registry.BUILTINS,
                                                "async_one": f"{__name__}:Async",
-                                               "no_pick": f"{__name__}:NoPick"})
+                                               "no_pick": f"{__name__}:NoPick",
+                                               "no_flag": f"{__name__}:NoPrefixFlag"})
     with pytest.raises(PolicyLoadError, match="must be synchronous"):
         build_policy("async_one", {}, pool="decode")
     with pytest.raises(PolicyLoadError, match="no pick"):
         build_policy("no_pick", {}, pool="decode")
+    with pytest.raises(PolicyLoadError, match="no boolean wants_prefix_hashes attribute"):
+        build_policy("no_flag", {}, pool="decode")

@@ -18,6 +18,7 @@ from lb.config import PoolConfig
 from lb.errors import BackendUnavailable
 from lb.metrics import Metrics
 from policies.base import Policy, PolicyHooks, RouteRequest, ScrapedLoad
+from policies.choose import NoCandidate, NotACandidate, choose
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""})
 
@@ -133,20 +134,17 @@ class Pool:
         return any(b.healthy for b in self.backends)
 
     def pick(self, request: RouteRequest, exclude: Sequence[Backend] = ()) -> Backend:
-        """Ask the policy for a backend among the usable ones (minus ``exclude``)."""
-        candidates = [b for b in self.backends if b.usable() and b not in exclude]
-        if not candidates:
+        """Ask the policy for a backend among the usable ones (minus ``exclude``), through
+        :func:`policies.choose.choose`, as ``policies.testing.simulate`` does."""
+        try:
+            return choose(self.policy, request, self.backends, exclude)
+        except NoCandidate:
             reason = "no healthy backend" if not self.has_usable_backend() else (
                 "every usable backend is excluded or at its token budget")
-            raise BackendUnavailable(f"{self.name} pool: {reason}", code=f"{self.name}_unavailable")
-        # Asked even with one candidate: stateful policies (affinity) record every choice.
-        chosen = self.policy.pick(request, candidates)
-        if not isinstance(chosen, Backend) or chosen not in candidates:
-            raise BackendUnavailable(
-                f"{self.name} pool: policy returned {chosen!r}, which is not a candidate",
-                code="policy_error",
-            )
-        return chosen
+            raise BackendUnavailable(f"{self.name} pool: {reason}",
+                                     code=f"{self.name}_unavailable") from None
+        except NotACandidate as exc:
+            raise BackendUnavailable(f"{self.name} pool: {exc}", code="policy_error") from None
 
     def lease(self, backend: Backend, tokens: int) -> Lease:
         return Lease(self, backend, tokens)

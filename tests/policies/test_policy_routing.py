@@ -70,3 +70,34 @@ async def test_prefix_affinity_hits_the_cache_round_robin_misses(servers, start_
         assert hit_rate > 0.6, hit_rate
         per_server = [s.engine.counters.requests_total for s in servers[:4]]
         assert sorted(per_server) == [0, 4, 4, 4], per_server
+
+
+class Recording:
+    """Remembers the prefix hashes of every request it routes."""
+
+    def __init__(self, wants: bool) -> None:
+        self.wants_prefix_hashes = wants
+        self.seen: list[tuple[int, ...]] = []
+
+    def pick(self, request, candidates):
+        self.seen.append(request.prefix_hashes)
+        return candidates[0]
+
+
+async def test_prefix_hashes_follow_the_policies_after_a_reload(servers, start_pdlb):
+    """pdlb asks the pools' current policies (Policy.wants_prefix_hashes) on every request,
+    so a reload that brings in a prefix-aware policy gets hashes, and one that removes it
+    stops the hashing."""
+    from lb.serve.app import POOLS
+
+    config = make_config([servers[0].url], [servers[4].url])
+    url, app = await start_pdlb(config)
+    pools = app[POOLS]
+    body = {"model": "emulated-model", "max_tokens": 2, "prompt": GROUPS[0] + "hi"}
+    async with aiohttp.ClientSession() as http:
+        for wants in (False, True, False):
+            policy = Recording(wants)
+            pools["prefill"].replace_backends(pools["prefill"].config, policy)  # as a reload
+            async with http.post(url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+            assert len(policy.seen) == 1 and bool(policy.seen[0]) is wants

@@ -88,10 +88,10 @@ def test_groups_stay_together_under_load():
 
 
 @pytest.mark.parametrize("weights, message", [
-    ({"latency": 1}, "unknown scorer 'latency'"),
-    ({"load": -1}, "'load' = -1 is out of range"),
-    ({"load": "high"}, "'load' = 'high' must be a number"),
-    ({"load": 0, "prefix": 0}, "some scorer a weight > 0"),
+    ({"latency": 1}, r"weights\.latency: unknown key for policy 'score' \(known here: kv_usage,"),
+    ({"load": -1}, r"weights\.load = -1: must be >= 0"),
+    ({"load": "high"}, r"weights\.load = 'high': expected a number"),
+    ({"load": 0, "prefix": 0}, r"weights = \{'load': 0, 'prefix': 0\}: give some scorer a weight"),
 ])
 def test_bad_weights_are_named(weights, message):
     """Each bad weight is reported with the scorer's name."""

@@ -8,6 +8,7 @@ import pytest
 
 from lb.prefix import prefix_hashes
 from policies.base import BackendView, RouteRequest
+from policies.choose import NoCandidate, NotACandidate, choose
 from policies.least_tokens import LeastTokens
 from policies.testing import FakeBackend, backends, make_request, simulate
 
@@ -82,5 +83,51 @@ def test_simulate_rejects_a_pick_outside_the_candidates():
         def pick(self, request, candidates):
             return FakeBackend(index=99)
 
-    with pytest.raises(AssertionError, match="not one of the candidates"):
+    with pytest.raises(NotACandidate, match="not one of the candidates"):
         simulate(Wrong(), [make_request()], backends(2))
+
+
+def test_simulate_asks_like_the_pool(monkeypatch):
+    """simulate and lb's Pool.pick share policies.choose.choose: a lone candidate is still
+    offered to the policy (stateful policies record it), and no usable backend raises."""
+    import policies.testing
+
+    calls: list[str] = []
+    real = policies.testing.choose
+
+    def spy(*args, **kwargs):
+        calls.append("choose")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(policies.testing, "choose", spy)
+    pool = backends(2)
+    pool[0].healthy = False
+    recorder = Recorder()
+    assert simulate(recorder, [make_request()], pool) == [1]
+    assert recorder.seen == [1] and calls == ["choose"]
+    pool[1].healthy = False
+    with pytest.raises(NoCandidate):
+        simulate(recorder, [make_request()], pool)
+
+
+def test_pool_pick_goes_through_choose(monkeypatch):
+    """The pool's pick is the same function (excluded backends are no candidates)."""
+    import lb.backends.pool as pool_module
+    from lb.config import config_from_flags
+    from lb.metrics import Metrics
+
+    seen: list[tuple[int, ...]] = []
+
+    class Spy:
+        wants_prefix_hashes = False
+
+        def pick(self, request, candidates):
+            seen.append(tuple(b.index for b in candidates))
+            return candidates[0]
+
+    config = config_from_flags(["http://a:1", "http://b:1", "http://c:1"], ["http://d:1"])
+    pool = pool_module.Pool(config.prefill, Spy(), Metrics())
+    assert pool_module.choose is choose
+    pool.backends[1].healthy = False
+    assert pool.pick(make_request(), exclude=[pool.backends[0]]) is pool.backends[2]
+    assert seen == [(2,)]

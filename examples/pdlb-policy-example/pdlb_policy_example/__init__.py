@@ -23,6 +23,8 @@ NAME = "least_kv_usage"
 
 
 class LeastKVUsage:
+    wants_prefix_hashes = False  # it never reads request.prefix_hashes: pdlb skips hashing
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         check_options(NAME, options, {"kv_capacity_tokens": int,
                                       "max_scrape_age_s": (int, float)})
