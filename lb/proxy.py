@@ -32,7 +32,14 @@ from lb.backends.health import HealthChecker
 from lb.backends.pool import Backend, Pool
 from lb.backends.upstream import Upstream
 from lb.config import Config
-from lb.connectors.base import Connector, Dispatch, PrefillResult
+from lb.connectors.base import (
+    BackendRef,
+    Connector,
+    Dispatch,
+    HandshakeMode,
+    PrefillResult,
+    RequestView,
+)
 from lb.errors import (
     BackendConnectError,
     BackendUnavailable,
@@ -86,9 +93,7 @@ class Proxy:
         self.timeouts = config.server.timeouts
         self.resilience = config.resilience
         self.active_requests = 0
-        self._want_prefix = any(
-            getattr(p.policy, "wants_prefix_hashes", False) for p in pools.values()
-        )
+        self._refs: dict[str, BackendRef] = {}
         self.answer = Answer(config, upstream, metrics)
         self._e2e = {e: metrics.e2e.labels(endpoint=e) for e in ("completions", "chat")}
         self._direct = metrics.direct_decode
@@ -144,7 +149,7 @@ class Proxy:
                 ticket.release("prefill")
                 self._direct.inc()
                 await self._decode_only(client, request, route, started, deadline)
-            elif self.connector.concurrent:
+            elif self.connector.mode is HandshakeMode.CONCURRENT:
                 await self._concurrent(client, request, route, ticket, started, deadline)
             else:
                 await self._sequential(client, request, route, ticket, started, deadline)
@@ -176,12 +181,14 @@ class Proxy:
         fresh prefill first (the KV may have been consumed)."""
         tried: list[Backend] = []
         handoff: tuple[PrefillResult, Dispatch] | None = None
+        view = _view(request)
+        decode_first = self.connector.mode is HandshakeMode.DECODE_FIRST
         attempts = self.resilience.decode_attempts
         for attempt in range(1, attempts + 1):
             decode_backend = (self._pick(self.decode_pool, _for_leg(route, "decode"), tried)
-                              if self.connector.decode_first else None)
+                              if decode_first else None)
             if handoff is None:
-                handoff = await self._prefill(request, route, client.headers, deadline,
+                handoff = await self._prefill(view, route, client.headers, deadline,
                                               decode_backend)
                 ticket.release("prefill")
                 if handoff is None:  # prefill pool down and decode_only fallback allowed
@@ -192,7 +199,7 @@ class Proxy:
             decode_route = _for_leg(route, "decode")
             backend = decode_backend or self._pick(self.decode_pool, decode_route, tried)
             tried.append(backend)
-            body = dumps(self.connector.decode_body(request, dispatch, prefill))
+            body = dumps(self.connector.decode_body(view, dispatch, prefill))
             headers = self._leg_headers(self.decode_pool, client.headers, dispatch.request_id,
                                         dispatch.decode_headers)
             try:
@@ -204,7 +211,8 @@ class Proxy:
                     raise error from None
                 self.metrics.retries.labels(leg="decode", reason=error.code or "error").inc()
                 never_reached = error.code == "backend_connect_error"
-                if not (never_reached and self.connector.reusable_handoff):
+                if not (never_reached
+                        and self.connector.mode is HandshakeMode.SEQUENTIAL_REUSABLE):
                     handoff = None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -217,20 +225,22 @@ class Proxy:
         prefill_tried: list[Backend] = []
         decode_tried: list[Backend] = []
         decode_route = _for_leg(route, "decode")
+        view = _view(request)
         attempts = max(self.resilience.prefill_attempts, self.resilience.decode_attempts)
         for attempt in range(1, attempts + 1):
             prefill_backend = self._pick(self.prefill_pool, route, prefill_tried)
             decode_backend = self._pick(self.decode_pool, decode_route, decode_tried)
             prefill_tried.append(prefill_backend)
             decode_tried.append(decode_backend)
-            dispatch = self.connector.new_dispatch(request, prefill_backend, decode_backend)
+            dispatch = self.connector.new_dispatch(view, self._ref(prefill_backend),
+                                                   self._ref(decode_backend))
             prefill_task = asyncio.create_task(self._prefill_once(
-                request, route, dispatch,
+                view, route, prefill_backend, dispatch,
                 self._leg_headers(self.prefill_pool, client.headers, dispatch.request_id,
                                   dispatch.prefill_headers)))
             prefill_task.add_done_callback(lambda _: ticket.release("prefill"))
             pending = PendingPrefill(prefill_task, self.timeouts.prefill_s)
-            body = dumps(self.connector.decode_body(request, dispatch, None))
+            body = dumps(self.connector.decode_body(view, dispatch, None))
             headers = self._leg_headers(self.decode_pool, client.headers, dispatch.request_id,
                                         dispatch.decode_headers)
             decode_task = asyncio.create_task(self._decode_once(
@@ -292,7 +302,7 @@ class Proxy:
 
     # ----------------------------------------------------------------- prefill leg
     async def _prefill(
-        self, request: ProxyRequest, route: RouteRequest, client_headers: Mapping[str, str],
+        self, view: RequestView, route: RouteRequest, client_headers: Mapping[str, str],
         deadline: float, decode_backend: Backend | None,
     ) -> tuple[PrefillResult, Dispatch] | None:
         """The prefill leg with retries on other backends; None = skip to decode-only."""
@@ -305,31 +315,32 @@ class Proxy:
                     return None
                 raise
             tried.append(backend)
-            dispatch = self.connector.new_dispatch(request, backend, decode_backend)
+            dispatch = self.connector.new_dispatch(
+                view, self._ref(backend),
+                None if decode_backend is None else self._ref(decode_backend))
             headers = self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id,
                                         dispatch.prefill_headers)
             try:
-                result = await self._prefill_once(request, route, dispatch, headers)
+                result = await self._prefill_once(view, route, backend, dispatch, headers)
                 return result, dispatch
             except PrefillFailed as exc:
                 if attempt == self.resilience.prefill_attempts or time.monotonic() > deadline:
                     raise
                 self.metrics.retries.labels(leg="prefill", reason=exc.reason).inc()
-                log.info("request %s: prefill on %s failed (%s); retrying", request.request_id,
+                log.info("request %s: prefill on %s failed (%s); retrying", view.request_id,
                          backend.url, exc.reason)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _prefill_once(
-        self, request: ProxyRequest, route: RouteRequest, dispatch: Dispatch,
+        self, view: RequestView, route: RouteRequest, backend: Backend, dispatch: Dispatch,
         headers: Mapping[str, str],
     ) -> PrefillResult:
-        backend = dispatch.prefill
-        body = dumps(self.connector.prefill_body(request, dispatch))
+        body = dumps(self.connector.prefill_body(view, dispatch))
         with self.prefill_pool.lease(backend, route.prompt_tokens) as lease:
             ok = False
             try:
                 response = await self.upstream.post_json(
-                    backend.url + request.path, body, headers,
+                    backend.url + view.path, body, headers,
                     timeout_s=self.timeouts.prefill_s, what=f"prefill {backend.url}",
                 )
                 self.health.report_success(backend)
@@ -414,6 +425,20 @@ class Proxy:
                 pass
         return pool.pick(route)
 
+    @property
+    def _want_prefix(self) -> bool:
+        """Whether a pool's policy reads RouteRequest.prefix_hashes; asked per request, since
+        a reload may change the policies."""
+        return (self.prefill_pool.policy.wants_prefix_hashes
+                or self.decode_pool.policy.wants_prefix_hashes)
+
+    def _ref(self, backend: Backend) -> BackendRef:
+        """The connectors' view of a backend (one per URL, built once)."""
+        ref = self._refs.get(backend.url)
+        if ref is None:
+            ref = self._refs[backend.url] = BackendRef.of(backend.url)
+        return ref
+
     def _leg_headers(
         self, pool: Pool, client: Mapping[str, str], request_id: str,
         extra: Mapping[str, str] | None = None,
@@ -435,6 +460,12 @@ class Proxy:
 
     def _backend_failed(self, backend: Backend, leg: str) -> None:
         self.health.report_failure(backend)
+
+
+def _view(request: ProxyRequest) -> RequestView:
+    """The connectors' view of a client request."""
+    return RequestView(body=request.body, request_id=request.request_id,
+                       endpoint=request.endpoint, path=request.path, stream=request.stream)
 
 
 def _for_leg(route: RouteRequest, leg: Leg) -> RouteRequest:

@@ -11,9 +11,15 @@ import aiohttp
 import pytest
 
 import lb.connectors.registry as registry
-from lb.backends.pool import Backend
-from lb.connectors.base import Dispatch, PrefillResult, one_token_prefill_body, usage_of
-from lb.request import ProxyRequest
+from lb.connectors.base import (
+    BackendRef,
+    Dispatch,
+    HandshakeMode,
+    PrefillResult,
+    RequestView,
+    one_token_prefill_body,
+    usage_of,
+)
 from tests.conftest import make_config
 from tests.fake_vllm import FakeBehaviour, make_fake, run_app
 from tests.test_proxy_edges import sse_events
@@ -25,25 +31,23 @@ class TwinConnector:
     """A minimal concurrent connector: both legs carry the same fresh transfer id."""
 
     name = "twin"
-    concurrent = True
-    decode_first = True
-    reusable_handoff = False
+    mode = HandshakeMode.CONCURRENT
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         pass
 
-    def new_dispatch(self, request: ProxyRequest, prefill: Backend, decode: Backend | None
+    def new_dispatch(self, request: RequestView, prefill: BackendRef, decode: BackendRef | None
                      ) -> Dispatch:
         return Dispatch(request.request_id, prefill, decode, {"transfer_id": f"x{next(_ids)}"})
 
-    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def prefill_body(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         return {**one_token_prefill_body(request), "transfer_id": dispatch.state["transfer_id"]}
 
     def accept_prefill(self, response: Mapping[str, Any], dispatch: Dispatch) -> PrefillResult:
         usage, prompt, cached = usage_of(response)
         return PrefillResult(handoff=None, usage=usage, prompt_tokens=prompt, cached_tokens=cached)
 
-    def decode_body(self, request: ProxyRequest, dispatch: Dispatch,
+    def decode_body(self, request: RequestView, dispatch: Dispatch,
                     prefill: PrefillResult | None) -> dict[str, Any]:
         assert prefill is None
         return {**request.body, "transfer_id": dispatch.state["transfer_id"]}

@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from lb.backends.pool import Backend
 from lb.config import TokenizerConfig
-from lb.connectors.base import Dispatch
+from lb.connectors.base import BackendRef, Dispatch
 from lb.connectors.nixl import NixlConnector
 from lb.errors import PrefillFailed
 from lb.request import parse_request
@@ -77,7 +76,7 @@ PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_id
 )
 def test_remote_host_rewrite(mode, backend_url, advertised, expected):
     connector = NixlConnector({"rewrite_remote_host": mode})
-    backend = Backend(backend_url, 0, "prefill", None)
+    backend = BackendRef.of(backend_url)
     dispatch = Dispatch(request_id="r", prefill=backend, decode=None)
     result = connector.accept_prefill({"kv_transfer_params": {**PARAMS, "remote_host": advertised}},
                                       dispatch)
@@ -87,7 +86,7 @@ def test_remote_host_rewrite(mode, backend_url, advertised, expected):
 
 def test_incomplete_params_are_a_prefill_failure():
     connector = NixlConnector({})
-    dispatch = Dispatch(request_id="r", prefill=Backend("http://127.0.0.1:1", 0, "prefill", None),
+    dispatch = Dispatch(request_id="r", prefill=BackendRef.of("http://127.0.0.1:1"),
                         decode=None)
     with pytest.raises(PrefillFailed) as info:
         connector.accept_prefill({"kv_transfer_params": {"remote_host": "x"}}, dispatch)
@@ -102,7 +101,7 @@ def test_chat_prefill_body_caps_max_completion_tokens():
     req = parse_request(orjson.dumps({"messages": [{"role": "user", "content": "x"}],
                                       "max_completion_tokens": 50, "stream": True,
                                       "stream_options": {"include_usage": True}}), "chat", {})
-    dispatch = Dispatch(request_id="r", prefill=Backend("http://h:1", 0, "prefill", None),
+    dispatch = Dispatch(request_id="r", prefill=BackendRef.of("http://h:1"),
                         decode=None)
     body = NixlConnector({}).prefill_body(req, dispatch)
     assert body["max_tokens"] == 1 and body["max_completion_tokens"] == 1

@@ -50,18 +50,19 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from lb.backends.pool import Backend
 from lb.connectors.base import (
+    BackendRef,
     ConnectorOptionError,
     Dispatch,
+    HandshakeMode,
     PrefillResult,
+    RequestView,
     new_transfer_id,
     one_token_prefill_body,
     prefill_result,
 )
 from lb.connectors.options import ConnectorOptions, check_port
 from lb.errors import ConfigError, PdlbError, PrefillFailed
-from lb.request import ProxyRequest
 
 log = logging.getLogger("pdlb.connectors.mooncake")
 
@@ -92,9 +93,7 @@ def parse_query(data: Any) -> dict[int, str]:
 
 class MooncakeConnector:
     name = "mooncake"
-    concurrent = True
-    decode_first = True
-    reusable_handoff = False
+    mode = HandshakeMode.CONCURRENT
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = ConnectorOptions(
@@ -109,10 +108,11 @@ class MooncakeConnector:
         """prefill URL → engine id of each DP rank (index = rank), filled at start-up."""
         self._turns: dict[str, Iterator[int]] = {}
 
-    def check_backends(self, prefill: Sequence[str], decode: Sequence[str]) -> None:
-        self.options.check_urls(prefill)
-        for url in prefill:
-            self.bootstrap_addr(url)
+    def check_backends(self, prefill: Sequence[BackendRef], decode: Sequence[BackendRef]
+                       ) -> None:
+        self.options.check_urls(b.url for b in prefill)
+        for backend in prefill:
+            self.bootstrap_addr(backend.url)
 
     def bootstrap_addr(self, url: str) -> str:
         o = self.options
@@ -122,7 +122,7 @@ class MooncakeConnector:
         return f"http://{bracket(host)}:{port}"
 
     # --------------------------------------------------------------- start-up discovery
-    async def start(self, prefill: Sequence[Backend], decode: Sequence[Backend],
+    async def start(self, prefill: Sequence[BackendRef], decode: Sequence[BackendRef],
                     get_json: Callable[[str], Awaitable[Any]]) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         found = await asyncio.gather(*(self._discover(b.url, get_json, deadline)
@@ -149,7 +149,7 @@ class MooncakeConnector:
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     # --------------------------------------------------------------- the handshake
-    def new_dispatch(self, request: ProxyRequest, prefill: Backend, decode: Backend | None
+    def new_dispatch(self, request: RequestView, prefill: BackendRef, decode: BackendRef | None
                      ) -> Dispatch:
         engines = self.engines.get(prefill.url)
         if not engines:
@@ -170,7 +170,7 @@ class MooncakeConnector:
             prefill_headers={"X-data-parallel-rank": str(rank)},
         )
 
-    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def prefill_body(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         body = one_token_prefill_body(request)
         body["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False,
                                       "transfer_id": dispatch.state["transfer_id"]}
@@ -180,7 +180,7 @@ class MooncakeConnector:
         return prefill_result(response)
 
     def decode_body(
-        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+        self, request: RequestView, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
         body = dict(request.body)
         body["kv_transfer_params"] = {

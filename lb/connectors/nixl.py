@@ -20,17 +20,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lb.backends.pool import LOOPBACK_HOSTS, Backend
 from lb.connectors.base import (
+    BackendRef,
     ConnectorOptionError,
     Dispatch,
+    HandshakeMode,
     PrefillResult,
+    RequestView,
+    is_loopback_host,
     one_token_prefill_body,
     plain_dispatch,
     usage_of,
 )
 from lb.errors import PrefillFailed
-from lb.request import ProxyRequest
+from policies.options import Options
 
 PREFILL_PARAMS: Mapping[str, Any] = {
     "do_remote_decode": True,
@@ -46,26 +49,17 @@ REQUIRED_FOR_DECODE = ("remote_engine_id", "remote_host", "remote_port")
 
 class NixlConnector:
     name = "nixl"
-    concurrent = False
-    decode_first = False
-    reusable_handoff = True
+    mode = HandshakeMode.SEQUENTIAL_REUSABLE
     new_dispatch = staticmethod(plain_dispatch)
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - {"rewrite_remote_host"}
-        if unknown:
-            raise ConnectorOptionError(
-                f"kv_transfer.{sorted(unknown)[0]}: unknown option for connector 'nixl'"
-                " (known: rewrite_remote_host)"
-            )
-        mode = options.get("rewrite_remote_host", "auto")
-        if mode not in ("auto", "always", "never"):
-            raise ConnectorOptionError(
-                f"kv_transfer.rewrite_remote_host = {mode!r}: expected auto, always or never"
-            )
-        self.rewrite_mode: str = mode
+        table = Options(options, "kv_transfer", owner=f"connector {self.name!r}",
+                        error=ConnectorOptionError)
+        self.rewrite_mode = table.choice("rewrite_remote_host", ("auto", "always", "never"),
+                                         "auto")
+        table.done()
 
-    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def prefill_body(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         body = one_token_prefill_body(request)
         body["kv_transfer_params"] = dict(PREFILL_PARAMS)
         return body
@@ -94,18 +88,18 @@ class NixlConnector:
         return PrefillResult(handoff=params, usage=usage, prompt_tokens=prompt_tokens,
                              cached_tokens=cached)
 
-    def _rewrite_host(self, params: dict[str, Any], backend: Backend) -> dict[str, Any]:
+    def _rewrite_host(self, params: dict[str, Any], backend: BackendRef) -> dict[str, Any]:
         if self.rewrite_mode == "never":
             return params
         advertised = str(params.get("remote_host") or "")
-        if self.rewrite_mode == "always" or ((
-            advertised in LOOPBACK_HOSTS or advertised.startswith("127.")
-        ) and not backend.is_loopback):
+        if self.rewrite_mode == "always" or (
+            is_loopback_host(advertised) and not backend.is_loopback
+        ):
             return {**params, "remote_host": backend.host}
         return params
 
     def decode_body(
-        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+        self, request: RequestView, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
         body = dict(request.body)
         body["kv_transfer_params"] = dict(prefill.handoff or {}) if prefill else {}

@@ -40,11 +40,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from lb.backends.pool import Backend
 from lb.connectors.base import (
+    BackendRef,
     ConnectorOptionError,
     Dispatch,
+    HandshakeMode,
     PrefillResult,
+    RequestView,
     new_transfer_id,
     one_token_prefill_body,
     prefill_result,
@@ -52,7 +54,6 @@ from lb.connectors.base import (
 from lb.connectors.nixl import PREFILL_PARAMS
 from lb.connectors.options import ConnectorOptions, check_port
 from lb.errors import PrefillFailed
-from lb.request import ProxyRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +69,7 @@ class PushPeer:
 
 class NixlPushConnector:
     name = "nixl_push"
-    concurrent = True
-    decode_first = True
-    reusable_handoff = False
+    mode = HandshakeMode.CONCURRENT
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = ConnectorOptions(
@@ -82,10 +81,11 @@ class NixlPushConnector:
         self._peers: dict[str, PushPeer] = {}
 
     # --------------------------------------------------------------- configuration
-    def check_backends(self, prefill: Sequence[str], decode: Sequence[str]) -> None:
-        self.options.check_urls(prefill)
+    def check_backends(self, prefill: Sequence[BackendRef], decode: Sequence[BackendRef]
+                       ) -> None:
+        self.options.check_urls(b.url for b in prefill)
         seen: dict[str, str] = {}
-        for url in prefill:
+        for url in (b.url for b in prefill):
             peer = self._peer_of(url)
             if peer.engine_id in seen:
                 raise ConnectorOptionError(
@@ -120,7 +120,7 @@ class NixlPushConnector:
         return peer
 
     # --------------------------------------------------------------- the handshake
-    def new_dispatch(self, request: ProxyRequest, prefill: Backend, decode: Backend | None
+    def new_dispatch(self, request: RequestView, prefill: BackendRef, decode: BackendRef | None
                      ) -> Dispatch:
         try:
             peer = self._peer_of(prefill.url)
@@ -129,7 +129,7 @@ class NixlPushConnector:
         return Dispatch(request.request_id, prefill, decode,
                         {"transfer_id": new_transfer_id(), "peer": peer})
 
-    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def prefill_body(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         body = one_token_prefill_body(request)
         body["kv_transfer_params"] = {**PREFILL_PARAMS,
                                       "transfer_id": dispatch.state["transfer_id"]}
@@ -158,7 +158,7 @@ class NixlPushConnector:
         return result
 
     def decode_body(
-        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+        self, request: RequestView, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
         peer: PushPeer = dispatch.state["peer"]
         body = dict(request.body)

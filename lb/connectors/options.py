@@ -21,29 +21,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lb.connectors.base import ConnectorOptionError
-
-Kind = type | tuple[type, ...]
-
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-          dict: "a table"}
-
-
-def _matches(value: Any, kind: Kind) -> bool:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        return False  # TOML true is not the integer 1
-    if float in kinds and isinstance(value, int):
-        return True
-    return isinstance(value, kinds)
-
-
-def _kind_name(kind: Kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(_NAMES.get(k, k.__name__) for k in kinds)
+from policies.options import Kind, Options, kind_name, matches
 
 
 class ConnectorOptions:
-    """The validated options of one connector.
+    """The validated options of one connector (read through :class:`policies.options.Options`,
+    the checker of every table in backends.toml).
 
     ``keys`` are the top-level options and their types; ``backend_keys`` the keys allowed in
     ``[kv_transfer.backends."URL"]`` (None: the connector takes no per-backend options).
@@ -57,35 +40,21 @@ class ConnectorOptions:
         backend_keys: Mapping[str, Kind] | None = None,
     ) -> None:
         self.connector = connector
+        table = Options(options, "kv_transfer", owner=f"connector {connector!r}",
+                        error=ConnectorOptionError)
         allowed = dict(keys)
         if backend_keys is not None:
             allowed["backends"] = dict
-        for key, value in options.items():
-            if key not in allowed:
-                known = ", ".join(sorted(allowed)) or "none"
-                raise ConnectorOptionError(
-                    f"kv_transfer.{key}: unknown option for connector {connector!r}"
-                    f" (known: {known})")
-            self._check(f"kv_transfer.{key}", value, allowed[key])
+        table.check(allowed)
         self._values = {k: v for k, v in options.items() if k != "backends"}
         self._backends: dict[str, dict[str, Any]] = {}
-        for url, table in dict(options.get("backends") or {}).items():
-            where = f'kv_transfer.backends."{url}"'
-            if not isinstance(table, dict):
-                raise ConnectorOptionError(f"{where}: expected a table of options for that backend")
-            for key, value in table.items():
-                if backend_keys is None or key not in backend_keys:
-                    known = ", ".join(sorted(backend_keys or {})) or "none"
-                    raise ConnectorOptionError(
-                        f"{where}.{key}: unknown per-backend option for connector"
-                        f" {connector!r} (known: {known})")
-                self._check(f"{where}.{key}", value, backend_keys[key])
-            self._backends[url.rstrip("/")] = dict(table)
-
-    @staticmethod
-    def _check(where: str, value: Any, kind: Kind) -> None:
-        if not _matches(value, kind):
-            raise ConnectorOptionError(f"{where} = {value!r}: expected {_kind_name(kind)}")
+        backends = table.sub("backends")
+        for url in backends:
+            if not isinstance(backends[url], dict):
+                raise backends.fail(url, "expected a table of options for that backend",
+                                    show_value=False)
+            backends.sub(url).check(backend_keys or {})
+            self._backends[url.rstrip("/")] = dict(backends[url])
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._values.get(key, default)
@@ -117,18 +86,25 @@ class ConnectorOptions:
                     f" connector reads (a typo? known: {', '.join(sorted(known))})")
 
 
-def check_port(where: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
-        raise ConnectorOptionError(f"{where} = {value!r}: expected a TCP port (1-65535)")
+def check_value(where: str, value: Any, kind: Kind) -> Any:
+    """A value resolved from several tables (per backend, then top level) is of ``kind``."""
+    if not matches(value, kind):
+        raise ConnectorOptionError(f"{where} = {value!r}: expected {kind_name(kind)}")
     return value
+
+
+def check_port(where: str, value: Any) -> int:
+    port: int = check_value(where, value, int)
+    if not 0 < port < 65536:
+        raise ConnectorOptionError(f"{where} = {value!r}: expected a TCP port (1-65535)")
+    return port
 
 
 def check_host_port(where: str, value: Any) -> str:
     """A ``host:port`` address (IPv6 as ``[::1]:port``)."""
-    if not isinstance(value, str):
-        raise ConnectorOptionError(f"{where} = {value!r}: expected \"host:port\"")
-    host, sep, port = value.rpartition(":")
+    text: str = check_value(where, value, str)
+    host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ConnectorOptionError(f"{where} = {value!r}: expected \"host:port\"")
     check_port(where, int(port))
-    return value
+    return text

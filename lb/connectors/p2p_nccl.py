@@ -40,17 +40,18 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lb.backends.pool import Backend
 from lb.connectors.base import (
+    BackendRef,
     ConnectorOptionError,
     Dispatch,
+    HandshakeMode,
     PrefillResult,
+    RequestView,
     prefill_result,
 )
 from lb.connectors.options import ConnectorOptions, check_host_port
 from lb.connectors.plain import plain_decode_body, plain_prefill_body
 from lb.errors import PrefillFailed
-from lb.request import ProxyRequest
 
 
 def p2p_request_id(prefill_zmq: str, decode_zmq: str) -> str:
@@ -59,23 +60,23 @@ def p2p_request_id(prefill_zmq: str, decode_zmq: str) -> str:
 
 class P2pNcclConnector:
     name = "p2p_nccl"
-    concurrent = False
-    decode_first = True
-    reusable_handoff = False
+    mode = HandshakeMode.DECODE_FIRST
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = ConnectorOptions(self.name, options, keys={},
                                         backend_keys={"zmq_address": str})
 
-    def check_backends(self, prefill: Sequence[str], decode: Sequence[str]) -> None:
-        self.options.check_urls(prefill, decode)
-        missing = [u for u in (*prefill, *decode) if "zmq_address" not in self.options.backend(u)]
+    def check_backends(self, prefill: Sequence[BackendRef], decode: Sequence[BackendRef]
+                       ) -> None:
+        urls = [b.url for b in (*prefill, *decode)]
+        self.options.check_urls(urls)
+        missing = [u for u in urls if "zmq_address" not in self.options.backend(u)]
         if missing:
             raise ConnectorOptionError(
                 f"{self.options.where(missing[0], 'zmq_address')}: missing; p2p_nccl needs"
                 " the ZMQ address (kv_ip:kv_port) of every prefill and decode backend; none"
                 f" for: {', '.join(missing)}")
-        for url in (*prefill, *decode):
+        for url in urls:
             self.zmq_address(url)
 
     def zmq_address(self, url: str) -> str:
@@ -85,7 +86,7 @@ class P2pNcclConnector:
             raise ConnectorOptionError(f"{where}: missing")
         return check_host_port(where, value)
 
-    def new_dispatch(self, request: ProxyRequest, prefill: Backend, decode: Backend | None
+    def new_dispatch(self, request: RequestView, prefill: BackendRef, decode: BackendRef | None
                      ) -> Dispatch:
         if decode is None:
             raise RuntimeError("p2p_nccl is decode_first: the proxy must name the decode")
@@ -96,13 +97,13 @@ class P2pNcclConnector:
             raise PrefillFailed(f"p2p_nccl: {exc}", reason="backend_not_configured") from None
         return Dispatch(request_id, prefill, decode)
 
-    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def prefill_body(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         return plain_prefill_body(request)
 
     def accept_prefill(self, response: Mapping[str, Any], dispatch: Dispatch) -> PrefillResult:
         return prefill_result(response)
 
     def decode_body(
-        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+        self, request: RequestView, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
         return plain_decode_body(request)

@@ -25,23 +25,24 @@ from typing import Any
 
 from lb.connectors.base import (
     Dispatch,
+    HandshakeMode,
     PrefillResult,
+    RequestView,
     one_token_prefill_body,
     plain_dispatch,
     prefill_result,
 )
 from lb.connectors.options import ConnectorOptions
-from lb.request import ProxyRequest
 
 
-def plain_prefill_body(request: ProxyRequest) -> dict[str, Any]:
+def plain_prefill_body(request: RequestView) -> dict[str, Any]:
     """One-token prefill with no handshake fields (the KV travels out of band)."""
     body = one_token_prefill_body(request)
     body.pop("kv_transfer_params", None)
     return body
 
 
-def plain_decode_body(request: ProxyRequest) -> dict[str, Any]:
+def plain_decode_body(request: RequestView) -> dict[str, Any]:
     """The client's body, minus any handshake fields a client may have sent."""
     body = dict(request.body)
     body.pop("kv_transfer_params", None)
@@ -52,22 +53,20 @@ class SharedStorageConnector:
     """vLLM's ExampleConnector (``kv_connector = "ExampleConnector"``, shared_storage_path)."""
 
     name = "shared_storage"
-    concurrent = False
-    decode_first = False
-    reusable_handoff = True
+    mode = HandshakeMode.SEQUENTIAL_REUSABLE
     new_dispatch = staticmethod(plain_dispatch)
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         ConnectorOptions(self.name, options, keys={})
 
-    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def prefill_body(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         return plain_prefill_body(request)
 
     def accept_prefill(self, response: Mapping[str, Any], dispatch: Dispatch) -> PrefillResult:
         return prefill_result(response)
 
     def decode_body(
-        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+        self, request: RequestView, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
         return plain_decode_body(request)
 

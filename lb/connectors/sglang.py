@@ -43,17 +43,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from lb.backends.pool import Backend
 from lb.connectors.base import (
+    BackendRef,
     ConnectorOptionError,
     Dispatch,
+    HandshakeMode,
     PrefillResult,
+    RequestView,
     prefill_result,
 )
 from lb.connectors.mooncake import bracket
 from lb.connectors.options import ConnectorOptions, check_port
 from lb.errors import ConfigError, PdlbError, PrefillFailed
-from lb.request import ProxyRequest
 
 
 def new_bootstrap_room() -> int:
@@ -63,9 +64,7 @@ def new_bootstrap_room() -> int:
 
 class SGLangConnector:
     name = "sglang"
-    concurrent = True
-    decode_first = True
-    reusable_handoff = False
+    mode = HandshakeMode.CONCURRENT
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = ConnectorOptions(
@@ -77,9 +76,11 @@ class SGLangConnector:
         self.check_bootstrap: bool = self.options.get("check_bootstrap", True)
         self.startup_timeout_s = self.options.positive("startup_timeout_s", 30.0)
 
-    def check_backends(self, prefill: Sequence[str], decode: Sequence[str]) -> None:
-        self.options.check_urls(prefill)
-        missing = [u for u in prefill if self.options.backend_value(u, "bootstrap_port") is None]
+    def check_backends(self, prefill: Sequence[BackendRef], decode: Sequence[BackendRef]
+                       ) -> None:
+        urls = [b.url for b in prefill]
+        self.options.check_urls(urls)
+        missing = [u for u in urls if self.options.backend_value(u, "bootstrap_port") is None]
         if missing:
             raise ConnectorOptionError(
                 "connector 'sglang' needs the bootstrap port of every prefill"
@@ -87,7 +88,7 @@ class SGLangConnector:
                 " kv_transfer.bootstrap_port for all, or"
                 f' [kv_transfer.backends."{missing[0]}"] bootstrap_port = ...; none for:'
                 f" {', '.join(missing)}")
-        for url in prefill:
+        for url in urls:
             self.bootstrap(url)
 
     def bootstrap(self, url: str) -> tuple[str, int]:
@@ -98,7 +99,7 @@ class SGLangConnector:
         return bracket(host), port
 
     # --------------------------------------------------------------- start-up
-    async def start(self, prefill: Sequence[Backend], decode: Sequence[Backend],
+    async def start(self, prefill: Sequence[BackendRef], decode: Sequence[BackendRef],
                     get_json: Callable[[str], Awaitable[Any]]) -> None:
         if not self.check_bootstrap:
             return
@@ -126,7 +127,7 @@ class SGLangConnector:
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     # --------------------------------------------------------------- the handshake
-    def new_dispatch(self, request: ProxyRequest, prefill: Backend, decode: Backend | None
+    def new_dispatch(self, request: RequestView, prefill: BackendRef, decode: BackendRef | None
                      ) -> Dispatch:
         try:
             host, port = self.bootstrap(prefill.url)
@@ -136,13 +137,13 @@ class SGLangConnector:
                         {"bootstrap_host": host, "bootstrap_port": port,
                          "bootstrap_room": new_bootstrap_room()})
 
-    def _with_bootstrap(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def _with_bootstrap(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         body = dict(request.body)
         for key in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
             body[key] = dispatch.state[key]
         return body
 
-    def prefill_body(self, request: ProxyRequest, dispatch: Dispatch) -> dict[str, Any]:
+    def prefill_body(self, request: RequestView, dispatch: Dispatch) -> dict[str, Any]:
         body = self._with_bootstrap(request, dispatch)
         body["stream"] = False
         body.pop("stream_options", None)
@@ -152,6 +153,6 @@ class SGLangConnector:
         return prefill_result(response)
 
     def decode_body(
-        self, request: ProxyRequest, dispatch: Dispatch, prefill: PrefillResult | None
+        self, request: RequestView, dispatch: Dispatch, prefill: PrefillResult | None
     ) -> dict[str, Any]:
         return self._with_bootstrap(request, dispatch)

@@ -21,7 +21,7 @@ from lb.backends.pool import Pool
 from lb.backends.scrape import LoadScraper
 from lb.backends.upstream import Upstream
 from lb.config import Config
-from lb.connectors.base import ConnectorStartup
+from lb.connectors.base import BackendRef, ConnectorStartup
 from lb.connectors.registry import build_connector
 from lb.errors import ConfigError, InvalidRequest, NotFound, PayloadTooLarge, PdlbError
 from lb.metrics import Metrics
@@ -258,7 +258,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         if isinstance(connector, ConnectorStartup):
             try:
                 await connector.start(
-                    pools["prefill"].backends, pools["decode"].backends,
+                    [BackendRef.of(b.url) for b in pools["prefill"].backends],
+                    [BackendRef.of(b.url) for b in pools["decode"].backends],
                     lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
             except BaseException:
                 await upstream.close()  # the caller reports the error (pdlb serve: exit 2)

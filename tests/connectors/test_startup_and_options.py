@@ -6,6 +6,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
+from lb.connectors.base import HandshakeMode
 from lb.connectors.registry import BUILTINS, available, build_connector
 from lb.errors import ConfigError
 from lb.serve.app import PROXY, create_app
@@ -33,13 +34,16 @@ def test_unknown_connector_lists_the_available_ones():
 
 
 @pytest.mark.parametrize("connector, options, message", [
-    ("shared_storage", {"path": "/x"}, r"kv_transfer\.path: unknown option for connector"
-                                       r" 'shared_storage' \(known: none\)"),
+    ("shared_storage", {"path": "/x"}, r"kv_transfer\.path: unknown key for connector"
+                                       r" 'shared_storage' \(known here: none\)"),
+    ("nixl", {"rewrite_remote_host": "sometimes"}, r"kv_transfer\.rewrite_remote_host ="
+                                                   r" 'sometimes': expected \"auto\", "),
     ("mooncake", {"bootstrap_port": "8998"}, r"kv_transfer\.bootstrap_port = '8998': expected"
                                              r" an integer"),
     ("mooncake", {"bootstrap_port": 70000}, r"expected a TCP port"),
     ("mooncake", {"backends": {P: {"engine_id": "x"}}},
-     r'kv_transfer\.backends\."http://10\.0\.0\.1:8100"\.engine_id: unknown per-backend'),
+     r'kv_transfer\.backends\."http://10\.0\.0\.1:8100"\.engine_id: unknown key for'
+     r" connector 'mooncake' \(known here: bootstrap_host, bootstrap_port\)"),
     ("mooncake", {"backends": {"http://10.0.0.9:1": {"bootstrap_port": 1}}},
      r'kv_transfer\.backends\."http://10\.0\.0\.9:1": no such backend'),
     ("nixl_push", {}, r'kv_transfer\.backends\."http://10\.0\.0\.1:8100"\.engine_id: missing'),
@@ -108,9 +112,7 @@ class Tagged:
     """The plugin example of docs/connectors.md: a header on both legs, nothing else."""
 
     name = "tagged"
-    concurrent = False
-    decode_first = False
-    reusable_handoff = True
+    mode = HandshakeMode.SEQUENTIAL_REUSABLE
 
     def __init__(self, options):
         from lb.connectors.options import ConnectorOptions
