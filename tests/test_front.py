@@ -259,3 +259,27 @@ async def test_non_ascii_request_id_is_kept_byte_for_byte(pair, start_pdlb, conn
         sent = rid.decode("utf-8", "surrogateescape")
         assert p.requests[-1]["headers"]["x-request-id"] == sent
         assert d.requests[-1]["headers"]["x-request-id"] == sent
+
+
+@pytest.mark.parametrize("fast_front", [True, False])
+async def test_idle_deadline_holds_across_a_hand_off(pair, start_pdlb, connect,
+                                                     fast_front) -> None:
+    """client_idle_timeout_s bounds a connection stuck in an incomplete head even when
+    the front hands it to aiohttp (whose keep-alive timer starts afresh): A connects, waits
+    0.8 of the timeout, sends half a head (not a request the front can read: handed off);
+    B connects at 0.5 of it and sends nothing. A must be closed first (at 1.0; the timer
+    restarted would close it at 1.8, after B's 1.5) — an order, not a measured time."""
+    _, _, pu, du = pair
+    idle = 1.0
+    url, _ = await start_pdlb(make_config([pu], [du], server={
+        "port": 0, "client_idle_timeout_s": idle, "fast_front": fast_front}))
+    a = await connect(url)
+    await asyncio.sleep(0.5 * idle)
+    b = await connect(url)
+    await asyncio.sleep(0.3 * idle)
+    await a.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Half: ")
+    a_closed = asyncio.create_task(a.closed_by_server(3 * idle))
+    b_closed = asyncio.create_task(b.closed_by_server(3 * idle))
+    done, _ = await asyncio.wait([a_closed, b_closed], return_when=asyncio.FIRST_COMPLETED)
+    assert a_closed in done and b_closed not in done
+    assert a_closed.result() and await b_closed

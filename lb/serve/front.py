@@ -34,6 +34,7 @@ from lb.metrics import Metrics
 from lb.proxy import Proxy
 from lb.request import Endpoint
 from lb.serve.auth import matches
+from lb.serve.handoff import hand_off
 from lb.serve.rawside import RawSide
 from lb.serve.requesthead import MAX_HEAD_BYTES, Head, parse_head
 
@@ -330,26 +331,21 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- hand-off to aiohttp
     def _hand_off(self) -> None:
-        """From now on aiohttp's server owns this connection, starting with the bytes read."""
+        """From now on aiohttp's server owns this connection, starting with the bytes read
+        (lb/serve/handoff.py); the idle deadline running now still holds."""
         transport = self.transport
         assert transport is not None and self.task is None
+        timer = self._timer
+        deadline = timer.when() if timer is not None else self._loop.time() + self.front.idle_s
         self._cancel_timer()
         self.front.connections.discard(self)
         buf = self._buf[self._pos:] if self._pos else self._buf
         self._buf, self._pos = b"", 0
-        if self._head is not None:
-            buf = b"".join(self._parts)
-            self._head, self._parts = None, []
-        handler = self.front.aiohttp_server()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        if self.writing_paused:  # the transport will not say it again: aiohttp must know
-            handler.pause_writing()
-        if self._reading_paused:
-            transport.resume_reading()
-            self._reading_paused = False
         self.transport = None  # nothing of this protocol touches the connection again
-        handler.data_received(buf)
+        hand_off(transport, self.front.aiohttp_server(), buf,
+                 writing_paused=self.writing_paused, reading_paused=self._reading_paused,
+                 deadline=deadline)
+        self._reading_paused = False
 
     # -- timers and flow control
     def _arm_idle(self) -> None:
