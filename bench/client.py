@@ -1,10 +1,11 @@
 """A small, cheap load client for bench/compare.py: raw HTTP/1.1 over asyncio + uvloop.
 
 It does one thing the team's loadgen does not need to: cost as little CPU as possible per
-streamed chunk, so it can share this 2-core machine with the proxy under test. Each response
-is stored as raw bytes while it streams (one ``bytes`` append per socket read, plus a
-``b"data:" in data`` test until the first event arrived: that instant is the TTFT); it is
-de-chunked and checked only once, after its end.
+streamed chunk, so it can share this 2-core machine with the proxy under test. Each socket
+read goes through llhttp (lb/backends/h1response.py, the parser pdlb's own backend client
+uses; one C call per read) and its body bytes are appended as they are (plus a
+``b"data:" in body`` test until the first event arrived: that instant is the TTFT); the
+body is checked only once, after its end.
 
 Three modes, one JSON summary on stdout:
 
@@ -45,7 +46,10 @@ from urllib.parse import urlsplit
 import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mock_backend import prompt_tokens  # bench/ is not a package
+
+from lb.backends.h1response import BadResponse, ResponseParser
 
 DEFAULT_PROMPT = (
     "You are a helpful assistant. Summarise the following paragraph in one sentence. "
@@ -79,16 +83,8 @@ class Conn(asyncio.Protocol):
         self.fut: asyncio.Future[Response] | None = None
         self.resp: Response | None = None
         self.closed = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self.head = b""
+        self.parser = ResponseParser()
         self.parts: list[bytes] = []
-        self.mode = ""  # "", "cl", "chunked", "close"
-        self.need = 0
-        self.got = 0
-        self.tail = b""
-        self.keep_alive = True
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -102,7 +98,7 @@ class Conn(asyncio.Protocol):
         if self.fut is not None and not self.fut.done():
             r = self.resp
             assert r is not None
-            if self.mode == "close":
+            if exc is None and self.parser.eof():  # a body without a length ends here
                 self._finish()
             else:
                 r.error = "connection_lost"
@@ -110,7 +106,8 @@ class Conn(asyncio.Protocol):
                 self.fut.set_result(r)
 
     def request(self, data: bytes, fut: asyncio.Future[Response], t0: float) -> None:
-        self._reset()
+        self.parser = ResponseParser()
+        self.parts = []
         self.fut = fut
         self.resp = Response(t0)
         self.transport.write(data)
@@ -119,81 +116,40 @@ class Conn(asyncio.Protocol):
         r = self.resp
         if r is None:
             return
-        if not self.mode:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head, data = self.head[:end], self.head[end + 4:]
-            lines = head.split(b"\r\n")
-            r.status = int(lines[0].split(b" ", 2)[1])
-            self.mode = "close"
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                value = value.strip().lower()
-                if name == b"content-length":
-                    self.mode, self.need = "cl", int(value)
-                elif name == b"transfer-encoding" and b"chunked" in value:
-                    self.mode = "chunked"
-                elif name == b"connection" and value == b"close":
-                    self.keep_alive = False
-            if self.mode == "close":
-                self.keep_alive = False
-            if not data:
-                if self.mode == "cl" and self.need == 0:
-                    self._finish()
-                return
-        if not r.t_first and b"data:" in data:
-            r.t_first = time.perf_counter()
-        self.parts.append(data)
-        if self.mode == "cl":
-            self.got += len(data)
-            if self.got >= self.need:
-                self._finish()
-        elif self.mode == "chunked":
-            self.tail = (self.tail + data)[-7:]
-            if self.tail.endswith(b"0\r\n\r\n"):
-                body = _dechunk(b"".join(self.parts))
-                if body is not None:
-                    self._finish(body)
+        try:
+            body = self.parser.feed(data)
+        except BadResponse as exc:
+            r.error = f"bad_response: {exc}"
+            r.t_end = time.perf_counter()
+            self.resp = None
+            self.transport.close()
+            self.closed = True
+            if self.fut is not None and not self.fut.done():
+                self.fut.set_result(r)
+            return
+        if body:
+            if not r.t_first and b"data:" in body:
+                r.t_first = time.perf_counter()
+            self.parts.append(body)
+        if self.parser.complete:
+            self._finish()
 
-    def _finish(self, body: bytes | None = None) -> None:
+    def _finish(self) -> None:
         r = self.resp
         fut = self.fut
         assert r is not None and fut is not None
         r.t_end = time.perf_counter()
-        r.body = body if body is not None else b"".join(self.parts)
+        r.status = self.parser.status
+        r.body = b"".join(self.parts)
         if not r.t_first:
             r.t_first = r.t_end
         self.resp = None
         self.fut = None
-        if not self.keep_alive and self.transport is not None:
+        if (not self.parser.keep_alive or self.parser.extra) and self.transport is not None:
             self.transport.close()
             self.closed = True
         if not fut.done():
             fut.set_result(r)
-
-
-def _dechunk(raw: bytes) -> bytes | None:
-    out = []
-    pos = 0
-    n = len(raw)
-    while True:
-        eol = raw.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        try:
-            size = int(raw[pos:eol].split(b";", 1)[0], 16)
-        except ValueError:
-            return None
-        pos = eol + 2
-        if size == 0:
-            return b"".join(out)
-        if n < pos + size + 2:
-            return None
-        out.append(raw[pos:pos + size])
-        pos += size + 2
 
 
 class Target:

@@ -5,9 +5,10 @@ plus ``aclose()``. ``on_data(bytes, arrived)`` receives the decoded body bytes o
 answer with the ``perf_counter()`` time of the read.
 
 - :class:`FastTransport` (default for http:// and https://): a pool of keep-alive HTTP/1.1
-  connections on raw asyncio protocols. The answer is parsed inside ``data_received`` (status
-  line, headers, chunked / content-length / until-close framing), so a token costs one
-  callback, not a future, a task wake-up and a stream-reader copy. Measured on this project's
+  connections on raw asyncio protocols. The answer is parsed inside ``data_received`` by
+  the parser pdlb's own backend client uses (lb/backends/h1response.py: llhttp, shipped in
+  the same distribution), so a token costs one callback, not a future, a task wake-up and a
+  stream-reader copy. Measured on this project's
   2-core box: ~1/3 of aiohttp's client CPU per 64-token stream (see docs/loadgen.md).
 - :class:`AiohttpTransport` (``--http-client aiohttp``): the same on one shared aiohttp
   ``ClientSession``; slower per token, but aiohttp's full HTTP stack.
@@ -29,13 +30,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from lb.backends.h1response import BadResponse, ResponseParser
+
 OnData = Callable[[bytes, float], None]
 ERROR_BODY_BYTES = 300
-_MAX_HEAD = 64 * 1024
 
 
 class ProtocolError(ValueError):
-    """The server's HTTP answer could not be parsed."""
+    """The server's answer is not an HTTP/1.1 response (lb/backends/h1response.py)."""
 
 
 class Transport(Protocol):
@@ -83,172 +85,48 @@ class AiohttpTransport:
 
 # --- the fast transport ----------------------------------------------------------------------
 
-_HEADERS, _CHUNKED, _LENGTH, _UNTIL_CLOSE, _DONE = range(5)
-
 
 class _Exchange:
-    """One request/response on a connection: an incremental HTTP/1.1 response parser."""
+    """One request/response on a connection, parsed as it arrives (pdlb's llhttp parser)."""
 
-    __slots__ = ("buf", "chunk_left", "close_after", "crlf_left", "done", "error_body",
-                 "left", "mode", "on_data", "status")
+    __slots__ = ("close_after", "done", "error_body", "on_data", "parser")
 
     def __init__(self, on_data: OnData, done: asyncio.Future[None]) -> None:
         self.on_data = on_data
         self.done = done
-        self.mode = _HEADERS
-        self.buf = b""
-        self.status = 0
-        self.left = 0          # content-length bytes still expected
-        self.chunk_left = 0    # data bytes left in the current chunk
-        self.crlf_left = 0     # CRLF bytes left after the current chunk's data
+        self.parser = ResponseParser()
         self.close_after = False
         self.error_body = b""
 
+    @property
+    def status(self) -> int:
+        return self.parser.status
+
     def feed(self, data: bytes) -> None:
         now = perf_counter()
-        if (self.mode == _CHUNKED and self.status == 200 and not self.buf
-                and not self.chunk_left and not self.crlf_left):
-            # fast path: a read that is exactly one whole chunk (one token, paced server)
-            eol = data.find(b"\r\n", 0, 12)
-            if eol > 0 and data[-2:] == b"\r\n":
-                try:
-                    size = int(data[:eol], 16)
-                except ValueError:
-                    size = 0
-                if size and len(data) == eol + size + 4:
-                    self.on_data(data[eol + 2:-2], now)
-                    return
-        if self.mode == _HEADERS:
-            data = self._head(data)
-            if self.mode == _HEADERS or not data:
-                if self.mode == _LENGTH and self.left == 0:
-                    self._finish()
-                return
-        if self.mode == _CHUNKED:
-            payload = self._dechunk(data)
-        elif self.mode == _LENGTH:
-            payload = data[: self.left]
-            self.left -= len(payload)
-        else:
-            payload = data
+        parser = self.parser
+        try:
+            payload = parser.feed(data)
+        except BadResponse as exc:
+            raise ProtocolError(str(exc)) from None
         if payload:
-            if self.status == 200:
+            if parser.status == 200:
                 self.on_data(payload, now)
             elif len(self.error_body) < ERROR_BODY_BYTES:
                 self.error_body += payload[: ERROR_BODY_BYTES - len(self.error_body)]
-        if (self.mode == _LENGTH and self.left <= 0) or self.mode == _DONE:
+        if parser.complete:
             self._finish()
 
-    def _head(self, data: bytes) -> bytes:
-        buf = self.buf + data if self.buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > _MAX_HEAD:
-                    raise ProtocolError("response headers too long")
-                self.buf = buf
-                return b""
-            lines = buf[:end].split(b"\r\n")
-            parts = lines[0].split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise ProtocolError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
-            try:
-                status = int(parts[1])
-            except ValueError:
-                raise ProtocolError(f"bad status line: {lines[0][:80]!r}") from None
-            buf = buf[end + 4:]
-            if 100 <= status < 200:  # interim (100 Continue): the real answer follows
-                continue
-            break
-        self.status = status
-        self.buf = b""
-        chunked = False
-        length: int | None = None
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            key = name.strip().lower()
-            if key == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif key == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise ProtocolError(f"bad Content-Length: {value!r}") from None
-            elif key == b"connection":
-                self.close_after = b"close" in value.lower()
-        if parts[0] == b"HTTP/1.0":
-            self.close_after = True
-        if chunked:
-            self.mode = _CHUNKED
-        elif length is not None:
-            self.mode = _LENGTH
-            self.left = length
-        else:
-            self.mode = _UNTIL_CLOSE
-            self.close_after = True
-        return buf
-
-    def _dechunk(self, data: bytes) -> bytes:
-        """Strip chunked framing; keeps a partial chunk's state across reads."""
-        buf = self.buf + data if self.buf else data
-        self.buf = b""
-        out: list[bytes] = []
-        pos, n = 0, len(buf)
-        if self.chunk_left or self.crlf_left:  # finish the chunk begun in an earlier read
-            take = min(self.chunk_left, n)
-            if take:
-                out.append(buf[:take])
-            pos = take
-            self.chunk_left -= take
-            skip = min(self.crlf_left, n - pos) if not self.chunk_left else 0
-            pos += skip
-            self.crlf_left -= skip
-        find = buf.find
-        while pos < n and not self.chunk_left and not self.crlf_left:
-            eol = find(b"\r\n", pos)
-            if eol < 0:
-                self.buf = buf[pos:]
-                break
-            try:
-                size = int(buf[pos:eol], 16)
-            except ValueError:  # chunk extensions (";name=value") or garbage
-                try:
-                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                except ValueError:
-                    raise ProtocolError(f"bad chunk size line: {buf[pos:eol][:40]!r}") from None
-            start = eol + 2
-            if size == 0:
-                rest = buf[start:]
-                term = rest.find(b"\r\n")
-                while term > 0:  # skip trailer lines
-                    rest = rest[term + 2:]
-                    term = rest.find(b"\r\n")
-                if term == 0:
-                    self.mode = _DONE
-                else:
-                    self.buf = b"0\r\n" + rest  # wait for the terminating CRLF
-                break
-            end = start + size
-            if end + 2 <= n:
-                out.append(buf[start:end])
-                pos = end + 2
-            else:  # the chunk continues in a later read
-                out.append(buf[start:end])
-                got = min(end, n) - start
-                self.chunk_left = size - got
-                self.crlf_left = 2 - max(0, n - end)
-                pos = n
-        return out[0] if len(out) == 1 else b"".join(out)
-
     def _finish(self) -> None:
-        self.mode = _DONE
+        parser = self.parser
+        self.close_after = not parser.keep_alive or parser.extra
         if not self.done.done():
             self.done.set_result(None)
 
     def lost(self, exc: BaseException | None) -> None:
         if self.done.done():
             return
-        if self.mode == _UNTIL_CLOSE and exc is None:
+        if exc is None and self.parser.eof():  # a body without a length ends here
             self._finish()
             return
         err = exc or ConnectionResetError("server closed the connection mid-response")
@@ -390,7 +268,7 @@ class FastTransport:
                 conn.exchange = None
                 self._all.discard(conn)
                 # a kept-alive connection the server had already closed: retry once, fresh
-                if pending.reused and attempt == 0 and ex.mode == _HEADERS and not ex.buf:
+                if pending.reused and attempt == 0 and not ex.parser.started:
                     pending.conn = None
                     continue
                 raise

@@ -20,7 +20,7 @@ from aiohttp import web
 
 import lb.config
 from lb.backends.http1 import FastClient, _Conn
-from lb.errors import BackendConnectError, BackendHTTPError, BackendTimeout
+from lb.errors import BackendConnectError, BackendHTTPError, BackendTimeout, UpstreamError
 from lb.serve.app import UPSTREAM
 from lb.stream.pipe import DRAIN, Pipe
 from tests.conftest import make_config
@@ -145,13 +145,21 @@ async def test_content_length_and_close_framings():
 
 async def test_cut_chunked_body_is_an_error_and_never_reused():
     status, body, error, pooled, _ = await _parse([CHUNKED[:-12]])
-    assert status == 200 and isinstance(error, aiohttp.ClientPayloadError) and not pooled
+    assert status == 200 and isinstance(error, BackendConnectError) and not pooled
+    assert error.code == "backend_connection_lost"
 
 
 async def test_garbage_chunk_size_closes_the_connection():
     raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
-    status, _, error, pooled, aborted = await _parse([raw])
-    assert status == 200 and aborted and not pooled
+    conn, pool, transport = _conn()
+    waiter = conn.send(b"", b"")
+    conn.data_received(raw)  # the head and a bad chunk in one read: no response at all
+    error = waiter.exception()
+    assert isinstance(error, UpstreamError) and error.code == "invalid_backend_response"
+    assert transport.aborted and not pool
+    status, _, error, pooled, aborted = await _parse([raw[:-4], raw[-4:]])
+    assert status == 200 and isinstance(error, UpstreamError) and aborted and not pooled
+    assert error.code == "invalid_backend_response"
 
 
 # ------------------------------------------------------------------ the client

@@ -1,22 +1,25 @@
-"""A minimal HTTP/1.1 client for the decode stream, and a zero-await relay to the client.
+"""pdlb's own HTTP/1.1 client: POST to a backend, then its response's body piece by piece,
+delivered inside ``data_received``.
 
-Relaying a streamed answer through aiohttp's client costs, per chunk, a future, a task
-wake-up, a StreamReader copy and a chunked ``writelines`` on the way out. Here the decode's
-response is parsed in ``data_received`` (status line, headers, chunked or Content-Length
-framing) and each decoded body piece is handed to :class:`Pipe`, which runs it through the
-SSE relay and writes it to the client's transport with its chunked framing in one
-``transport.write`` — the handler coroutine only wakes for the first piece (written through
-aiohttp so that it sends the buffered response headers), for backpressure, for a concurrent
-connector's usage fetch, and at the end.
+Reading a streamed answer through aiohttp's client costs, per chunk, a future, a task
+wake-up and a StreamReader copy. Here each read from the backend is parsed where it arrives
+(lb/backends/h1response.py: llhttp) and its body bytes go straight to the consumer's
+callback — for the decode stream, the relay pipe of lb/stream/pipe.py, which writes them to
+the client in the same callback. :class:`FastResponse` is that body source: ``start`` (the
+callbacks), ``pause``/``resume`` (backpressure), ``close`` (abandon), ``read`` (the whole
+body, for JSON answers and errors).
 
-Connections are kept alive per backend (``host:port``) like aiohttp's pool. A connection is
-returned to the pool only once its response was read to the end and nothing else arrived;
-any other exit closes it, which is what makes vLLM abort the request and free its KV.
+Connections are kept alive per backend (``host:port``). A connection goes back to the pool
+only once its response was read to the end with nothing after it; any other exit closes it,
+which is what makes vLLM abort the request and free its KV.
 
-Errors map to lb.errors exactly like :func:`lb.backends.upstream.translate_errors` maps aiohttp's:
-connect refused → ``backend_connect_error``; lost after the request was sent →
-``backend_connection_lost``; no head in time → ``backend_timeout``; a 4xx/5xx →
-:class:`BackendHTTPError` with the backend's body.
+Errors are lb.errors (this module does not import aiohttp), the same codes as
+:func:`lb.backends.upstream.translate_errors` gives aiohttp's: connect refused →
+``backend_connect_error``; lost after the request was sent, or a body cut short →
+``backend_connection_lost``; no head in time → ``backend_timeout``; bytes that are not an
+HTTP/1.1 response (a bad status line, a bad length or chunk size, a head or trailers over
+64 KiB, ``101``) → ``invalid_backend_response``; a 4xx/5xx → :class:`BackendHTTPError` with
+the backend's body.
 """
 
 from __future__ import annotations
@@ -26,24 +29,14 @@ from collections.abc import Callable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
+from lb.backends.h1response import BadResponse, ResponseParser
 from lb.errors import BackendConnectError, BackendHTTPError, BackendTimeout, UpstreamError
-
-_MAX_HEAD = 64 * 1024
-_MAX_CHUNK_LINE = 4096
-
-# Body framings
-_LENGTH, _CHUNKED, _UNTIL_CLOSE = 0, 1, 2
 
 
 class _Lost(Exception):
     """The connection ended before the response head was complete."""
-
-
-class _BadResponse(Exception):
-    """The backend's bytes are not HTTP/1.1 as this client understands it."""
 
 
 def http_error(status: int, body: bytes, content_type: str, what: str) -> BackendHTTPError:
@@ -55,6 +48,18 @@ def http_error(status: int, body: bytes, content_type: str, what: str) -> Backen
     except (orjson.JSONDecodeError, KeyError, TypeError):
         pass
     return BackendHTTPError(message, status=status, raw_body=body, content_type=content_type)
+
+
+def invalid_response(what: str, exc: BadResponse) -> UpstreamError:
+    """A 502 for bytes that are not an HTTP/1.1 response."""
+    return UpstreamError(f"{what}: invalid HTTP response from the backend ({exc})",
+                         code="invalid_backend_response")
+
+
+def body_cut(what: str) -> BackendConnectError:
+    """The error that ends a body the connection lost (or pdlb cut) before its end."""
+    return BackendConnectError(f"{what}: connection lost before the end of the body",
+                               code="backend_connection_lost")
 
 
 class FastResponse:
@@ -108,7 +113,9 @@ class FastResponse:
     # -- the consumer's side
     def start(self, on_data: Callable[[bytes], None],
               on_end: Callable[[BaseException | None], None]) -> None:
-        """Deliver the body: each piece to ``on_data``; then ``on_end(None | error)``."""
+        """Deliver the body: each piece to ``on_data`` (one per read from the backend), then
+        ``on_end(None | error)`` with an lb.errors error: ``backend_connection_lost`` for a
+        body cut short, ``invalid_backend_response`` for one that is not HTTP/1.1."""
         self._data_cb = on_data
         self._end_cb = on_end
         held, self._held = self._held, []
@@ -118,7 +125,7 @@ class FastResponse:
             on_end(self._error)
 
     async def read(self) -> bytes:
-        """The whole body (for error answers)."""
+        """The whole body (JSON answers, error answers)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         parts: list[bytes] = []
@@ -151,7 +158,7 @@ class FastResponse:
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection to a backend; parses the response of its current request."""
+    """One keep-alive connection to a backend, reading the response of its current request."""
 
     def __init__(self, pool: list[_Conn], loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
@@ -161,11 +168,8 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.response: FastResponse | None = None
         self._head_waiter: asyncio.Future[FastResponse] | None = None
-        self._buf = b""
-        self._framing = _LENGTH
-        self._left = 0  # Content-Length left, or bytes left in the current chunk
-        self._need_crlf = False
-        self._trailers = False
+        self._parser: ResponseParser | None = None  # set while a request is outstanding
+        self._what = "backend"
         self._paused = False
 
     # -- asyncio.Protocol
@@ -176,49 +180,39 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._drop_from_pool()
+        parser, self._parser = self._parser, None
         waiter, self._head_waiter = self._head_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(_Lost())
         response, self.response = self.response, None
         if response is not None:
-            if self._framing == _UNTIL_CLOSE and self._buf == b"" and exc is None:
-                response._end(None)
-            else:
-                response._end(aiohttp.ClientPayloadError("Response payload is not completed"))
+            whole = exc is None and parser is not None and parser.eof()
+            response._end(None if whole else body_cut(self._what))
 
     def eof_received(self) -> bool:
         return False  # close; connection_lost reports what was cut
 
     def data_received(self, data: bytes) -> None:
-        response = self.response
-        if response is None:
-            if self._head_waiter is None:  # bytes on an idle connection: unusable
-                self.abort()
-                return
-            try:
-                if not self._head(data):
-                    return
-            except _BadResponse as exc:
-                waiter, self._head_waiter = self._head_waiter, None
-                if waiter is not None and not waiter.done():
-                    waiter.set_exception(exc)
-                self.abort()
-                return
-            response = self.response
-            assert response is not None
-            data, self._buf = self._buf, b""
-            if not data and not self._complete():
-                return
-        try:
-            piece, complete = self._body(data)
-        except _BadResponse:
+        parser = self._parser
+        if parser is None:  # bytes on an idle connection: unusable
             self.abort()
             return
-        if piece:
-            response._data(piece)
-        if complete and self.response is response:
+        try:
+            body = parser.feed(data)
+        except BadResponse as exc:
+            self._fail(invalid_response(self._what, exc))
+            return
+        response = self.response
+        if response is None:
+            if not parser.status:
+                return  # the head is not complete yet
+            response = self._start(parser)
+        if body:
+            response._data(body)  # (the consumer may pause or close from here)
+        if parser.complete and self.response is response:
+            self._parser = None
             self.response = None
-            reusable = response.keep_alive and not self._buf and not self.closed
+            reusable = response.keep_alive and not parser.extra and not self.closed
             response._conn = None
             response._end(None)
             if reusable:
@@ -227,12 +221,13 @@ class _Conn(asyncio.Protocol):
                 self.abort()
 
     # -- requests
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[FastResponse]:
+    def send(self, head: bytes, body: bytes, what: str = "backend") -> asyncio.Future[FastResponse]:
+        """Write a request; the future gets the response once its head is in."""
         assert self.transport is not None
         waiter: asyncio.Future[FastResponse] = self._loop.create_future()
         self._head_waiter = waiter
-        self._buf = b""
-        self._need_crlf = self._trailers = False
+        self._parser = ResponseParser()
+        self._what = what
         self.transport.write(head + body)
         return waiter
 
@@ -246,14 +241,32 @@ class _Conn(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    def abort(self) -> None:
+    def abort(self, error: BaseException | None = None) -> None:
+        """Close now; a response still being read ends with ``error`` (by default: cut)."""
         self.closed = True
+        self._parser = None
         self._drop_from_pool()
         response, self.response = self.response, None
         if response is not None:  # cut by us: never a complete body, whatever the framing
-            response._end(aiohttp.ClientPayloadError("Response payload is not completed"))
+            response._end(error or body_cut(self._what))
         if self.transport is not None:
             self.transport.abort()
+
+    def _start(self, parser: ResponseParser) -> FastResponse:
+        """The head is in: the response exists and whoever waits for it gets it."""
+        response = FastResponse(self, parser.status, parser.headers, parser.keep_alive)
+        self.response = response
+        waiter, self._head_waiter = self._head_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+        return response
+
+    def _fail(self, error: UpstreamError) -> None:
+        """The backend's bytes are not a response: whoever waits gets ``error``; closed."""
+        waiter, self._head_waiter = self._head_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self.abort(error)
 
     def _release(self) -> None:
         if self._paused:
@@ -264,148 +277,6 @@ class _Conn(asyncio.Protocol):
     def _drop_from_pool(self) -> None:
         if self in self._pool:
             self._pool.remove(self)
-
-    # -- parsing
-    def _head(self, data: bytes) -> bool:
-        buf = self._buf + data if self._buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > _MAX_HEAD:
-                    raise _BadResponse("response head too large")
-                self._buf = buf
-                return False
-            head = buf[:end].decode("latin-1")
-            buf = buf[end + 4:]
-            lines = head.split("\r\n")
-            parts = lines[0].split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-                raise _BadResponse(f"bad status line {lines[0][:80]!r}")
-            status = int(parts[1])
-            if 100 <= status < 200:
-                continue  # an interim answer; the real one follows
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    raise _BadResponse("bad header line")
-                name = name.strip().lower()
-                value = value.strip()
-                if name in headers:
-                    headers[name] += ", " + value
-                else:
-                    headers[name] = value
-            break
-        connection = headers.get("connection", "").lower()
-        keep_alive = ("close" not in connection if parts[0] == "HTTP/1.1"
-                      else "keep-alive" in connection)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            self._framing = _CHUNKED
-            self._left = 0
-        elif "content-length" in headers:
-            try:
-                self._left = int(headers["content-length"])
-            except ValueError:
-                raise _BadResponse("bad Content-Length") from None
-            if self._left < 0:
-                raise _BadResponse("bad Content-Length")
-            self._framing = _LENGTH
-        elif status in (204, 304):
-            self._framing = _LENGTH
-            self._left = 0
-        else:
-            self._framing = _UNTIL_CLOSE
-            keep_alive = False
-        self._buf = buf
-        response = FastResponse(self, status, headers, keep_alive)
-        self.response = response
-        waiter, self._head_waiter = self._head_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
-        return True
-
-    def _complete(self) -> bool:
-        return self._framing == _LENGTH and self._left == 0
-
-    def _body(self, data: bytes) -> tuple[bytes, bool]:
-        """Decode ``data``: (the body bytes in it, whether the message is complete)."""
-        framing = self._framing
-        if framing == _LENGTH:
-            left = self._left
-            if len(data) < left:
-                self._left = left - len(data)
-                return data, False
-            self._left = 0
-            if len(data) > left:
-                self._buf = data[left:]  # extra bytes: the connection will not be reused
-                return data[:left], True
-            return data, True
-        if framing == _UNTIL_CLOSE:
-            return data, False
-        buf = self._buf + data if self._buf else data
-        self._buf = b""
-        pos = 0
-        end = len(buf)
-        out: list[bytes] = []
-        complete = False
-        while pos < end:
-            left = self._left
-            if left:
-                avail = end - pos
-                if avail < left:
-                    out.append(buf[pos:] if pos else buf)
-                    self._left = left - avail
-                    pos = end
-                    break
-                out.append(buf[pos:pos + left])
-                pos += left
-                self._left = 0
-                self._need_crlf = True
-            if self._need_crlf:
-                if end - pos < 2:
-                    break
-                if buf[pos:pos + 2] != b"\r\n":
-                    raise _BadResponse("bad chunk end")
-                pos += 2
-                self._need_crlf = False
-                continue
-            if self._trailers:
-                if buf.startswith(b"\r\n", pos):
-                    pos += 2
-                    complete = True
-                    break
-                eot = buf.find(b"\r\n\r\n", pos)
-                if eot < 0:
-                    break
-                pos = eot + 4
-                complete = True
-                break
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                if end - pos > _MAX_CHUNK_LINE:
-                    raise _BadResponse("chunk size line too long")
-                break
-            line = buf[pos:eol]
-            semi = line.find(b";")
-            if semi >= 0:
-                line = line[:semi]
-            try:
-                size = int(line.strip(), 16)
-            except ValueError:
-                raise _BadResponse("bad chunk size") from None
-            if size < 0:
-                raise _BadResponse("bad chunk size")
-            pos = eol + 2
-            if size == 0:
-                self._trailers = True
-            else:
-                self._left = size
-        if pos < end:
-            self._buf = buf[pos:]
-        if complete:
-            self._trailers = False
-        piece = out[0] if len(out) == 1 else b"".join(out)
-        return piece, complete
 
 
 class FastClient:
@@ -471,7 +342,7 @@ class FastClient:
             async with asyncio.timeout(timeout_s):
                 conn = await self._acquire(loop, host, port, what)
                 try:
-                    response = await conn.send(head, body)
+                    response = await conn.send(head, body, what)
                 except BaseException:
                     conn.abort()
                     raise
@@ -491,13 +362,10 @@ class FastClient:
                         raise
         except TimeoutError as exc:
             raise BackendTimeout(f"{what}: timed out", code="backend_timeout") from exc
-        except (_Lost, aiohttp.ClientPayloadError, ConnectionError) as exc:
+        except (_Lost, ConnectionError) as exc:
             raise BackendConnectError(
-                f"{what}: connection lost (ServerDisconnectedError)",
+                f"{what}: connection lost before the answer's head",
                 code="backend_connection_lost") from exc
-        except _BadResponse as exc:
-            raise UpstreamError(f"{what}: ClientResponseError: {exc}",
-                                code="backend_error") from exc
         return response, raw
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, host: str, port: int,

@@ -137,11 +137,40 @@ def test_client_check_flags_each_problem(case: str) -> None:
         assert tally["cached_true"] == 1 and tally["kv_ok"] == 1
 
 
-def test_dechunk_handles_splits_and_rejects_partial_bodies() -> None:
-    raw = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-    assert client._dechunk(raw) == b"hello world"
-    assert client._dechunk(raw[:-9]) is None
-    assert mock_backend._dechunk(raw, 0) == (b"hello world", len(raw))
+class _Sink:
+    """Enough of a transport for the client's Conn."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_client_reads_answers_split_anywhere_and_flags_cut_ones() -> None:
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    loop = asyncio.new_event_loop()
+    try:
+        for cut in range(1, len(raw)):
+            conn = client.Conn()
+            conn.transport = _Sink()
+            done: asyncio.Future[client.Response] = loop.create_future()
+            conn.request(b"", done, 0.0)
+            conn.data_received(raw[:cut])
+            conn.data_received(raw[cut:])
+            r = done.result()
+            assert (r.status, r.body, r.error, conn.closed) == (200, b"hello world", "", False)
+        conn = client.Conn()
+        conn.transport = _Sink()
+        done = loop.create_future()
+        conn.request(b"", done, 0.0)
+        conn.data_received(raw[:-9])
+        conn.connection_lost(None)
+        assert done.result().error == "connection_lost"
+    finally:
+        loop.close()
+    assert mock_backend._dechunk(body, 0) == (b"hello world", len(body))
 
 
 def test_pdlb_passes_every_check_of_the_harness(mock: dict[str, Any], tmp_path: Path) -> None:
