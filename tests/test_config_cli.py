@@ -153,3 +153,28 @@ def test_cli_connector_startup_check_failure_exits_2(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "bootstrap" in lines[0] and "http://127.0.0.1:9" in lines[0]
+
+
+@pytest.mark.parametrize("table, message", [
+    ("[server]\nport = 70000", "server.port = 70000: must be <= 65535"),
+    ("[tokenizer]\ncount = 'sometimes'",
+     "tokenizer.count = 'sometimes': expected \"when_needed\" or \"always\""),
+    ("[kv_transfer]\nconnector = 'mooncake'\nbootstrap_port = '1'",
+     "kv_transfer.bootstrap_port = '1': expected an integer"),
+    ("[kv_transfer]\nconnector = 'nixl'\nrewrite = 1",
+     "kv_transfer.rewrite: unknown key for connector 'nixl' (known here: rewrite_remote_host)"),
+    ("[pools.prefill.policy_options]\nload_factor = 0.5",
+     "pools.prefill.policy_options.load_factor = 0.5: must be >= 1"),
+    ("[pools.prefill.policy_options]\nlod_factor = 1",
+     "pools.prefill.policy_options.lod_factor: unknown key for policy 'prefix_affinity'"),
+])
+def test_one_checker_one_message_shape(tmp_path, table, message):
+    """backends.toml's own tables, connector options and policy options are read by the same
+    checker (policies/options.py): every error is 'FILE: dotted.key = value: why'."""
+    from lb.serve.app import create_app
+
+    path = write(tmp_path, "[pools.prefill]\nbackends=['http://a:1']\npolicy='prefix_affinity'\n"
+                           "[pools.decode]\nbackends=['http://a:2']\n" + table)
+    with pytest.raises(ConfigError) as info:
+        create_app(load_config(path))
+    assert str(info.value).startswith(f"{path}: {message}")

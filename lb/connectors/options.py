@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lb.connectors.base import ConnectorOptionError
-from policies.options import Kind, Options, kind_name, matches
+from policies.options import Kind, Options, kind_name, matches, toml_key
 
 
 class ConnectorOptions:
@@ -46,6 +46,7 @@ class ConnectorOptions:
         if backend_keys is not None:
             allowed["backends"] = dict
         table.check(allowed)
+        self._table = table
         self._values = {k: v for k, v in options.items() if k != "backends"}
         self._backends: dict[str, dict[str, Any]] = {}
         backends = table.sub("backends")
@@ -62,7 +63,7 @@ class ConnectorOptions:
     def positive(self, key: str, default: float) -> float:
         value = self._values.get(key, default)
         if not value > 0:
-            raise ConnectorOptionError(f"kv_transfer.{key} = {value!r}: must be positive")
+            raise self._table.fail(key, "must be positive")
         return float(value)
 
     def backend(self, url: str) -> Mapping[str, Any]:
@@ -74,7 +75,8 @@ class ConnectorOptions:
         return self.backend(url).get(key, self._values.get(key, default))
 
     def where(self, url: str, key: str) -> str:
-        return f'kv_transfer.backends."{url}".{key}'
+        """The dotted path of ``key`` in ``url``'s per-backend table (for messages)."""
+        return f"kv_transfer.backends.{toml_key(url)}.{toml_key(key)}"
 
     def check_urls(self, *pools: Iterable[str]) -> None:
         """Every ``[kv_transfer.backends."URL"]`` must name a backend of the given pools."""

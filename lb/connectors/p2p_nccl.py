@@ -7,7 +7,7 @@ Both legs carry the same ``X-Request-Id``::
 The prefill engine parses the decode's address out of it (``___decode_addr_(.*):(\\d+)``)
 and sends the KV there over NCCL (``send_type`` PUT / PUT_ASYNC; in GET mode the decode
 parses ``___prefill_addr_(.*):(\\d+)___`` and fetches instead). So the decode backend must
-be chosen before the prefill leg (``decode_first``), and a decode retry needs a new prefill
+be chosen before the prefill leg (mode DECODE_FIRST), and a decode retry needs a new prefill
 (the KV went to the first decode). The proxy sends the prefill (one token, non-streamed),
 waits, then the decode with the client's original body — no handshake fields.
 
@@ -89,7 +89,7 @@ class P2pNcclConnector:
     def new_dispatch(self, request: RequestView, prefill: BackendRef, decode: BackendRef | None
                      ) -> Dispatch:
         if decode is None:
-            raise RuntimeError("p2p_nccl is decode_first: the proxy must name the decode")
+            raise RuntimeError("p2p_nccl is DECODE_FIRST: the proxy must name the decode")
         try:
             request_id = p2p_request_id(self.zmq_address(prefill.url),
                                         self.zmq_address(decode.url))

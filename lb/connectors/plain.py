@@ -15,7 +15,7 @@ nothing recomputes the prompt silently; vLLM counts it under
 Lease/cleanup: nothing is held in GPU memory for the decode; what the store keeps is the
 store's business (ExampleConnector never deletes its files; LMCache evicts by its own
 policy). A decode leg may be retried on another decode backend with the same prefill
-(``reusable_handoff``): the KV is in the shared store, not consumed by the first reader.
+(mode SEQUENTIAL_REUSABLE): the KV is in the shared store, not consumed by the first reader.
 """
 
 from __future__ import annotations

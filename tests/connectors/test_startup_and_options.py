@@ -6,7 +6,6 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from lb.connectors.base import HandshakeMode
 from lb.connectors.registry import BUILTINS, available, build_connector
 from lb.errors import ConfigError
 from lb.serve.app import PROXY, create_app
@@ -106,49 +105,3 @@ async def test_mooncake_discovery_against_the_emulator(make_pd, http):
         for p in pd.prefills:
             base = p.engine.engine_id
             assert connector.engines[p.url] == (f"{base}_dp0", f"{base}_dp1", f"{base}_dp2")
-
-
-class Tagged:
-    """The plugin example of docs/connectors.md: a header on both legs, nothing else."""
-
-    name = "tagged"
-    mode = HandshakeMode.SEQUENTIAL_REUSABLE
-
-    def __init__(self, options):
-        from lb.connectors.options import ConnectorOptions
-
-        self.tag = ConnectorOptions(self.name, options, keys={"tag": str}).get("tag", "pd")
-
-    def new_dispatch(self, request, prefill, decode):
-        from lb.connectors.base import Dispatch
-
-        return Dispatch(request.request_id, prefill, decode,
-                        prefill_headers={"X-Tag": self.tag}, decode_headers={"X-Tag": self.tag})
-
-    def prefill_body(self, request, dispatch):
-        from lb.connectors.base import one_token_prefill_body
-
-        return one_token_prefill_body(request)
-
-    def accept_prefill(self, response, dispatch):
-        from lb.connectors.base import prefill_result
-
-        return prefill_result(response)
-
-    def decode_body(self, request, dispatch, prefill):
-        return dict(request.body)
-
-
-async def test_a_plugin_connector_sets_headers_on_both_legs(monkeypatch, start_pdlb, http):
-    """The documented example works: selected by name, its option read, its per-leg headers
-    sent."""
-    import lb.connectors.registry as registry
-    from tests.connectors.kvpd import emulators, legs
-
-    monkeypatch.setattr(registry, "BUILTINS", {**registry.BUILTINS, "tagged": f"{__name__}:Tagged"})
-    async with emulators("nixl", 1, 1) as ((p,), (d,)):
-        url, _ = await start_pdlb(make_config([p.url], [d.url], kv_transfer={
-            "connector": "tagged", "tag": "blue"}))
-        async with http.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
-            assert r.status == 200
-        assert legs(p)[0]["headers"]["x-tag"] == legs(d)[0]["headers"]["x-tag"] == "blue"

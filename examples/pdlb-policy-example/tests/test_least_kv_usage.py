@@ -25,5 +25,6 @@ def test_counts_tokens_sent_since_the_scrape():
 
 
 def test_bad_option_is_named():
-    with pytest.raises(PolicyOptionError, match=r"policy_options\.kv_capacity_tokens = 0: must be >= 1"):
+    with pytest.raises(PolicyOptionError,
+                       match=r"policy_options\.kv_capacity_tokens = 0: must be >= 1"):
         LeastKVUsage({"kv_capacity_tokens": 0})
