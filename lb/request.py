@@ -36,7 +36,6 @@ class ProxyRequest:
     body: Mapping[str, Any]
     request_id: str
     stream: bool
-    include_usage: bool
     max_tokens: int | None
     model: str | None
     session_key: str | None
@@ -132,7 +131,6 @@ def parse_request(
     if stream_options is not None and not stream:
         # vLLM answers 400 here too; saying it ourselves saves two hops.
         raise _fail("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    include_usage = bool(stream_options and stream_options.get("include_usage"))
 
     max_tokens = _optional_int(body, "max_tokens", 1)
     if endpoint == "chat":
@@ -149,7 +147,6 @@ def parse_request(
         body=body,
         request_id=request_id,
         stream=stream,
-        include_usage=include_usage,
         max_tokens=max_tokens,
         model=model,
         session_key=session_key,

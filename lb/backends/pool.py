@@ -180,14 +180,6 @@ class Lease:
         self.pool.inflight_tokens += self.tokens
         return self
 
-    def resize(self, tokens: int) -> None:
-        """Replace the charged token count (e.g. with the prefill's real prompt_tokens)."""
-        delta = tokens - self.tokens
-        self.tokens = tokens
-        if self._held and delta:
-            self.backend.inflight_tokens += delta
-            self.pool.inflight_tokens += delta
-
     def release(self) -> None:
         """Refund early (idempotent); ``__exit__`` then does nothing."""
         if not self._held:

@@ -145,15 +145,6 @@ def find_vllm(explicit: str | None = None) -> tuple[str, ...]:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the OS's choice)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _free_ports(host: str, count: int) -> list[int]:
     """``count`` distinct free ports, all held open together so none repeats."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
