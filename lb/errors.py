@@ -1,9 +1,11 @@
 """The one error tree of pdlb, and its translation to OpenAI-shaped JSON.
 
-Every failure a client can see is a :class:`PdlbError`. Lower-level errors (aiohttp client
-errors, timeouts, bad JSON) are translated into these in one place each (``lb/backends/upstream.py``
-for transport, ``lb/request.py`` for input), with ``raise ... from exc`` so the cause stays in
-logs. ``lb/serve/app.py`` turns any :class:`PdlbError` into a response with :meth:`PdlbError.body`.
+Every failure a client can see is a :class:`PdlbError`. Lower-level errors (the backend
+clients' transport errors, timeouts, bad JSON) are translated into these in one place each
+(``lb/backends/translate.py`` for transport, ``lb/request.py`` for input), with ``raise ...
+from exc`` so the cause stays in logs. The fronts in ``lb/serve/`` (aiohttp's and the fast
+one) turn any :class:`PdlbError` into a response: its ``status``, :meth:`PdlbError.body` and
+:meth:`PdlbError.headers`.
 
 Tree::
 

@@ -1,9 +1,11 @@
 """Active health checks: GET /health on every backend, on an interval, off the request path.
 
 A backend leaves rotation after ``failures_to_eject`` consecutive failed checks and comes
-back after ``successes_to_restore`` good ones — never removed forever. Failures seen on real
-requests (connection refused, 5xx) count too (:func:`report_failure`), so a dead backend
-is ejected between two checks rather than after them.
+back after ``successes_to_restore`` good ones — never removed forever. Real requests count
+too (the proxy calls :meth:`HealthChecker.report_failure` on a connection failure or a 5xx,
+and on a prefill's 429; :meth:`HealthChecker.report_success` on an answer), so a dead
+backend is ejected between two checks rather than after them. A backend must also serve the
+model(s) most backends serve (``GET /v1/models``), else it is kept out of rotation.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A background task that visits every backend on an interval (health checks, load scrapes).
 
 One shape for both pollers: all backends are visited concurrently each round, rounds are
-``interval_s`` apart, the backend list can be swapped by a hot reload, and stopping cancels
+``interval_s`` apart (end of one to start of the next; a first round can run before pdlb
+accepts requests), the backend list can be swapped by a hot reload, and stopping cancels
 the task and waits for it.
 """
 

@@ -3,8 +3,9 @@
 In-flight accounting has one rule: every acquire has exactly one release. A :class:`Lease`
 is a context manager that charges a backend (and its pool) with requests and tokens when
 entered and refunds exactly what it charged when left — on success, error, timeout and
-cancellation alike. Tokens can be corrected while the lease is held (the prefill's real
-``usage.prompt_tokens`` replaces pdlb's estimate) and the refund follows.
+cancellation alike. The charge is fixed when the lease is taken; where the prefill answers
+first, the proxy takes the decode lease with the prefill's real ``usage.prompt_tokens``
+instead of pdlb's estimate (and corrects the admission ticket, ``Ticket.resize``).
 """
 
 from __future__ import annotations

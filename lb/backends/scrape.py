@@ -1,11 +1,12 @@
 """Scrape each backend's vLLM ``/metrics`` on an interval, so policies see vLLM's own load.
 
 Cheap by construction: one GET per backend per interval (default 1 s), a line scan for the
-three series policies use (no full Prometheus parser), and values summed over engine labels
-(a data-parallel server reports one series per engine). A backend that does not answer
-keeps its last sample, aging (``ScrapedLoad.age_s``); policies decide how much to trust it.
-After every scrape the backend's ``tokens_since_scrape`` resets, so ``least_tokens``-style
-policies can add what pdlb dispatched since the sample was taken.
+series policies use (no full Prometheus parser): running and waiting requests summed over
+engine labels (a data-parallel server reports one series per engine), KV cache usage
+averaged over them, KV capacity in tokens summed from ``vllm:cache_config_info``. A backend
+that does not answer keeps its last sample, aging (``ScrapedLoad.age_s``); policies decide
+how much to trust it. After every scrape the backend's ``tokens_since_scrape`` resets, so
+``least_tokens``-style policies can add what pdlb dispatched since the sample was taken.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ means, honestly:
   traffic, which averages out for load-based policies but weakens prefix/session affinity);
 * admission budgets (``max_inflight_tokens``, ``max_queue``, ``max_concurrent_requests``)
   are divided by N per worker, so the whole stays within the configured totals;
-* ``/metrics`` and ``/admin`` answer for the worker that took the connection: scrape each
-  worker through its own ``--metrics-port`` or aggregate in Prometheus by instance.
+* ``/metrics`` and ``/admin`` answer for the worker that took the connection, and nothing
+  tells which one that was: there is no per-worker port, so one scrape shows one worker's
+  share of the counters and in-flight gauges, not the totals. For whole-process numbers,
+  run one worker per port (separate ``pdlb serve`` instances) and aggregate in Prometheus.
 
 The parent reserves the port, starts the workers, forwards SIGTERM/SIGINT/SIGHUP to them,
 and exits when they have all exited.
