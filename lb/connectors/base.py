@@ -29,7 +29,8 @@ own Protocol: :class:`ConnectorBackendCheck` (static, at build time, given the p
 backends: every backend has the options it needs) and :class:`ConnectorStartup` (network
 checks once the HTTP session exists: bootstrap servers reachable, discovery).
 :mod:`lb.connectors.testing` builds a connector by name and runs its handshake for a sample
-request, for plugin authors' tests.
+request, for plugin authors' tests; ``examples/pdlb-connector-example`` is a complete,
+installable plugin, and docs/connectors.md the guide.
 """
 
 from __future__ import annotations
