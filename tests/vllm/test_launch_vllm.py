@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lb.cli import main as pdlb_main
 from lb.config import load_config
 from lb.tools.launch_vllm import (
     LaunchConfig,
@@ -30,6 +31,7 @@ from lb.tools.launch_vllm import (
     plan_servers,
     split_cpus,
 )
+from lb.tools.launch_vllm import plan as launch_plan
 
 VLLM = ("/opt/vllm/bin/vllm",)
 
@@ -166,6 +168,27 @@ def test_find_vllm(tmp_path, monkeypatch):
         find_vllm(str(tmp_path / "nope"))
     monkeypatch.setenv("PATH", str(tmp_path))
     assert find_vllm() == (str(exe),)
+
+
+def test_find_vllm_falls_back_to_a_venv_vllm(tmp_path, monkeypatch):
+    """No --vllm and none on PATH: .venv-vllm in the current directory, else in pdlb's own
+    source checkout (whose root the launcher must know from where it lives)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    assert (launch_plan._REPO_ROOT / "lb" / "tools" / "launch_vllm" / "plan.py").is_file()
+    exe = tmp_path / ".venv-vllm" / "bin" / "vllm"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert find_vllm() == (str(exe.resolve()),)
+
+
+def test_pdlb_launch_vllm_is_this_cli(capsys):
+    """`pdlb launch-vllm` reaches this module's main (its --help names the command)."""
+    with pytest.raises(SystemExit) as info:
+        pdlb_main(["launch-vllm", "--help"])
+    assert info.value.code == 0
+    assert "usage: pdlb launch-vllm" in capsys.readouterr().out
 
 
 # A stand-in for `vllm serve`: serves /health on --port; FAKE_MODE picks a misbehaviour.

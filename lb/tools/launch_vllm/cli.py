@@ -1,0 +1,194 @@
+"""``pdlb launch-vllm``'s command line: flags → :class:`LaunchConfig`, start the pool, print
+where each server is, write ``--write-config``, and watch the servers until Ctrl-C / SIGTERM
+(exit 0) or until one of them exits (exit 1)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from lb.tools.launch_vllm.plan import (
+    DEFAULT_BASE_PORT,
+    DEFAULT_SIDE_CHANNEL_PORT,
+    LaunchConfig,
+    VllmLaunchError,
+    backends_toml,
+    find_vllm,
+)
+from lb.tools.launch_vllm.pool import VllmPool
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pdlb launch-vllm",
+        description="Start local vLLM prefill/decode pools and write a pdlb backends.toml.",
+    )
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--prefill", type=int, default=1, help="prefill servers (default 1)")
+    p.add_argument("--decode", type=int, default=1, help="decode servers (default 1)")
+    p.add_argument(
+        "--vllm",
+        help="a vllm executable or the python of a venv with vLLM "
+        "(default: vllm on PATH, else .venv-vllm/bin/vllm)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address the servers bind")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=DEFAULT_BASE_PORT,
+        help="prefill i listens on BASE+i, decode j on BASE+100+j; 0 picks free ports",
+    )
+    p.add_argument(
+        "--side-channel-port",
+        type=int,
+        default=DEFAULT_SIDE_CHANNEL_PORT,
+        help="NIXL side-channel port of server k is PORT+10*k; 0 picks free ports",
+    )
+    p.add_argument(
+        "--side-channel-host",
+        help="VLLM_NIXL_SIDE_CHANNEL_HOST: the address decode servers reach prefill's side "
+        "channel at (default: --host)",
+    )
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--served-model-name", help="model name clients use (default: dir name)")
+    p.add_argument("--connector", choices=["nixl", "shared_storage"], default="nixl")
+    p.add_argument("--shared-storage-path", help="folder for --connector shared_storage")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pass --enforce-eager to vLLM (default: on for cpu, off for gpu)",
+    )
+    p.add_argument(
+        "--extra-vllm-args",
+        default="",
+        help="more `vllm serve` arguments for every server, one shell-quoted string",
+    )
+    p.add_argument(
+        "--cpu-kvcache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE GiB (cpu)"
+    )
+    p.add_argument(
+        "--nixl-progress-delay-us",
+        type=int,
+        help="poll timeout of NIXL's UCX progress thread, for the NIXL patched by "
+        "scripts/vllm-cpu-env (default: 1000 on cpu, NIXL's own 0 = busy spin on gpu)",
+    )
+    p.add_argument("--gpus-per-server", type=int, default=1, help="(gpu) also the TP size")
+    p.add_argument("--gpus", help="(gpu) comma-separated GPU ids to share out (default 0..)")
+    p.add_argument("--write-config", type=Path, help="write a pdlb backends.toml here")
+    p.add_argument("--lb-host", default="127.0.0.1", help="[server] host in --write-config")
+    p.add_argument("--lb-port", type=int, default=8000, help="[server] port in --write-config")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        help="logs/ (one file per server), tmp/ and (cpu) vllm-cache/ go here "
+        "(default: a new temp dir)",
+    )
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds before SIGKILL")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> LaunchConfig:
+    """The LaunchConfig that parsed CLI arguments describe."""
+    gpus = None
+    if args.gpus:
+        try:
+            gpus = tuple(int(g) for g in args.gpus.split(","))
+        except ValueError:
+            raise VllmLaunchError(f"--gpus {args.gpus!r}: not a comma-separated list") from None
+    return LaunchConfig(
+        model=args.model,
+        prefill=args.prefill,
+        decode=args.decode,
+        vllm=find_vllm(args.vllm),
+        host=args.host,
+        base_port=args.base_port,
+        side_channel_port=args.side_channel_port,
+        side_channel_host=args.side_channel_host,
+        device=args.device,
+        served_model_name=args.served_model_name,
+        connector=args.connector,
+        shared_storage_path=args.shared_storage_path,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        extra_vllm_args=tuple(shlex.split(args.extra_vllm_args)),
+        cpu_kvcache_space_gib=args.cpu_kvcache_space,
+        nixl_progress_delay_us=args.nixl_progress_delay_us,
+        gpus_per_server=args.gpus_per_server,
+        gpus=gpus,
+        run_dir=args.run_dir,
+        startup_timeout_s=args.startup_timeout,
+        stop_timeout_s=args.stop_timeout,
+    )
+
+
+@contextlib.contextmanager
+def _stop_on_signals(event: threading.Event) -> Iterator[None]:
+    def handler(signum: int, _frame: object) -> None:
+        event.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pdlb launch-vllm``: 0 after a requested stop, 1 when a server failed."""
+    args = _parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except VllmLaunchError as exc:
+        print(f"pdlb launch-vllm: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    pool = VllmPool(config, stop_event=stop)
+    with _stop_on_signals(stop):
+        try:
+            pool.start()
+        except VllmLaunchError as exc:
+            print(f"pdlb launch-vllm: {exc}", file=sys.stderr)
+            return 0 if stop.is_set() else 1
+        try:
+            for plan in pool.servers:
+                took = pool.startup_times.get(plan.name, 0.0)
+                side = (
+                    f", NIXL side channel {plan.side_channel_port}"
+                    if plan.side_channel_port
+                    else ""
+                )
+                print(
+                    f"{plan.name}: {plan.url} healthy after {took:.1f} s{side}, log {plan.log_path}"
+                )
+            if args.write_config:
+                args.write_config.write_text(
+                    backends_toml(
+                        pool.prefill_urls,
+                        pool.decode_urls,
+                        connector=config.connector,
+                        lb_host=args.lb_host,
+                        lb_port=args.lb_port,
+                    )
+                )
+                print(f"wrote {args.write_config}: pdlb serve --config {args.write_config}")
+            print("vLLM pools ready; Ctrl-C stops them", flush=True)
+            while not stop.wait(1.0):
+                pool.check_alive()
+            print("stopping vLLM servers", flush=True)
+            return 0
+        except VllmLaunchError as exc:
+            print(f"pdlb launch-vllm: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            pool.stop()
+
