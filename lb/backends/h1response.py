@@ -36,6 +36,9 @@ MAX_HEAD = 64 * 1024
 class BadResponse(ValueError):
     """The bytes are not an HTTP/1.1 response this parser accepts."""
 
+    body = b""
+    """The body bytes of the same read before the fault (aiohttp delivers those too)."""
+
 
 class _After(Exception):
     """Raised inside llhttp's callback when a second response begins: stops the parse."""
@@ -104,6 +107,7 @@ class ResponseParser:
             else:
                 self._parser = None
                 error = self._error or BadResponse(str(exc) or type(exc).__name__)
+                error.body = b"".join(self._pieces)
                 raise error from None
         pieces = self._pieces
         if pieces:

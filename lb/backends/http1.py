@@ -200,6 +200,8 @@ class _Conn(asyncio.Protocol):
         try:
             body = parser.feed(data)
         except BadResponse as exc:
+            if exc.body and self.response is not None:
+                self.response._data(exc.body)  # what came before the fault
             self._fail(invalid_response(self._what, exc))
             return
         response = self.response
