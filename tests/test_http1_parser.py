@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +23,7 @@ import pytest
 from lb.backends.h1response import BadResponse, ResponseParser
 from lb.backends.http1 import FastClient
 from lb.errors import UpstreamError
+from loadgen.transport import ProtocolError, _Exchange
 from tests.conftest import make_config
 
 Answer = Callable[[bytes], bytes]
@@ -377,3 +380,40 @@ def test_parser_refuses_after_an_error() -> None:
     with pytest.raises(BadResponse):
         parser.feed(b"HTTP/1.1 2\xb2 OK\r\n\r\n")
     assert parser.feed(b"more") == b"" and not parser.complete
+
+
+# ------------------------------------------------------------------ the other two users
+REFUSED = [(name, raw) for name, raw, accepted in AGREE if not accepted] + [
+    (name, raw) for name, raw, _ in STRICTER]
+
+
+@pytest.mark.parametrize(("name", "answer"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_loadgen_and_bench_client_refuse_the_same(name: str, answer: bytes) -> None:
+    """One parser for three clients: the loadgen's transport and the bench client refuse
+    what pdlb's client refuses."""
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)  # (bench/ is not a package)
+    import client as bench_client
+
+    loop = asyncio.new_event_loop()
+    try:
+        exchange = _Exchange(lambda data, now: None, loop.create_future())
+        with pytest.raises(ProtocolError):
+            exchange.feed(answer)
+        conn = bench_client.Conn()
+        conn.transport = _Sink()
+        done: asyncio.Future[Any] = loop.create_future()
+        conn.request(b"", done, 0.0)
+        conn.data_received(answer)
+        assert done.result().error.startswith("bad_response")
+    finally:
+        loop.close()
+
+
+class _Sink:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
