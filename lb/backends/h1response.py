@@ -54,9 +54,8 @@ class ResponseParser:
     """
 
     __slots__ = ("_error", "_head_bytes", "_names", "_parser", "_pieces", "_prefix", "_run",
-                 "_values",
-                 "complete", "extra", "headers", "keep_alive", "max_head", "started",
-                 "status", "until_close")
+                 "_values", "complete", "extra", "headers", "keep_alive", "max_head",
+                 "started", "status", "until_close")
 
     def __init__(self, max_head: int = MAX_HEAD) -> None:
         self.max_head = max_head
@@ -132,6 +131,10 @@ class ResponseParser:
         if not self.complete and self.status and self.until_close:
             self.complete = True
         return self.complete
+
+    def close(self) -> None:
+        """The response is abandoned: nothing more will be fed."""
+        self._parser = None  # (llhttp holds this object's methods: break the cycle)
 
     def _check_prefix(self, data: bytes) -> None:
         prefix = self._prefix + data[:5 - len(self._prefix)]

@@ -246,7 +246,9 @@ class _Conn(asyncio.Protocol):
     def abort(self, error: BaseException | None = None) -> None:
         """Close now; a response still being read ends with ``error`` (by default: cut)."""
         self.closed = True
-        self._parser = None
+        parser, self._parser = self._parser, None
+        if parser is not None:
+            parser.close()
         self._drop_from_pool()
         response, self.response = self.response, None
         if response is not None:  # cut by us: never a complete body, whatever the framing
