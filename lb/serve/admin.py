@@ -22,6 +22,7 @@ from lb.backends.pool import Pool
 from lb.config import Config
 from lb.errors import ConfigError, PdlbError, Unauthorized
 from lb.serve.auth import bearer, matches
+from lb.serve.routes import named
 from policies.registry import PolicyLoadError, build_policy
 
 log = logging.getLogger("pdlb.admin")
@@ -81,7 +82,7 @@ def state(pools: dict[str, Pool], admission: Admission) -> dict[str, Any]:
 def admin_routes(token: str, reload: Callable[[], dict[str, Any]],
                  get_state: Callable[[], dict[str, Any]]) -> list[web.RouteDef]:
     def check(request: web.Request) -> None:
-        if not matches(bearer(request), [token]):
+        if not matches(bearer(request.headers.get("Authorization", "")), [token]):
             raise Unauthorized("admin token required: Authorization: Bearer <token>",
                                code="invalid_admin_token")
 
@@ -98,4 +99,6 @@ def admin_routes(token: str, reload: Callable[[], dict[str, Any]],
         check(request)
         return web.Response(body=orjson.dumps(get_state()), content_type="application/json")
 
-    return [web.post("/admin/reload", do_reload), web.get("/admin/state", show_state)]
+    handlers = {"admin_reload": do_reload, "admin_state": show_state}
+    return [web.get(r.path, handlers[r.name]) if r.method == "GET"
+            else web.route(r.method, r.path, handlers[r.name]) for r in named(*handlers)]

@@ -7,20 +7,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from aiohttp.http import HttpProcessingError
 from aiohttp.http_writer import StreamWriter
 
-from lb.stream.port import SSE_HEADERS, ClientSide
+from lb.errors import InvalidRequest, PayloadTooLarge
+from lb.serve.guard import ErrorAnswer, Guard, ServedClient
+from lb.stream.port import SSE_HEADERS
 
 
-class AiohttpSide(ClientSide):
+class AiohttpSide(ServedClient):
     """A request that aiohttp's server received; :attr:`response` is the handler's return."""
 
-    __slots__ = ("_http", "_writer", "headers", "response")
+    __slots__ = ("_guard", "_http", "_writer", "headers", "response")
 
-    def __init__(self, http: web.Request) -> None:
+    def __init__(self, http: web.Request, guard: Guard) -> None:
         self._http = http
+        self._guard = guard
         # The first value of a repeated header, as documented (and as the front and the
-        # auth middleware read it): a later one must not replace the checked one.
+        # guard read it): a later one must not replace the checked one.
         headers: dict[str, str] = {}
         for name, value in http.headers.items():
             headers.setdefault(name.lower(), value)
@@ -28,12 +32,40 @@ class AiohttpSide(ClientSide):
         self.response: web.StreamResponse | None = None
         self._writer: Any = None
 
+    @property
+    def status(self) -> int:
+        return 0 if self.response is None else self.response.status
+
     async def body(self) -> bytes:
-        return await self._http.read()
+        """The body, with aiohttp's errors in pdlb's terms: too large (413), malformed
+        framing (400), too slow (408)."""
+        try:
+            async with asyncio.timeout(self._guard.body_timeout_s):
+                return await self._http.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(
+                f"request body is larger than the limit of {self._http.client_max_size} bytes",
+                code="body_too_large") from None
+        except HttpProcessingError as exc:
+            raise InvalidRequest(f"malformed request body: {exc.message}",
+                                 code="invalid_body") from None
+        except TimeoutError:
+            raise self._guard.body_timeout() from None
 
     async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         self.response = web.Response(body=body, status=status, content_type="application/json",
                                      headers=dict(headers))
+
+    def send_error(self, answer: ErrorAnswer) -> None:
+        response = self.response
+        if response is not None and response.prepared:
+            response.force_close()  # a stream is under way: end it with the connection
+            return
+        response = self.response = web.Response(
+            body=answer.body, status=answer.status, content_type="application/json",
+            headers=answer.headers or None)
+        if answer.close:
+            response.force_close()
 
     async def start_stream(self, headers: Mapping[str, str]) -> None:
         response = self.response = web.StreamResponse(headers={**SSE_HEADERS, **headers})

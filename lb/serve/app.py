@@ -1,4 +1,4 @@
-"""The aiohttp application: routes, the error middleware, and the app's shared resources.
+"""The aiohttp application: routes, the guard's middleware, and the app's shared resources.
 
 Nothing is global: :func:`create_app` builds every object from the config and hangs it on
 the app under typed keys; the client session and background tasks live in ``cleanup_ctx``.
@@ -23,13 +23,14 @@ from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import BackendRef, ConnectorStartup
 from lb.connectors.registry import build_connector
-from lb.errors import ConfigError, InvalidRequest, NotFound, PayloadTooLarge, PdlbError
+from lb.errors import ConfigError, NotFound, PdlbError
 from lb.metrics import Metrics
 from lb.proxy import Proxy
-from lb.request import ENDPOINT_PATHS, Endpoint
+from lb.request import Endpoint
 from lb.serve.admin import Reloader, admin_routes, apply_reload, state
 from lb.serve.aiohttpside import AiohttpSide
-from lb.serve.auth import client_auth_middleware
+from lb.serve.guard import ErrorAnswer, Guard, error_answer, internal_error
+from lb.serve.routes import COMPLETION_PATHS, ROUTES
 from lb.tokens import PromptTokenizer, make_counter
 from policies.registry import PolicyLoadError, build_policy
 
@@ -42,12 +43,11 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 PROXY = web.AppKey("proxy", Proxy)
 HEALTH = web.AppKey("health", HealthChecker)
 MODELS_CACHE = web.AppKey("models_cache", list)
-ENDPOINT = web.RequestKey("endpoint", str)
+GUARD = web.AppKey("guard", Guard)
 RELOAD: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("reload")
 ADMIN_APP = web.AppKey("admin_app", web.Application)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_ROUTE_ENDPOINTS = {path: endpoint for endpoint, path in ENDPOINT_PATHS.items()}
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -57,68 +57,48 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> w
     )
 
 
-def _error_response(exc: PdlbError) -> web.Response:
-    response = web.Response(
-        body=exc.body(), status=exc.status, content_type="application/json",
-        headers=exc.headers() or None,
-    )
-    if exc.status in (408, 413):
-        response.force_close()  # the rest of the body is unread: the connection is unusable
+def _error_response(answer: ErrorAnswer) -> web.Response:
+    response = web.Response(body=answer.body, status=answer.status,
+                            content_type="application/json", headers=answer.headers or None)
+    if answer.close:
+        response.force_close()
     return response
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as an OpenAI-shaped JSON error with the right status."""
-    metrics = request.app[METRICS]
-    if request.method == "POST" and request.path in _ROUTE_ENDPOINTS:
-        # Set here, before any handler, so a request refused before its handler (a bad API
-        # key) is counted in pdlb_requests too, as the front counts it.
-        request[ENDPOINT] = _ROUTE_ENDPOINTS[request.path]
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The guard's access check for every route but the completions (their handler runs
+    the whole guard, as the fast front does), and every failure as an OpenAI-shaped JSON
+    error with the right status."""
+    guard = request.app[GUARD]
     try:
-        response = await handler(request)
+        if request.method != "POST" or request.path not in COMPLETION_PATHS:
+            guard.check_access(request.path, request.headers.get("Authorization"))
+        return await handler(request)
     except PdlbError as exc:
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        response = _error_response(exc)
-    except web.HTTPRequestEntityTooLarge:
-        response = _error_response(PayloadTooLarge(
-            f"request body is larger than the limit of {request.app[CONFIG].server.max_body_bytes}"
-            " bytes",
-            code="body_too_large"))
+        return _error_response(error_answer(exc))
     except web.HTTPNotFound:
-        response = _error_response(NotFound(
-            f"no route for {request.method} {request.path}", code="unknown_route"))
+        return _error_response(error_answer(NotFound(
+            f"no route for {request.method} {request.path}", code="unknown_route")))
     except web.HTTPMethodNotAllowed as exc:
-        response = _error_response(PdlbError(
+        return _error_response(error_answer(PdlbError(
             f"method {exc.method} not allowed on {request.path}", status=405,
-            code="method_not_allowed"))
+            code="method_not_allowed")))
     except web.HTTPException as exc:
-        response = _error_response(PdlbError(exc.reason, status=exc.status))
-    except asyncio.CancelledError:
-        endpoint = request.get(ENDPOINT)
-        if endpoint is not None:
-            metrics.client_disconnects.labels(phase="before_response").inc()
-            metrics.requests.labels(endpoint=endpoint, status="499").inc()
-        raise
+        return _error_response(error_answer(PdlbError(exc.reason, status=exc.status)))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = _error_response(PdlbError("internal error in pdlb", code="internal_error"))
-    endpoint = request.get(ENDPOINT)
-    if endpoint is not None:
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
-    return response
+        return _error_response(error_answer(internal_error()))
 
 
 def _completion_handler(endpoint: Endpoint) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        if request.content_type not in ("application/json", "", "application/octet-stream"):
-            raise InvalidRequest(
-                f"Content-Type must be application/json, got {request.content_type}",
-                code="unsupported_media_type", status=415)
-        client = AiohttpSide(request)
-        await request.app[PROXY].handle(client, endpoint)
-        assert client.response is not None  # the proxy answers or raises
+        guard = request.app[GUARD]
+        client = AiohttpSide(request, guard)
+        await guard.serve(client, endpoint)
+        assert client.response is not None  # the guard answers when the proxy does not
         return client.response
 
     return handle
@@ -216,10 +196,10 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
                           config.scrape.timeout_s, lambda: auto_budgets(pools, admission))
 
-    middlewares: list[Any] = [error_middleware]
-    if config.auth.api_keys:
-        middlewares.append(client_auth_middleware(config.auth.api_keys))
-    app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
+    guard = Guard(config, proxy, metrics)
+    app = web.Application(middlewares=[guard_middleware],
+                          client_max_size=config.server.max_body_bytes)
+    app[GUARD] = guard
     app[CONFIG] = config
     app[METRICS] = metrics
     app[POOLS] = pools
@@ -248,8 +228,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         if config.admin.port is None:
             app.router.add_routes(admin)
         else:
-            admin_app = web.Application(middlewares=[error_middleware])
-            admin_app[METRICS] = metrics
+            admin_app = web.Application(middlewares=[guard_middleware])
+            admin_app[GUARD] = guard
             admin_app.router.add_routes(admin)
             app[ADMIN_APP] = admin_app
 
@@ -274,9 +254,15 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await upstream.close()
 
     app.cleanup_ctx.append(resources)
-    app.router.add_post("/v1/completions", _completion_handler("completions"))
-    app.router.add_post("/v1/chat/completions", _completion_handler("chat"))
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics_endpoint)
+    handlers: dict[str, Handler] = {"models": models, "health": health,
+                                    "metrics": metrics_endpoint}
+    for route in ROUTES:
+        if route.access == "admin":
+            continue  # admin_routes(), above, when the admin API is on
+        handler = (_completion_handler(route.endpoint) if route.endpoint is not None
+                   else handlers[route.name])
+        if route.method == "GET":
+            app.router.add_get(route.path, handler)  # and HEAD
+        else:
+            app.router.add_route(route.method, route.path, handler)
     return app

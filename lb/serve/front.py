@@ -22,25 +22,17 @@ lb/serve/requesthead.py; answers are written by lb/serve/rawside.py.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import cast
 
 from aiohttp import web
-from aiohttp.web_server import Server
 
 from lb.config import Config
-from lb.errors import InvalidRequest, PdlbError, Unauthorized
-from lb.metrics import Metrics
-from lb.proxy import Proxy
 from lb.request import Endpoint
-from lb.serve.auth import matches
+from lb.serve.guard import Guard, error_answer
 from lb.serve.handoff import hand_off
 from lb.serve.rawside import RawSide
 from lb.serve.requesthead import MAX_HEAD_BYTES, Head, parse_head
 
-log = logging.getLogger("pdlb.front")
-
-_ACCEPTED_TYPES = ("application/json", "", "application/octet-stream")
 BODY_WAIT_LIMIT = 1 << 20
 """A body longer than this that does not arrive with its head is read by aiohttp."""
 PIPELINE_BACKLOG = 1 << 16
@@ -48,14 +40,12 @@ PIPELINE_BACKLOG = 1 << 16
 
 
 class Front:
-    """What every front connection shares: the app's proxy, limits and aiohttp's server."""
+    """What every front connection shares: the guard (which runs the proxy), limits and
+    aiohttp's server."""
 
-    def __init__(self, config: Config, proxy: Proxy, metrics: Metrics, aiohttp_server: Server,
-                 ) -> None:
-        self.proxy = proxy
-        self.metrics = metrics
+    def __init__(self, config: Config, guard: Guard, aiohttp_server: web.Server) -> None:
+        self.guard = guard
         self.aiohttp_server = aiohttp_server
-        self.api_keys = tuple(config.auth.api_keys)
         server = config.server
         self.max_body = server.max_body_bytes
         self.body_timeout_s = server.body_timeout_s
@@ -130,6 +120,7 @@ class FrontProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
+        self._done = self._served  # bound once, not per request
 
     @property
     def idle(self) -> bool:
@@ -243,7 +234,8 @@ class FrontProtocol(asyncio.Protocol):
             self._buf, self._pos = b"", 0
         self.close_after = head.close or self.front.closing
         side = RawSide(self, head.headers, body)
-        self.task = self._loop.create_task(self._serve(side, head.endpoint))
+        self.task = self._loop.create_task(
+            self.front.guard.serve(side, head.endpoint, self._done))
         if self.front.closing:
             self.front.changed()
 
@@ -268,66 +260,23 @@ class FrontProtocol(asyncio.Protocol):
         endpoint: Endpoint = self._head.endpoint if self._head is not None else "completions"
         self._head = None
         self._parts = []
-        side = RawSide(self, {}, b"")
-        exc = InvalidRequest(
-            f"request body not received within {self.front.body_timeout_s:g} s",
-            status=408, code="body_timeout")
-        side.send_now(exc.status, exc.body(), exc.headers(), close=True)
-        self.front.metrics.requests.labels(endpoint=endpoint, status="408").inc()
+        guard = self.front.guard
+        RawSide(self, {}, b"").send_error(error_answer(guard.body_timeout()))
+        guard.count(endpoint, 408)
         self.close()
 
-    async def _serve(self, side: RawSide, endpoint: Endpoint) -> None:
-        front = self.front
-        metrics = front.metrics
-        try:
-            try:
-                self._check(side)
-                await front.proxy.handle(side, endpoint)
-            except PdlbError as exc:
-                if exc.status >= 500:
-                    log.warning("POST %s -> %d: %s", endpoint, exc.status, exc.message)
-                self._answer_error(side, exc)
-            except asyncio.CancelledError:
-                metrics.client_disconnects.labels(phase="before_response").inc()
-                metrics.requests.labels(endpoint=endpoint, status="499").inc()
-                raise
-            except Exception:
-                log.exception("unhandled error on POST %s", endpoint)
-                self._answer_error(side, PdlbError("internal error in pdlb",
-                                                   code="internal_error"))
-            metrics.requests.labels(endpoint=endpoint, status=str(side.status)).inc()
-        finally:
-            self.task = None
-            if self.transport is not None:
-                if self.close_after or self.front.closing:
-                    self.close()
-                else:
-                    self._arm_idle()
-                    if not self.writing_paused:  # else resume_writing starts the next
-                        self._next()
-                    self._flow()
-
-    def _check(self, side: RawSide) -> None:
-        """What the app's middlewares and handler check before the proxy runs."""
-        if self.front.api_keys:
-            scheme, _, token = side.headers.get("authorization", "").partition(" ")
-            if not matches(token.strip() if scheme.lower() == "bearer" else "",
-                           self.front.api_keys):
-                raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key>",
-                                   code="invalid_api_key")
-        ctype = side.headers.get("content-type")
-        mime = "application/octet-stream" if ctype is None \
-            else ctype.split(";", 1)[0].strip().lower()
-        if mime not in _ACCEPTED_TYPES:
-            raise InvalidRequest(f"Content-Type must be application/json, got {mime}",
-                                 code="unsupported_media_type", status=415)
-
-    def _answer_error(self, side: RawSide, exc: PdlbError) -> None:
-        if side.started:  # the head is out: nothing honest left to say on this connection
-            side.status = side.status or exc.status
-            self.close_after = True
-            return
-        side.send_now(exc.status, exc.body(), exc.headers(), close=exc.status in (408, 413))
+    def _served(self) -> None:
+        """The request's task is ending (the guard calls this last): close, or go on with
+        the connection."""
+        self.task = None
+        if self.transport is not None:
+            if self.close_after or self.front.closing:
+                self.close()
+            else:
+                self._arm_idle()
+                if not self.writing_paused:  # else resume_writing starts the next
+                    self._next()
+                self._flow()
 
     # -- hand-off to aiohttp
     def _hand_off(self) -> None:

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any, Protocol
 
-from lb.stream.port import SSE_HEADERS, ClientSide
+from lb.serve.guard import ErrorAnswer, ServedClient
+from lb.stream.port import SSE_HEADERS
 
 
 class Connection(Protocol):
@@ -55,10 +56,12 @@ class _Date:
 _date = _Date()
 
 
-class RawSide(ClientSide):
+class RawSide(ServedClient):
     """The client of a request the front serves: answers go straight to its transport."""
 
     __slots__ = ("_conn", "_stream_head", "headers", "started", "status", "whole_body")
+
+    status: int
 
     def __init__(self, conn: Connection, headers: dict[str, str], body: bytes) -> None:
         self._conn = conn
@@ -73,6 +76,12 @@ class RawSide(ClientSide):
 
     async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         self.send_now(status, body, headers)
+
+    def send_error(self, answer: ErrorAnswer) -> None:
+        if self.started:  # the head is out: nothing honest left to say on this connection
+            self._conn.close_after = True
+            return
+        self.send_now(answer.status, answer.body, answer.headers, close=answer.close)
 
     def send_now(self, status: int, body: bytes, headers: Mapping[str, str],
                  close: bool = False) -> None:

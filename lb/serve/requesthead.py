@@ -15,11 +15,12 @@ from collections.abc import Mapping
 import httptools
 
 from lb.request import Endpoint
+from lb.serve.routes import COMPLETION_PATHS
 
 ROUTES: Mapping[bytes, Endpoint] = {
-    b"/v1/completions": "completions",
-    b"/v1/chat/completions": "chat",
-}
+    path.encode(): endpoint for path, endpoint in COMPLETION_PATHS.items()}
+"""The completion routes of the route table (lb/serve/routes.py), as the request line has
+them."""
 MAX_HEAD_BYTES = 16384
 """Larger heads go to aiohttp, which applies its own limits (the same 16 KiB) and errors."""
 _SPECIAL_HEADERS = frozenset({"content-length", "connection", "transfer-encoding", "expect",

@@ -23,7 +23,7 @@ from aiohttp import web
 from lb.config import Config
 from lb.errors import ConfigError
 from lb.serve.admin import Reloader
-from lb.serve.app import ADMIN_APP, METRICS, PROXY, RELOAD, create_app
+from lb.serve.app import ADMIN_APP, GUARD, RELOAD, create_app
 from lb.serve.front import Front, FrontSite
 
 log = logging.getLogger("pdlb.server")
@@ -40,12 +40,15 @@ async def start_site(
         shutdown_timeout=config.server.drain_timeout_s if drain_s is None else drain_s,
         max_field_size=16384, max_line_size=16384,
         keepalive_timeout=config.server.client_idle_timeout_s,
+        # Request bodies stay as sent: the guard refuses a Content-Encoding (415) before
+        # anything is read, so nothing is ever decompressed (no decompression bombs).
+        auto_decompress=False,
     )
     await runner.setup()
     site: web.TCPSite
     if config.server.fast_front:
         assert runner.server is not None
-        front = Front(config, app[PROXY], app[METRICS], runner.server)
+        front = Front(config, app[GUARD], runner.server)
         site = FrontSite(runner, front, config.server.host, config.server.port, backlog=4096,
                          reuse_port=reuse_port or None,
                          drain_s=config.server.drain_timeout_s if drain_s is None else drain_s)
@@ -56,7 +59,7 @@ async def start_site(
     host, port = runner.addresses[0][:2]
     admin_app = app.get(ADMIN_APP)
     if admin_app is not None:
-        admin_runner = web.AppRunner(admin_app, access_log=None)
+        admin_runner = web.AppRunner(admin_app, access_log=None, auto_decompress=False)
         await admin_runner.setup()
         admin_site = web.TCPSite(admin_runner, config.admin.host or config.server.host,
                                  config.admin.port or 0)

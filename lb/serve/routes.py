@@ -1,0 +1,65 @@
+"""The one route table: every path pdlb serves, its method, and who may call it.
+
+Both fronts read it: aiohttp's app registers its handlers from :data:`ROUTES`
+(lb/serve/app.py), the fast front recognises the completion routes by
+:data:`COMPLETION_PATHS` (lb/serve/requesthead.py), and the guard (lb/serve/guard.py)
+decides access by :func:`access`. The completion paths themselves come from
+``lb.request.ENDPOINT_PATHS``, below the serve wing, because the proxy sends the same paths
+to the backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from lb.request import ENDPOINT_PATHS, Endpoint
+
+Access = Literal["key", "public", "admin"]
+"""``key``: a client API key when ``[auth] api_keys`` is set; ``public``: anyone (probes,
+Prometheus); ``admin``: the admin token, checked by the admin handlers themselves."""
+
+ADMIN_PREFIX = "/admin/"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    name: str
+    """The handler's name in lb/serve/app.py (the endpoint, for completion routes)."""
+    access: Access
+    endpoint: Endpoint | None = None
+    """For a completion route: the proxy's endpoint and the ``endpoint`` metric label."""
+
+
+ROUTES: tuple[Route, ...] = (
+    *(Route("POST", path, endpoint, "key", endpoint)
+      for endpoint, path in ENDPOINT_PATHS.items()),
+    Route("GET", "/v1/models", "models", "key"),
+    Route("GET", "/health", "health", "public"),
+    Route("GET", "/metrics", "metrics", "public"),
+    Route("POST", ADMIN_PREFIX + "reload", "admin_reload", "admin"),
+    Route("GET", ADMIN_PREFIX + "state", "admin_state", "admin"),
+)
+
+COMPLETION_PATHS: Mapping[str, Endpoint] = {
+    r.path: r.endpoint for r in ROUTES if r.endpoint is not None}
+"""Path → endpoint of the routes served by the proxy (``POST``)."""
+
+_ACCESS: Mapping[str, Access] = {r.path: r.access for r in ROUTES}
+
+
+def access(path: str) -> Access:
+    """Who may call ``path``. Unknown paths need a key (a client without one learns nothing,
+    not even that the path does not exist); unknown admin paths are the admin's 404."""
+    found = _ACCESS.get(path)
+    if found is not None:
+        return found
+    return "admin" if path.startswith(ADMIN_PREFIX) else "key"
+
+
+def named(*names: str) -> tuple[Route, ...]:
+    """The routes with these handler names, in table order."""
+    return tuple(r for r in ROUTES if r.name in names)
