@@ -57,7 +57,12 @@ def _from_git(path: str, name: str) -> types.ModuleType | None:
     module = types.ModuleType(name)
     module.__file__ = f"{HANDWRITTEN_REV}:{path}"
     sys.modules[name] = module  # (dataclasses and annotations look the module up)
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    try:
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+    except Exception as exc:  # what it imported has moved since: say so, go on
+        print(f"skipping hand-written {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        del sys.modules[name]
+        return None
     return module
 
 
