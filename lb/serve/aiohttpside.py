@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import HttpVersion11, web
-from aiohttp.http import HttpProcessingError
-from aiohttp.http_writer import StreamWriter
+from aiohttp.http import HttpProcessingError, StreamWriter
 
 from lb.errors import InvalidRequest, PayloadTooLarge
 from lb.serve.guard import ErrorAnswer, Guard, ServedClient

@@ -330,22 +330,36 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-class FrontSite(web.TCPSite):
-    """aiohttp's TCP site with the front in the accept path; draining joins the runner's."""
+class FrontSite(web.BaseSite):
+    """A site of aiohttp's runner whose listening socket accepts into the front; draining
+    joins the runner's.
+
+    Built on ``BaseSite`` as aiohttp's own ``TCPSite`` is: ``start()`` of the base registers
+    the site with the runner, and the subclass sets ``_server``, the one attribute the base
+    and the runner read back (to stop the site and for ``runner.addresses``) and that has no
+    public setter."""
 
     def __init__(self, runner: web.AppRunner, front: Front, host: str, port: int, *,
                  backlog: int, reuse_port: bool | None, drain_s: float) -> None:
-        super().__init__(runner, host, port, backlog=backlog, reuse_port=reuse_port)
+        super().__init__(runner, backlog=backlog)
         self.front = front
+        self.host = host
+        self.port = port
+        self.backlog = backlog
+        self.reuse_port = reuse_port
         self.drain_s = drain_s
 
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
     async def start(self) -> None:
-        self._runner._reg_site(self)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self.front.protocol, self._host, self._port, backlog=self._backlog,
-            reuse_port=self._reuse_port)
-        self._bound_port = self._server.sockets[0].getsockname()[1]
+        await super().start()
+        server = await asyncio.get_running_loop().create_server(
+            self.front.protocol, self.host, self.port, backlog=self.backlog,
+            reuse_port=self.reuse_port)
+        self._server = server
+        self.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         await super().stop()  # stop accepting

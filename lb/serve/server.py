@@ -45,7 +45,7 @@ async def start_site(
         auto_decompress=False,
     )
     await runner.setup()
-    site: web.TCPSite
+    site: web.BaseSite
     if config.server.fast_front:
         assert runner.server is not None
         front = Front(config, app[GUARD], runner.server)
