@@ -98,7 +98,8 @@ def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
         return SSERelay(prefill).feed(FINAL)
 
     out["chunk: relay.feed(final usage event + [DONE]) incl. rewrite"] = final
-    out["chunk: no relay, b'data: [DONE]' in chunk"] = lambda: b"data: [DONE]" in MIDDLE
+    plain = SSERelay(None)  # a decode-only stream: nothing to stitch, [DONE] still noticed
+    out["chunk: relay.feed(middle event), no prefill"] = lambda: plain.feed(MIDDLE)
 
     try:
         from aiohttp.http_writer import StreamWriter

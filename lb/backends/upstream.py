@@ -19,7 +19,6 @@ KV the prefill is holding for it.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -31,8 +30,6 @@ from lb.backends.http1 import FastClient, FastResponse, http_error
 from lb.backends.translate import translate, translate_errors
 from lb.config import TimeoutsConfig
 from lb.errors import BackendHTTPError, UpstreamError
-
-log = logging.getLogger("pdlb.upstream")
 
 
 class BodySource(Protocol):
