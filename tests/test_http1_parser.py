@@ -312,13 +312,17 @@ async def test_a_clean_answer_is_reused(raw_backend):
     assert backend.connections == 1
 
 
-async def test_pdlb_answers_502_invalid_backend_response(raw_backend, start_pdlb, loop_errors):
-    """Through pdlb, streamed and not: the client sees the backend's fault for what it is."""
+@pytest.mark.parametrize("fast", [True, False], ids=["pdlb-client", "aiohttp-client"])
+async def test_pdlb_answers_502_invalid_backend_response(raw_backend, start_pdlb, loop_errors,
+                                                        fast):
+    """Through pdlb, streamed and not, whichever backend client: the client sees the
+    backend's fault for what it is."""
     async with aiohttp.ClientSession() as session:
         for stream in (False, True):  # (one pdlb each: a failure may eject the backend)
             backend = await raw_backend(b"HTTP/1.1 1000 X\r\nContent-Length: 2\r\n\r\nok",
                                         close=False)
             config = make_config(["http://127.0.0.1:1"], [backend.url],
+                                 server={"port": 0, "fast_stream": fast},
                                  resilience={"direct_decode_below_tokens": 10**6})
             url, _ = await start_pdlb(config)
             async with session.post(url + "/v1/completions",

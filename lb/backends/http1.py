@@ -14,7 +14,7 @@ only once its response was read to the end with nothing after it; any other exit
 which is what makes vLLM abort the request and free its KV.
 
 Errors are lb.errors (this module does not import aiohttp), the same codes as
-:func:`lb.backends.upstream.translate_errors` gives aiohttp's: connect refused →
+:func:`lb.backends.translate.translate` gives aiohttp's: connect refused →
 ``backend_connect_error``; lost after the request was sent, or a body cut short →
 ``backend_connection_lost``; no head in time → ``backend_timeout``; bytes that are not an
 HTTP/1.1 response (a bad status line, a bad length or chunk size, a head or trailers over
@@ -120,8 +120,10 @@ class FastResponse:
         self._end_cb = on_end
         held, self._held = self._held, []
         for data in held:
+            if self._end_cb is None:
+                return  # closed from inside on_data: nothing more for this consumer
             on_data(data)
-        if self._ended:
+        if self._ended and self._end_cb is not None:
             on_end(self._error)
 
     async def read(self) -> bytes:
@@ -152,7 +154,9 @@ class FastResponse:
     def close(self) -> None:
         """Abandon the response: the connection is closed unless it was already released."""
         conn, self._conn = self._conn, None
-        self._ended = True  # the consumer left: no end callback
+        self._ended = True  # the consumer left: no end callback, no held piece
+        self._end_cb = self._data_cb = None
+        self._held = []
         if conn is not None and conn.response is self:
             conn.abort()
 

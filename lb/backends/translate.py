@@ -31,6 +31,12 @@ def translate(exc: BaseException, what: str) -> PdlbError:
         return BackendConnectError(
             f"{what}: connection lost ({type(exc).__name__})", code="backend_connection_lost"
         )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # pdlb neither follows redirects nor calls raise_for_status: this is aiohttp's
+        # response parser refusing the bytes (reported as a 400 it made up). The same code
+        # pdlb's own client gives a malformed answer.
+        return UpstreamError(f"{what}: the backend's answer is not valid HTTP/1.1 ({exc.message})",
+                             code="invalid_backend_response")
     if isinstance(exc, aiohttp.ClientError):
         return UpstreamError(f"{what}: {type(exc).__name__}: {exc}", code="backend_error")
     # Anything else that ends a body early (e.g. the HTTP/1.1 client's parser giving up)
