@@ -165,3 +165,24 @@ async def test_overload_answer_has_retry_after_on_both_fronts(pair, start_pdlb, 
     requests = app[METRICS].requests
     assert requests.labels(endpoint="completions", status="503").value == 1
     assert requests.labels(endpoint="completions", status="200").value == 1
+
+
+@FRONTS
+async def test_malformed_chunked_body_is_never_a_500(pair, start_pdlb, connect,
+                                                     fast_front) -> None:
+    """A chunked body whose framing breaks once the request is being read (aiohttp reads
+    it, on both fronts). aiohttp's pure-Python parser reports it and pdlb answers 400
+    ``invalid_body`` (it was a 500 ``internal_error``); its C parser (aiohttp 3.14) never
+    wakes the reader, and the body timeout answers 408. A JSON error either way."""
+    _, d, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du], server={
+        "port": 0, "fast_front": fast_front, "body_timeout_s": 0.5}))
+    c = await connect(url)
+    await c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n")
+    await asyncio.sleep(0.1)  # the handler is waiting for the rest of the body
+    await c.send(b"zz\r\n")
+    status, _, body = await c.response()
+    code = orjson.loads(body)["error"]["code"]
+    assert (status, code) in ((400, "invalid_body"), (408, "body_timeout")), body
+    assert not d.requests

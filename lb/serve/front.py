@@ -3,17 +3,20 @@
 Why: at one request at a time, aiohttp's server spends ~0.15-0.25 ms between the request's
 bytes arriving and pdlb's handler running (a task hop, a Request object, routing,
 middlewares) and more writing the answer's head — a third of what pdlb adds to TTFT. This
-front parses the head of an ordinary request itself and runs the proxy directly.
+front parses the head of an ordinary request itself and runs the guard (lb/serve/guard.py:
+access, checks, errors, counting — the same object aiohttp's handlers run) and the proxy
+in one task.
 
 Only the common case is served here: ``POST /v1/completions`` or ``/v1/chat/completions``,
-HTTP/1.1, a whole head in the first read, a ``Content-Length`` body within
-``max_body_bytes``. Anything else — other routes, HTTP/1.0, chunked bodies, ``Expect``,
-``Upgrade``, odd or oversized heads — hands the connection to aiohttp, with the bytes read so
-far, for good (:meth:`FrontProtocol._hand_off`); its answers (404, 405, 413, 400...) are the
-app's usual ones. Keep-alive, pipelining (answers in order), the client's ``Connection:
-close``, a slow body (408 after ``body_timeout_s``), idle connections (closed after
-``client_idle_timeout_s``), a client leaving mid-request (the request is cancelled, so both
-legs are aborted) and draining on shutdown behave as on aiohttp.
+HTTP/1.1, a whole head in one read, a ``Content-Length`` body within ``max_body_bytes``.
+Anything else — other routes, HTTP/1.0, chunked bodies, ``Expect``, ``Upgrade``, odd,
+split or oversized heads — hands the connection to aiohttp, with the bytes read so far, for
+good (lb/serve/handoff.py); its answers (404, 405, 413, 400...) are the app's usual ones.
+Keep-alive, pipelining (answers in order, with backpressure: see :class:`FrontProtocol`),
+the client's ``Connection: close``, a slow body (408 after ``body_timeout_s``), idle
+connections (closed after ``client_idle_timeout_s``, across a hand-off too), a client
+leaving mid-request (the request is cancelled, so both legs are aborted) and draining on
+shutdown behave as on aiohttp; tests/test_front_differential.py holds the two to it.
 
 ``[server] fast_front = false`` serves everything through aiohttp. The head parser is
 lb/serve/requesthead.py; answers are written by lb/serve/rawside.py.
