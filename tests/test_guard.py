@@ -10,12 +10,16 @@ import asyncio
 import gzip
 import zlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 
+from lb.errors import Overloaded, PayloadTooLarge, PdlbError
+from lb.metrics import Metrics
 from lb.request import ENDPOINT_PATHS
 from lb.serve.app import METRICS, create_app
+from lb.serve.guard import Guard, error_answer
 from lb.serve.requesthead import ROUTES as FRONT_ROUTES
 from lb.serve.routes import COMPLETION_PATHS, ROUTES, access
 from tests.conftest import make_config
@@ -186,3 +190,62 @@ async def test_malformed_chunked_body_is_never_a_500(pair, start_pdlb, connect,
     code = orjson.loads(body)["error"]["code"]
     assert (status, code) in ((400, "invalid_body"), (408, "body_timeout")), body
     assert not d.requests
+
+
+# ------------------------------------------------------------------ the guard alone
+def _guard(**auth: Any) -> Guard:
+    config = make_config(["http://127.0.0.1:1"], ["http://127.0.0.1:2"], auth=auth)
+    return Guard(config, None, Metrics())  # type: ignore[arg-type]  # no request runs
+
+
+@pytest.mark.parametrize("headers,expected", [
+    ({}, None),
+    ({"content-type": "application/json"}, None),
+    ({"content-type": "Application/JSON; charset=utf-8"}, None),
+    ({"content-type": ""}, None),
+    ({"content-type": "application/octet-stream"}, None),
+    ({"content-type": "text/plain"}, "unsupported_media_type"),
+    ({"content-type": "multipart/form-data; boundary=x"}, "unsupported_media_type"),
+    ({"content-encoding": "identity"}, None),
+    ({"content-encoding": " IDENTITY "}, None),
+    ({"content-encoding": "gzip"}, "unsupported_content_encoding"),
+    ({"content-encoding": "identity, gzip"}, "unsupported_content_encoding"),
+    ({"content-type": "text/plain", "content-encoding": "gzip"}, "unsupported_media_type"),
+])
+def test_check_completion(headers: dict[str, str], expected: str | None) -> None:
+    guard = _guard()
+    if expected is None:
+        guard.check_completion(headers)
+        return
+    with pytest.raises(PdlbError) as caught:
+        guard.check_completion(headers)
+    assert caught.value.status == 415 and caught.value.code == expected
+
+
+def test_keys_are_checked_before_anything_else() -> None:
+    guard = _guard(api_keys=["k1", "k2"])
+    guard.check_completion({"authorization": "Bearer k2"})
+    for authorization in (None, "", "Bearer", "Bearer k3", "Basic k1", "k1"):
+        headers = {"content-type": "text/plain"}
+        if authorization is not None:
+            headers["authorization"] = authorization
+        with pytest.raises(PdlbError) as caught:
+            guard.check_completion(headers)
+        assert caught.value.status == 401, authorization
+    guard.check_access("/health", None)
+    guard.check_access("/admin/reload", None)  # the admin token is the handler's
+    with pytest.raises(PdlbError):
+        guard.check_access("/v1/models", "Bearer nope")
+
+
+def test_error_answers() -> None:
+    """Status, body and headers come from the error; 408 and 413 close the connection."""
+    overloaded = Overloaded("busy", stage="decode", reason="queue_full", status=429,
+                            retry_after_s=2.4)
+    answer = error_answer(overloaded)
+    assert answer.status == 429 and not answer.close
+    assert answer.headers["Retry-After"] == "2"
+    assert orjson.loads(answer.body)["error"]["code"] == "queue_full"
+    assert error_answer(_guard().body_timeout()).close
+    assert error_answer(PayloadTooLarge("big")).close
+    assert not error_answer(PdlbError("x", status=400)).close
