@@ -6,7 +6,9 @@
 * ``tiny_model``: ``<repo>/.cache/tiny-llama``, built by scripts/make_tiny_model.py under
   the vLLM venv's python when missing (~5 s).
 * ``vllm_pair``: ONE real prefill + decode pair (NixlConnector, CPU) per test module, on free
-  loopback ports, through :class:`lb.tools.launch_vllm.VllmPool`.
+  loopback ports, through :class:`lb.tools.launch_vllm.VllmPool`. Its context is
+  ``max_model_len`` (16384) tokens, past the tiny model's 2048 positions (``--hf-overrides``),
+  so one answer can keep the decode busy for tens of seconds.
 * ``pdlb_url``: pdlb itself as a real subprocess (``python -m lb.cli serve``) in front of
   that pair.
 
@@ -16,6 +18,7 @@ terminal at the end of the session, so CI logs show how long the vLLM part took.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -30,6 +33,7 @@ from lb.tools.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backen
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny"
+MAX_MODEL_LEN = 16384
 ENV_STAMP = ".pdlb-vllm-env-complete"
 
 _timings: list[str] = []
@@ -53,6 +57,12 @@ def vllm_timings() -> list[str]:
 def served_model() -> str:
     """The model name the pair serves (vLLM's --served-model-name)."""
     return MODEL_NAME
+
+
+@pytest.fixture(scope="session")
+def max_model_len() -> int:
+    """The pair's --max-model-len: prompt plus answer, in tokens."""
+    return MAX_MODEL_LEN
 
 
 def _unavailable(reason: str) -> None:
@@ -102,7 +112,11 @@ def vllm_pair(vllm_env: Path, tiny_model: Path, tmp_path_factory) -> Iterator[Vl
         base_port=0,
         side_channel_port=0,
         served_model_name=MODEL_NAME,
-        max_model_len=2048,
+        max_model_len=MAX_MODEL_LEN,
+        # The tiny model has 2048 positions; its RoPE extrapolates (to more gibberish), and a
+        # long answer lets a test disconnect while the decode is surely still generating.
+        extra_vllm_args=("--hf-overrides",
+                         json.dumps({"max_position_embeddings": MAX_MODEL_LEN})),
         run_dir=tmp_path_factory.mktemp("vllm-run"),
         startup_timeout_s=300.0,
         stop_timeout_s=20.0,
