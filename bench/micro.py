@@ -76,8 +76,7 @@ class _NullTransport:
 
 
 def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
-    from lb.backends.pool import Backend
-    from lb.connectors.base import PrefillResult
+    from lb.connectors.base import BackendRef, PrefillResult, RequestView
     from lb.connectors.nixl import NixlConnector
     from lb.prefix import prefix_hashes
     from lb.request import dumps, parse_request
@@ -163,13 +162,15 @@ def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
         lambda: loop.run_until_complete(tokenizer.count("completions", request.body)))
     out["request: prefix_hashes (130 tok)"] = lambda: prefix_hashes("completions", request.body)
     connector = NixlConnector({})
-    pb = Backend("http://10.0.0.1:8100", 0, "prefill", None)
-    db = Backend("http://10.0.0.2:8200", 0, "decode", None)
-    dispatch = connector.new_dispatch(request, pb, db)
+    pb = BackendRef.of("http://10.0.0.1:8100")
+    db = BackendRef.of("http://10.0.0.2:8200")
+    view = RequestView(body=request.body, request_id=request.request_id,
+                       endpoint=request.endpoint, path=request.path, stream=request.stream)
+    dispatch = connector.new_dispatch(view, pb, db)
     out["request: prefill body (nixl) + orjson.dumps"] = lambda: dumps(
-        connector.prefill_body(request, dispatch))
+        connector.prefill_body(view, dispatch))
     out["request: decode body (nixl) + orjson.dumps"] = lambda: dumps(
-        connector.decode_body(request, dispatch, prefill))
+        connector.decode_body(view, dispatch, prefill))
     decode_usage = {"prompt_tokens": 170, "completion_tokens": 64, "total_tokens": 234,
                     "prompt_tokens_details": {"cached_tokens": 170}}
     out["request: stitch_usage"] = lambda: stitch_usage(decode_usage, prefill)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from urllib.parse import urlsplit
 
 from lb.config import PoolConfig
 from lb.errors import BackendUnavailable
@@ -21,14 +20,12 @@ from lb.metrics import Metrics
 from policies.base import Policy, PolicyHooks, RouteRequest, ScrapedLoad
 from policies.choose import NoCandidate, NotACandidate, choose
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""})
-
 
 class Backend:
     """One vLLM server in a pool. Mutable state lives here; policies see it read-only."""
 
     __slots__ = (
-        "consecutive_failures", "consecutive_successes", "healthy", "host", "index",
+        "consecutive_failures", "consecutive_successes", "healthy", "index",
         "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "models",
         "pool_name", "tokens_since_scrape", "url",
     )
@@ -37,7 +34,6 @@ class Backend:
         self.url = url
         self.index = index
         self.pool_name = pool_name
-        self.host = urlsplit(url).hostname or ""
         self.max_inflight_tokens = max_inflight_tokens
         self.healthy = True
         self.inflight_requests = 0
@@ -48,10 +44,6 @@ class Backend:
         """The model ids it serves (from /v1/models once healthy); None until known."""
         self.consecutive_failures = 0
         self.consecutive_successes = 0
-
-    @property
-    def is_loopback(self) -> bool:
-        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
 
     def usable(self) -> bool:
         if not self.healthy:
