@@ -77,7 +77,7 @@ CATEGORIES = [
     ("the front: request heads and answers on the wire (lb/serve/requesthead.py,"
      " lb/serve/rawside.py, FrontProtocol)",
      ("lb/serve/requesthead.py", "lb/serve/rawside.py", "FrontProtocol.data_received",
-      "FrontProtocol._next", "FrontProtocol._check")),
+      "FrontProtocol._next", "lb/serve/guard.py")),
     ("health checks and /metrics scrapes (lb/backends/health.py, lb/backends/scrape.py)",
      ("lb/backends/health.py", "lb/backends/scrape.py")),
     ("other pdlb code (lb/, policies/)", ("lb/", "policies/")),

@@ -1,8 +1,8 @@
 """One request's journey: parse → count → admit → prefill leg → decode leg → relay.
 
 This is the only module that sequences the stages; each stage is a call into its own module
-(request, tokens, admission, pool + policies, connectors, upstream, answer), so the whole
-path reads top to bottom in :meth:`Proxy.handle`.
+(request, tokens, admission, pool + policies, connectors, and lb/legs.py for one attempt of
+one leg on one backend), so the whole path reads top to bottom in :meth:`Proxy.handle`.
 
 Accounting invariants: the admission ticket and every backend lease are context managers,
 so tokens and requests are refunded on every exit path — success, backend error, timeout,
@@ -32,14 +32,7 @@ from lb.backends.health import HealthChecker
 from lb.backends.pool import Backend, Pool
 from lb.backends.upstream import Upstream
 from lb.config import Config
-from lb.connectors.base import (
-    BackendRef,
-    Connector,
-    Dispatch,
-    HandshakeMode,
-    PrefillResult,
-    RequestView,
-)
+from lb.connectors.base import Connector, Dispatch, HandshakeMode, PrefillResult, RequestView
 from lb.errors import (
     BackendConnectError,
     BackendUnavailable,
@@ -47,26 +40,20 @@ from lb.errors import (
     Overloaded,
     PdlbError,
     PrefillFailed,
-    UpstreamError,
 )
+from lb.legs import Legs, RedoPrefill, cause, for_leg, view
 from lb.metrics import Metrics
 from lb.prefix import prefix_hashes
 from lb.request import Endpoint, ProxyRequest, dumps, parse_request
-from lb.stream.answer import Answer, PendingPrefill
+from lb.stream.answer import PendingPrefill
 from lb.stream.port import ClientSide
 from lb.tokens import PromptTokenizer
 from policies.base import Leg, RouteRequest
 
 log = logging.getLogger("pdlb.proxy")
 
-# Client headers a backend may need; everything else (cookies, hop-by-hop, host) stays here.
-FORWARDED_HEADERS = ("x-data-parallel-rank", "traceparent", "tracestate")
 # Tokens budgeted for a request that names no max_tokens (vLLM would allow up to the context).
 DEFAULT_ASSUMED_MAX_TOKENS = 1024
-
-
-class _RedoPrefill(Exception):
-    """The decode leg failed in a way that may have consumed the prefill's KV."""
 
 
 class Proxy:
@@ -93,8 +80,7 @@ class Proxy:
         self.timeouts = config.server.timeouts
         self.resilience = config.resilience
         self.active_requests = 0
-        self._refs: dict[str, BackendRef] = {}
-        self.answer = Answer(config, upstream, metrics)
+        self.legs = Legs(config, pools, upstream, connector, metrics, health)
         self._e2e = {e: metrics.e2e.labels(endpoint=e) for e in ("completions", "chat")}
         self._direct = metrics.direct_decode
 
@@ -115,7 +101,7 @@ class Proxy:
     async def _handle(self, client: ClientSide, endpoint: Endpoint) -> None:
         started = time.monotonic()
         deadline = started + self.resilience.retry_budget_s
-        raw = await self._read_body(client)
+        raw = client.whole_body if client.whole_body is not None else await client.body()
         headers = client.headers
         request = parse_request(raw, endpoint, headers)
         self._check_max_tokens(request)
@@ -181,14 +167,14 @@ class Proxy:
         fresh prefill first (the KV may have been consumed)."""
         tried: list[Backend] = []
         handoff: tuple[PrefillResult, Dispatch] | None = None
-        view = _view(request)
+        request_view = view(request)
         decode_first = self.connector.mode is HandshakeMode.DECODE_FIRST
         attempts = self.resilience.decode_attempts
         for attempt in range(1, attempts + 1):
-            decode_backend = (self._pick(self.decode_pool, _for_leg(route, "decode"), tried)
+            decode_backend = (self._pick(self.decode_pool, for_leg(route, "decode"), tried)
                               if decode_first else None)
             if handoff is None:
-                handoff = await self._prefill(view, route, client.headers, deadline,
+                handoff = await self._prefill(request_view, route, client.headers, deadline,
                                               decode_backend)
                 ticket.release("prefill")
                 if handoff is None:  # prefill pool down and decode_only fallback allowed
@@ -196,20 +182,17 @@ class Proxy:
                     return await self._decode_only(client, request, route, started, deadline)
                 route = self._corrected(route, handoff[0], ticket)
             prefill, dispatch = handoff
-            decode_route = _for_leg(route, "decode")
+            decode_route = for_leg(route, "decode")
             backend = decode_backend or self._pick(self.decode_pool, decode_route, tried)
             tried.append(backend)
-            body = dumps(self.connector.decode_body(view, dispatch, prefill))
-            headers = self._leg_headers(self.decode_pool, client.headers, dispatch.request_id,
+            body = dumps(self.connector.decode_body(request_view, dispatch, prefill))
+            headers = self.legs.headers(self.decode_pool, client.headers, dispatch.request_id,
                                         dispatch.decode_headers)
             try:
-                return await self._decode_once(client, request, decode_route, backend, body,
-                                               headers, prefill, started)
-            except (BackendConnectError, _RedoPrefill) as exc:
-                error = _cause(exc)
-                if attempt == attempts or time.monotonic() > deadline:
-                    raise error from None
-                self.metrics.retries.labels(leg="decode", reason=error.code or "error").inc()
+                return await self.legs.decode(client, request, decode_route, backend, body,
+                                              headers, prefill, started)
+            except (BackendConnectError, RedoPrefill) as exc:
+                error = self._retry_or_raise(exc, attempt, attempts, deadline, "decode")
                 never_reached = error.code == "backend_connect_error"
                 if not (never_reached
                         and self.connector.mode is HandshakeMode.SEQUENTIAL_REUSABLE):
@@ -224,26 +207,26 @@ class Proxy:
         other and the pair is retried with a fresh dispatch; the client leaving cancels both."""
         prefill_tried: list[Backend] = []
         decode_tried: list[Backend] = []
-        decode_route = _for_leg(route, "decode")
-        view = _view(request)
+        decode_route = for_leg(route, "decode")
+        request_view = view(request)
         attempts = max(self.resilience.prefill_attempts, self.resilience.decode_attempts)
         for attempt in range(1, attempts + 1):
             prefill_backend = self._pick(self.prefill_pool, route, prefill_tried)
             decode_backend = self._pick(self.decode_pool, decode_route, decode_tried)
             prefill_tried.append(prefill_backend)
             decode_tried.append(decode_backend)
-            dispatch = self.connector.new_dispatch(view, self._ref(prefill_backend),
-                                                   self._ref(decode_backend))
-            prefill_task = asyncio.create_task(self._prefill_once(
-                view, route, prefill_backend, dispatch,
-                self._leg_headers(self.prefill_pool, client.headers, dispatch.request_id,
+            dispatch = self.connector.new_dispatch(request_view, self.legs.ref(prefill_backend),
+                                                   self.legs.ref(decode_backend))
+            prefill_task = asyncio.create_task(self.legs.prefill(
+                request_view, route, prefill_backend, dispatch,
+                self.legs.headers(self.prefill_pool, client.headers, dispatch.request_id,
                                   dispatch.prefill_headers)))
             prefill_task.add_done_callback(lambda _: ticket.release("prefill"))
             pending = PendingPrefill(prefill_task, self.timeouts.prefill_s)
-            body = dumps(self.connector.decode_body(view, dispatch, None))
-            headers = self._leg_headers(self.decode_pool, client.headers, dispatch.request_id,
+            body = dumps(self.connector.decode_body(request_view, dispatch, None))
+            headers = self.legs.headers(self.decode_pool, client.headers, dispatch.request_id,
                                         dispatch.decode_headers)
-            decode_task = asyncio.create_task(self._decode_once(
+            decode_task = asyncio.create_task(self.legs.decode(
                 client, request, decode_route, decode_backend, body, headers, None, started,
                 pending))
             try:
@@ -254,12 +237,9 @@ class Proxy:
                 if not pending.responding.is_set():
                     prefill_task.result()  # a failed prefill abandons the silent decode
                 return await decode_task
-            except (PrefillFailed, BackendConnectError, _RedoPrefill) as exc:
-                error = _cause(exc)
-                if attempt == attempts or time.monotonic() > deadline:
-                    raise error from None
-                leg = "prefill" if isinstance(error, PrefillFailed) else "decode"
-                self.metrics.retries.labels(leg=leg, reason=error.code or "error").inc()
+            except (PrefillFailed, BackendConnectError, RedoPrefill) as exc:
+                leg: Leg = "prefill" if isinstance(exc, PrefillFailed) else "decode"
+                self._retry_or_raise(exc, attempt, attempts, deadline, leg)
             finally:
                 for task in (decode_task, prefill_task):
                     if not task.done():
@@ -275,20 +255,17 @@ class Proxy:
         """No prefill hop: the decode backend computes the prompt itself."""
         tried: list[Backend] = []
         body = dumps(request.body)
-        headers = self._leg_headers(self.decode_pool, client.headers, request.request_id)
-        decode_route = _for_leg(route, "decode")
+        headers = self.legs.headers(self.decode_pool, client.headers, request.request_id)
+        decode_route = for_leg(route, "decode")
         attempts = self.resilience.decode_attempts
         for attempt in range(1, attempts + 1):
             backend = self._pick(self.decode_pool, decode_route, tried)
             tried.append(backend)
             try:
-                return await self._decode_once(client, request, decode_route, backend, body,
-                                               headers, None, started)
-            except (BackendConnectError, _RedoPrefill) as exc:
-                error = _cause(exc)
-                if attempt == attempts or time.monotonic() > deadline:
-                    raise error from None
-                self.metrics.retries.labels(leg="decode", reason=error.code or "error").inc()
+                return await self.legs.decode(client, request, decode_route, backend, body,
+                                              headers, None, started)
+            except (BackendConnectError, RedoPrefill) as exc:
+                self._retry_or_raise(exc, attempt, attempts, deadline, "decode")
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _corrected(self, route: RouteRequest, prefill: PrefillResult, ticket: Ticket
@@ -300,9 +277,9 @@ class Proxy:
         ticket.resize("decode", real + route.max_tokens)
         return dataclasses.replace(route, prompt_tokens=real)
 
-    # ----------------------------------------------------------------- prefill leg
+    # ----------------------------------------------------------------- prefill retries
     async def _prefill(
-        self, view: RequestView, route: RouteRequest, client_headers: Mapping[str, str],
+        self, request_view: RequestView, route: RouteRequest, client_headers: Mapping[str, str],
         deadline: float, decode_backend: Backend | None,
     ) -> tuple[PrefillResult, Dispatch] | None:
         """The prefill leg with retries on other backends; None = skip to decode-only."""
@@ -316,98 +293,21 @@ class Proxy:
                 raise
             tried.append(backend)
             dispatch = self.connector.new_dispatch(
-                view, self._ref(backend),
-                None if decode_backend is None else self._ref(decode_backend))
-            headers = self._leg_headers(self.prefill_pool, client_headers, dispatch.request_id,
+                request_view, self.legs.ref(backend),
+                None if decode_backend is None else self.legs.ref(decode_backend))
+            headers = self.legs.headers(self.prefill_pool, client_headers, dispatch.request_id,
                                         dispatch.prefill_headers)
             try:
-                result = await self._prefill_once(view, route, backend, dispatch, headers)
+                result = await self.legs.prefill(request_view, route, backend, dispatch, headers)
                 return result, dispatch
             except PrefillFailed as exc:
-                if attempt == self.resilience.prefill_attempts or time.monotonic() > deadline:
-                    raise
-                self.metrics.retries.labels(leg="prefill", reason=exc.reason).inc()
-                log.info("request %s: prefill on %s failed (%s); retrying", view.request_id,
-                         backend.url, exc.reason)
+                self._retry_or_raise(exc, attempt, self.resilience.prefill_attempts, deadline,
+                                     "prefill")
+                log.info("request %s: prefill on %s failed (%s); retrying",
+                         request_view.request_id, backend.url, exc.reason)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _prefill_once(
-        self, view: RequestView, route: RouteRequest, backend: Backend, dispatch: Dispatch,
-        headers: Mapping[str, str],
-    ) -> PrefillResult:
-        body = dumps(self.connector.prefill_body(view, dispatch))
-        with self.prefill_pool.lease(backend, route.prompt_tokens) as lease:
-            ok = False
-            try:
-                response = await self.upstream.post_json(
-                    backend.url + view.path, body, headers,
-                    timeout_s=self.timeouts.prefill_s, what=f"prefill {backend.url}",
-                )
-                self.health.report_success(backend)
-                result = self.connector.accept_prefill(response, dispatch)
-                ok = True
-            except PrefillFailed as exc:
-                self.metrics.prefill_failures.labels(reason=exc.reason).inc()
-                raise
-            except UpstreamError as exc:
-                if exc.status < 500 and exc.status != 429:
-                    raise  # the backend judged the request itself: pass its 4xx through
-                reason = exc.code or "backend_error"
-                self.metrics.prefill_failures.labels(reason=reason).inc()
-                self._backend_failed(backend, "prefill")
-                raise PrefillFailed(f"prefill failed: {exc.message}", reason=reason) from exc
-            finally:
-                duration = time.monotonic() - lease.started
-                self.metrics.prefill.observe(duration)
-                self.prefill_pool.finished(route, backend, ok, duration)
-        return result
-
-    # ----------------------------------------------------------------- decode leg
-    async def _decode_once(
-        self, client: ClientSide, request: ProxyRequest, route: RouteRequest, backend: Backend,
-        body: bytes, headers: Mapping[str, str], prefill: PrefillResult | None, started: float,
-        pending: PendingPrefill | None = None,
-    ) -> None:
-        """One decode attempt. ``pending`` (concurrent connectors) is the prefill still in
-        flight: its usage is awaited only when the final usage event needs it."""
-        url = backend.url + request.path
-        with self.decode_pool.lease(backend, route.prompt_tokens + route.max_tokens) as lease:
-            ok = False
-            try:
-                if request.stream:
-                    await self.answer.stream(
-                        client, request, url, body, headers, prefill, started, pending
-                    )
-                else:
-                    await self.answer.json(
-                        client, request, url, body, headers, prefill, started, pending
-                    )
-                ok = True
-                self.health.report_success(backend)
-            except UpstreamError as exc:
-                self.metrics.upstream_errors.labels(
-                    pool="decode", backend=backend.url, kind=exc.code or "error").inc()
-                if exc.status >= 500 or isinstance(exc, BackendConnectError):
-                    self._backend_failed(backend, "decode")
-                if _may_have_consumed_kv(exc):
-                    raise _RedoPrefill() from exc
-                raise
-            finally:
-                self.decode_pool.finished(route, backend, ok, time.monotonic() - lease.started)
-
     # ----------------------------------------------------------------- helpers
-    async def _read_body(self, client: ClientSide) -> bytes:
-        if client.whole_body is not None:  # read with the head: no timer needed
-            return client.whole_body
-        try:
-            async with asyncio.timeout(self.config.server.body_timeout_s):
-                return await client.body()
-        except TimeoutError:
-            raise InvalidRequest(
-                f"request body not received within {self.config.server.body_timeout_s:g} s",
-                status=408, code="body_timeout",
-            ) from None
-
     def _check_max_tokens(self, request: ProxyRequest) -> None:
         limit = self.config.server.max_tokens_limit
         if limit is not None and request.max_tokens is not None and request.max_tokens > limit:
@@ -432,56 +332,13 @@ class Proxy:
         return (self.prefill_pool.policy.wants_prefix_hashes
                 or self.decode_pool.policy.wants_prefix_hashes)
 
-    def _ref(self, backend: Backend) -> BackendRef:
-        """The connectors' view of a backend (one per URL, built once)."""
-        ref = self._refs.get(backend.url)
-        if ref is None:
-            ref = self._refs[backend.url] = BackendRef.of(backend.url)
-        return ref
-
-    def _leg_headers(
-        self, pool: Pool, client: Mapping[str, str], request_id: str,
-        extra: Mapping[str, str] | None = None,
-    ) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-        for name in FORWARDED_HEADERS:
-            value = client.get(name)
-            if value is not None:
-                headers[name] = value
-        for name, value in (extra or {}).items():  # the connector's, over same-named ones
-            for old in [k for k in headers if k.lower() == name.lower()]:
-                del headers[old]
-            headers[name] = value
-        if self.config.auth.forward_client_authorization and "authorization" in client:
-            headers["Authorization"] = client["authorization"]
-        elif pool.config.api_key:
-            headers["Authorization"] = f"Bearer {pool.config.api_key}"
-        return headers
-
-    def _backend_failed(self, backend: Backend, leg: str) -> None:
-        self.health.report_failure(backend)
-
-
-def _view(request: ProxyRequest) -> RequestView:
-    """The connectors' view of a client request."""
-    return RequestView(body=request.body, request_id=request.request_id,
-                       endpoint=request.endpoint, path=request.path, stream=request.stream)
-
-
-def _for_leg(route: RouteRequest, leg: Leg) -> RouteRequest:
-    return route if route.leg == leg else dataclasses.replace(route, leg=leg)
-
-
-def _cause(exc: BaseException) -> PdlbError:
-    """The PdlbError behind a retry signal."""
-    error = exc.__cause__ if isinstance(exc, _RedoPrefill) else exc
-    if not isinstance(error, PdlbError):
-        raise TypeError(f"unexpected {type(error).__name__}") from exc
-    return error
-
-
-def _may_have_consumed_kv(exc: UpstreamError) -> bool:
-    """A decode 5xx (not a timeout, not unreachable): the backend had the request and may
-    have pulled the prefill's KV, so a retry needs a fresh prefill."""
-    return (exc.status >= 500 and exc.status != 504
-            and not isinstance(exc, BackendConnectError | BackendUnavailable))
+    def _retry_or_raise(self, exc: BaseException, attempt: int, attempts: int,
+                        deadline: float, leg: Leg) -> PdlbError:
+        """The error behind a failed attempt, counted as a retry when another attempt may
+        start (raised when none may: the last attempt, or past the retry budget)."""
+        error = cause(exc)
+        if attempt == attempts or time.monotonic() > deadline:
+            raise error from None
+        reason = error.reason if isinstance(error, PrefillFailed) else error.code or "error"
+        self.metrics.retries.labels(leg=leg, reason=reason).inc()
+        return error

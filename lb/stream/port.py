@@ -36,7 +36,8 @@ class ClientSide(ABC):
 
     @abstractmethod
     async def body(self) -> bytes:
-        """The whole request body (the caller bounds the wait)."""
+        """The whole request body; a body slower than ``body_timeout_s`` raises the guard's
+        408, one over ``max_body_bytes`` its 413."""
 
     @abstractmethod
     async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
