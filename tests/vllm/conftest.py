@@ -7,7 +7,7 @@
   the vLLM venv's python when missing (~5 s).
 * ``vllm_pair``: ONE real prefill + decode pair (NixlConnector, CPU) per test module, on free
   loopback ports, through :class:`lb.tools.launch_vllm.VllmPool`. Its context is
-  ``max_model_len`` (16384) tokens, past the tiny model's 2048 positions (``--hf-overrides``),
+  ``max_model_len`` (32768) tokens, past the tiny model's 2048 positions (``--hf-overrides``),
   so one answer can keep the decode busy for tens of seconds.
 * ``pdlb_url``: pdlb itself as a real subprocess (``python -m lb.cli serve``) in front of
   that pair.
@@ -33,7 +33,7 @@ from lb.tools.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backen
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny"
-MAX_MODEL_LEN = 16384
+MAX_MODEL_LEN = 32768
 ENV_STAMP = ".pdlb-vllm-env-complete"
 
 _timings: list[str] = []
