@@ -6,6 +6,7 @@
     pdlb emulate --role prefill|decode|both  a vLLM emulator
     pdlb loadgen ...                         the load generator
     pdlb launch-vllm ...                     start local vLLM prefill/decode pools
+    pdlb --version                           the installed version
 
 Subcommands other than ``serve`` are imported lazily so ``pdlb serve`` starts fast.
 """
@@ -113,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2
+    if args[0] in ("--version", "-V"):
+        from lb.metrics import pdlb_version
+
+        print(f"pdlb {pdlb_version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "serve":
         return serve_main(rest)

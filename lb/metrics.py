@@ -12,13 +12,22 @@ The per-request observations use label children bound once.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
+import resource
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (
@@ -137,10 +146,80 @@ class Histogram(_Family[HistogramChild]):
         yield family
 
 
+def pdlb_version() -> str:
+    """pdlb's version, from its installed package metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pdlb")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+        return "unknown"
+
+
+class BuildInfo:
+    """``pdlb_build_info{version,python} 1``: which pdlb (and Python) a scrape came from."""
+
+    def __init__(self, *, registry: CollectorRegistry) -> None:
+        self._labels = [pdlb_version(), platform.python_version()]
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("pdlb_build_info", "pdlb's version and Python's, as labels;"
+                                   " always 1.", labels=["version", "python"])
+        family.add_metric(self._labels, 1.0)
+        yield family
+
+
+def _start_time() -> float:
+    """The process's start (Unix time): from /proc where there is one, else now."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+class ProcessMetrics:
+    """The standard ``process_*`` series (as prometheus_client's ProcessCollector names
+    them: dashboards expect these names), read only when /metrics is scraped."""
+
+    def __init__(self, *, registry: CollectorRegistry) -> None:
+        self._start = _start_time()
+        self._page = resource.getpagesize()
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        yield CounterMetricFamily("process_cpu_seconds", "CPU time (user + system) used by"
+                                  " this process.", value=usage.ru_utime + usage.ru_stime)
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                rss = float(int(f.read().split()[1]) * self._page)
+        except (OSError, ValueError, IndexError):
+            rss = usage.ru_maxrss * 1024.0  # the peak, where /proc is missing
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size.",
+                                value=rss)
+        try:
+            fds = float(len(os.listdir("/proc/self/fd")))
+        except OSError:
+            fds = float("nan")
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors.", value=fds)
+        yield GaugeMetricFamily("process_max_fds", "Most file descriptors the process may"
+                                " open.", value=float(resource.getrlimit(
+                                    resource.RLIMIT_NOFILE)[0]))
+        yield GaugeMetricFamily("process_start_time_seconds", "When the process started"
+                                " (Unix time).", value=self._start)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
+        BuildInfo(registry=r)
+        ProcessMetrics(registry=r)
         self.requests = Counter(
             "pdlb_requests", "Client requests finished, by endpoint and HTTP status.",
             ["endpoint", "status"], registry=r,

@@ -46,6 +46,8 @@ MODELS_CACHE = web.AppKey("models_cache", list)
 GUARD = web.AppKey("guard", Guard)
 RELOAD: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("reload")
 ADMIN_APP = web.AppKey("admin_app", web.Application)
+DRAINING = web.AppKey("draining", asyncio.Event)
+"""Set when pdlb stops taking new work (SIGTERM/SIGINT): /health/ready answers 503."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -104,9 +106,8 @@ def _completion_handler(endpoint: Endpoint) -> Handler:
     return handle
 
 
-async def health(request: web.Request) -> web.Response:
-    """200 when each pool has a usable backend; 503 naming the pools that have none."""
-    pools: dict[str, Pool] = request.app[POOLS]
+def _pool_status(pools: dict[str, Pool]) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Usable and listed backends per pool, and the pools without a usable one."""
     status = {
         name: {
             "usable_backends": sum(1 for b in pool.backends if b.healthy),
@@ -114,12 +115,36 @@ async def health(request: web.Request) -> web.Response:
         }
         for name, pool in pools.items()
     }
-    down = [name for name, s in status.items() if s["usable_backends"] == 0]
+    return status, [name for name, s in status.items() if s["usable_backends"] == 0]
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when each pool has a usable backend; 503 naming the pools that have none."""
+    status, down = _pool_status(request.app[POOLS])
     if down:
         return _json(503, {"status": "unavailable",
                            "reason": f"no usable backend in pool(s): {', '.join(down)}",
                            "pools": status})
     return _json(200, {"status": "ok", "pools": status})
+
+
+async def health_live(request: web.Request) -> web.Response:
+    """Liveness: 200 whenever the event loop runs this handler (backends do not matter:
+    restarting pdlb would not bring them back)."""
+    return _json(200, {"status": "live"})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when each pool has a usable backend and pdlb is not draining; else
+    503 with the reason."""
+    if request.app[DRAINING].is_set():
+        return _json(503, {"status": "not_ready", "reason": "draining: pdlb is shutting down"})
+    status, down = _pool_status(request.app[POOLS])
+    if down:
+        return _json(503, {"status": "not_ready",
+                           "reason": f"no usable backend in pool(s): {', '.join(down)}",
+                           "pools": status})
+    return _json(200, {"status": "ready", "pools": status})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -207,6 +232,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     app[PROXY] = proxy
     app[HEALTH] = checker
     app[MODELS_CACHE] = []
+    app[DRAINING] = asyncio.Event()
     current = [config]
 
     def rebuild_all() -> None:
@@ -255,6 +281,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
 
     app.cleanup_ctx.append(resources)
     handlers: dict[str, Handler] = {"models": models, "health": health,
+                                    "health_live": health_live, "health_ready": health_ready,
                                     "metrics": metrics_endpoint}
     for route in ROUTES:
         if route.access == "admin":

@@ -39,6 +39,8 @@ ROUTES: tuple[Route, ...] = (
       for endpoint, path in ENDPOINT_PATHS.items()),
     Route("GET", "/v1/models", "models", "key"),
     Route("GET", "/health", "health", "public"),
+    Route("GET", "/health/live", "health_live", "public"),
+    Route("GET", "/health/ready", "health_ready", "public"),
     Route("GET", "/metrics", "metrics", "public"),
     Route("POST", ADMIN_PREFIX + "reload", "admin_reload", "admin"),
     Route("GET", ADMIN_PREFIX + "state", "admin_state", "admin"),

@@ -23,7 +23,7 @@ from aiohttp import web
 from lb.config import Config
 from lb.errors import ConfigError
 from lb.serve.admin import Reloader
-from lb.serve.app import ADMIN_APP, GUARD, RELOAD, create_app
+from lb.serve.app import ADMIN_APP, DRAINING, GUARD, RELOAD, create_app
 from lb.serve.front import Front, FrontSite
 
 log = logging.getLogger("pdlb.server")
@@ -97,6 +97,7 @@ async def serve(config: Config, reloader: Reloader | None = None,
     try:
         await stop.wait()
     finally:
+        runner.app[DRAINING].set()
         log.info("shutting down: draining in-flight requests (up to %g s)",
                  config.server.drain_timeout_s)
         await runner.cleanup()

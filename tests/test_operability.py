@@ -1,0 +1,63 @@
+"""Operating pdlb: the probes, the version, build and process metrics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import aiohttp
+
+from lb.metrics import pdlb_version
+from lb.serve.app import DRAINING
+from tests.conftest import make_config
+from tests.fake_vllm import FakeBehaviour, make_fake, run_app
+
+
+async def _get(url: str) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.json()
+
+
+async def test_probes_live_and_ready(start_pdlb) -> None:
+    """/health/live is 200 always; /health/ready is 200 with usable backends and 503 with a
+    reason when a pool has none or when pdlb is draining; neither needs an API key."""
+    p, d = FakeBehaviour(), FakeBehaviour()
+    async with run_app(make_fake("prefill", p)) as pu, run_app(make_fake("decode", d)) as du:
+        url, app = await start_pdlb(make_config([pu], [du], auth={"api_keys": ["k"]}))
+        assert await _get(url + "/health/live") == (200, {"status": "live"})
+        status, body = await _get(url + "/health/ready")
+        assert status == 200 and body["status"] == "ready"
+        app[DRAINING].set()
+        status, body = await _get(url + "/health/ready")
+        assert status == 503 and "draining" in str(body["reason"])
+        assert (await _get(url + "/health/live"))[0] == 200
+    down_url, _ = await start_pdlb(make_config(
+        ["http://127.0.0.1:9"], ["http://127.0.0.1:9"],
+        health={"interval_s": 0.2, "timeout_s": 0.5, "failures_to_eject": 1}))
+    status, body = await _get(down_url + "/health/ready")
+    assert status == 503 and "no usable backend" in str(body["reason"])
+    assert (await _get(down_url + "/health/live"))[0] == 200
+    assert (await _get(down_url + "/health"))[0] == 503  # today's meaning
+
+
+async def test_build_and_process_metrics(start_pdlb) -> None:
+    """/metrics carries pdlb_build_info{version,python} 1 and the process_* series."""
+    url, _ = await start_pdlb(make_config(["http://127.0.0.1:9"], ["http://127.0.0.1:9"]))
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    assert f'version="{pdlb_version()}"' in text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith(("process_", "pdlb_build_info"))}
+    assert values[next(k for k in values if k.startswith("pdlb_build_info"))] == 1.0
+    assert values["process_cpu_seconds_total"] > 0
+    assert values["process_resident_memory_bytes"] > 1e6
+    assert values["process_open_fds"] >= 3
+    assert values["process_start_time_seconds"] > 1.6e9
+
+
+def test_version_flag() -> None:
+    """``pdlb --version`` prints the package metadata's version and exits 0."""
+    out = subprocess.run([sys.executable, "-m", "lb.cli", "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"pdlb {pdlb_version()}"
