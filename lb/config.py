@@ -165,9 +165,36 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "text"
+    """``text`` (key=value) or ``json`` (one object per line, for every logger)."""
+    access: bool = True
+    """One ``pdlb.access`` line per finished completion request (lb/accesslog.py)."""
+
+
+@dataclass(frozen=True, slots=True)
 class KVTransferConfig:
     connector: str = "nixl"
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventsConfig:
+    """``[kv_events]``: vLLM's KV-cache events (``--kv-events-config``) feed one block index
+    per pool (lb/backends/kvevents/)."""
+
+    enabled: bool = False
+    discover: bool = True
+    """Find each backend's endpoints from its ``GET /kv_event_sources`` (vLLM's answer)."""
+    topic: str = ""
+    """ZMQ topic for configured endpoints ("" = all; discovered ones carry their own)."""
+    max_blocks: int = 1_000_000
+    """Bound of each pool's index in (backend, block) entries; the oldest go first."""
+    replay_timeout_s: float = 1.0
+    """How long a replay request after a sequence gap may take before the backend's entries
+    are dropped and rebuilt instead."""
+    backends: Mapping[str, tuple[tuple[str, str | None], ...]] = field(default_factory=dict)
+    """Per backend URL: (endpoint, replay endpoint) per DP rank, overriding discovery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +208,8 @@ class Config:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     source: str = "<flags>"
 
     @property
@@ -376,6 +405,14 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
     if admin.enabled and not admin.token:
         raise ad.fail("token", "the admin API needs a token (token, token_env or PDLB_ADMIN_TOKEN)")
     ad.done()
+
+    lg = root.sub("log")
+    log_config = LogConfig(
+        format=lg.choice("format", ("text", "json"), "text"),
+        access=lg.value("access", bool, True),
+    )
+    lg.done()
+    kv_events = _read_kv_events(root.sub("kv_events"), pools)
     root.done()
     return Config(
         pools=pools,
@@ -387,8 +424,52 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         resilience=resilience,
         auth=auth,
         admin=admin,
+        log=log_config,
+        kv_events=kv_events,
         source=source,
     )
+
+
+def _endpoint_list(r: Options, name: str) -> list[str | None]:
+    """A string or an array of strings (one per DP rank), each ``tcp://host:port``."""
+    value = r.value(name, (str, list), [])
+    items = [value] if isinstance(value, str) else value
+    for item in items:
+        if not isinstance(item, str) or not item.startswith(("tcp://", "ipc://")):
+            raise r.fail(name, "expected \"tcp://host:port\" or an array of them")
+    return list(items)
+
+
+def _read_kv_events(r: Options, pools: Mapping[str, PoolConfig]) -> KVEventsConfig:
+    known = {b.url for pool in pools.values() for b in pool.backends}
+    per_backend: dict[str, tuple[tuple[str, str | None], ...]] = {}
+    table = r.sub("backends")
+    for url in table:
+        b = table.sub(url)
+        where = f"{r.source}: {b.where}"
+        if check_backend_url(url, where) not in known:
+            raise table.fail(url, "not a backend of any pool", show_value=False)
+        endpoints = _endpoint_list(b, "endpoint")
+        replays = _endpoint_list(b, "replay_endpoint")
+        b.done()
+        if not endpoints:
+            raise b.fail("endpoint", "missing")
+        if replays and len(replays) != len(endpoints):
+            raise b.fail("replay_endpoint", "give one per endpoint")
+        per_backend[check_backend_url(url, where)] = tuple(
+            (str(e), replays[i] if replays else None) for i, e in enumerate(endpoints))
+    table.accept(*table.table)
+    table.done()
+    config = KVEventsConfig(
+        enabled=r.value("enabled", bool, False),
+        discover=r.value("discover", bool, True),
+        topic=r.value("topic", str, ""),
+        max_blocks=r.integer("max_blocks", 1_000_000, minimum=1),
+        replay_timeout_s=r.number("replay_timeout_s", 1.0, minimum=0.01),
+        backends=per_backend,
+    )
+    r.done()
+    return config
 
 
 def load_config(path: str | Path) -> Config:
