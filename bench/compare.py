@@ -302,8 +302,15 @@ def start_pdlb(prefill: str, decode: str, workdir: Path, args: argparse.Namespac
         f"[pools.prefill]\nbackends = [\"{prefill}\"]\n"
         f"[pools.decode]\nbackends = [\"{decode}\"]\n"
     )
+    log_level = "warning"
+    access_log = getattr(args, "access_log", None)
+    if access_log is not None:  # at INFO, so that only [log] access differs between runs
+        log_level = "info"
+        with cfg.open("a") as f:
+            f.write(f"[log]\naccess = {'false' if access_log == 'off' else 'true'}\n"
+                    f"format = \"{'json' if access_log == 'json' else 'text'}\"\n")
     argv = [dev_python(), "-m", "lb.cli", "serve", "--config", str(cfg), "--log-level",
-            "warning"]
+            log_level]
     if workers > 1:
         argv += ["--workers", str(workers)]
     env = None

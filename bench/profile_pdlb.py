@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--itl-ms", type=float, default=1.0)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--no-perf", action="store_true")
+    p.add_argument("--access-log", choices=["off", "text", "json"],
+                   help="run pdlb at --log-level info with [log] access off or on (text or"
+                        " json lines, to its log file); default: --log-level warning, no table")
     p.add_argument("--pdlb-rev", metavar="REV",
                    help="profile pdlb as of git revision REV instead of the working tree")
     p.add_argument("--out", type=Path, default=cmp.BENCH / "results")
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
               "", f"- pdlb {version}; {os.cpu_count()} CPUs ({cmp.cpu_model()}); "
               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
               f"- load: open loop {args.rate:g} req/s × {args.duration:g} s, /v1/completions "
-              f"stream + include_usage, mock ITL {args.itl_ms:g} ms"]
+              f"stream + include_usage, mock ITL {args.itl_ms:g} ms",
+              f"- access log: {args.access_log or 'not configured (--log-level warning)'}"]
     with tempfile.TemporaryDirectory(prefix="pdlb-prof-") as tmp:
         workdir = Path(tmp)
         mock_proc = cmp.spawn("mock", [cmp.dev_python(), str(cmp.BENCH / "mock_backend.py"),

@@ -76,6 +76,11 @@ def serve_main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"pdlb: config error: {exc}", file=sys.stderr)
         return 2
+    if config.log.format == "json":
+        from lb.accesslog import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     if args.workers < 1:
         print("pdlb: --workers must be >= 1", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import dataclasses
 import time
 from collections.abc import Mapping
 
+from lb.accesslog import RequestRecord
 from lb.backends.health import HealthChecker
 from lb.backends.pool import Backend, Pool
 from lb.backends.upstream import Upstream
@@ -62,11 +63,12 @@ class Legs:
 
     async def prefill(
         self, view: RequestView, route: RouteRequest, backend: Backend, dispatch: Dispatch,
-        headers: Mapping[str, str],
+        headers: Mapping[str, str], record: RequestRecord,
     ) -> PrefillResult:
         """One prefill attempt. A 5xx, 429, timeout or unusable answer is PrefillFailed (the
         backend is reported); a 4xx is the backend judging the request: passed through."""
         body = dumps(self.connector.prefill_body(view, dispatch))
+        record.prefill_backend = backend.url
         with self.prefill_pool.lease(backend, route.prompt_tokens) as lease:
             ok = False
             try:
@@ -76,6 +78,7 @@ class Legs:
                 )
                 self.health.report_success(backend)
                 result = self.connector.accept_prefill(response, dispatch)
+                record.cached_tokens = result.cached_tokens
                 ok = True
             except PrefillFailed as exc:
                 self.metrics.prefill_failures.labels(reason=exc.reason).inc()
@@ -88,7 +91,7 @@ class Legs:
                 self.health.report_failure(backend)
                 raise PrefillFailed(f"prefill failed: {exc.message}", reason=reason) from exc
             finally:
-                duration = time.monotonic() - lease.started
+                record.prefill_s = duration = time.monotonic() - lease.started
                 self.metrics.prefill.observe(duration)
                 self.prefill_pool.finished(route, backend, ok, duration)
         return result
@@ -102,6 +105,7 @@ class Legs:
         connectors) is the prefill still in flight: its usage is awaited only when the final
         usage event needs it."""
         url = backend.url + request.path
+        client.record.decode_backend = backend.url
         with self.decode_pool.lease(backend, route.prompt_tokens + route.max_tokens) as lease:
             ok = False
             try:

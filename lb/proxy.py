@@ -104,12 +104,16 @@ class Proxy:
         raw = client.whole_body if client.whole_body is not None else await client.body()
         headers = client.headers
         request = parse_request(raw, endpoint, headers)
+        record = client.record
+        record.request_id = request.request_id
+        record.model = request.model
         self._check_max_tokens(request)
 
         if self._exact_count_needed():
             t = time.perf_counter()
             prompt_tokens = await self.tokenizer.count(endpoint, request.body)
-            self.metrics.tokenize.observe(time.perf_counter() - t)
+            record.tokenize_s = took = time.perf_counter() - t
+            self.metrics.tokenize.observe(took)
         else:
             prompt_tokens = self.tokenizer.estimate(endpoint, request.body)
         limit = self.config.server.max_prompt_tokens
@@ -123,7 +127,11 @@ class Proxy:
         direct = self._skip_prefill(prompt_tokens)
 
         prefill_need = 0 if direct else prompt_tokens
-        with await self.admission.admit(prefill_need, prompt_tokens + max_new) as ticket:
+        record.prompt_tokens = prompt_tokens
+        queued = time.monotonic()
+        ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
+        record.queue_s = time.monotonic() - queued
+        with ticket:
             route = RouteRequest(
                 request_id=request.request_id, leg="prefill", endpoint=endpoint,
                 model=request.model, prompt_tokens=prompt_tokens, max_tokens=max_new,
@@ -174,7 +182,7 @@ class Proxy:
             decode_backend = (self._pick(self.decode_pool, for_leg(route, "decode"), tried)
                               if decode_first else None)
             if handoff is None:
-                handoff = await self._prefill(request_view, route, client.headers, deadline,
+                handoff = await self._prefill(request_view, route, client, deadline,
                                               decode_backend)
                 ticket.release("prefill")
                 if handoff is None:  # prefill pool down and decode_only fallback allowed
@@ -220,7 +228,7 @@ class Proxy:
             prefill_task = asyncio.create_task(self.legs.prefill(
                 request_view, route, prefill_backend, dispatch,
                 self.legs.headers(self.prefill_pool, client.headers, dispatch.request_id,
-                                  dispatch.prefill_headers)))
+                                  dispatch.prefill_headers), client.record))
             prefill_task.add_done_callback(lambda _: ticket.release("prefill"))
             pending = PendingPrefill(prefill_task, self.timeouts.prefill_s)
             body = dumps(self.connector.decode_body(request_view, dispatch, None))
@@ -279,7 +287,7 @@ class Proxy:
 
     # ----------------------------------------------------------------- prefill retries
     async def _prefill(
-        self, request_view: RequestView, route: RouteRequest, client_headers: Mapping[str, str],
+        self, request_view: RequestView, route: RouteRequest, client: ClientSide,
         deadline: float, decode_backend: Backend | None,
     ) -> tuple[PrefillResult, Dispatch] | None:
         """The prefill leg with retries on other backends; None = skip to decode-only."""
@@ -295,10 +303,11 @@ class Proxy:
             dispatch = self.connector.new_dispatch(
                 request_view, self.legs.ref(backend),
                 None if decode_backend is None else self.legs.ref(decode_backend))
-            headers = self.legs.headers(self.prefill_pool, client_headers, dispatch.request_id,
+            headers = self.legs.headers(self.prefill_pool, client.headers, dispatch.request_id,
                                         dispatch.prefill_headers)
             try:
-                result = await self.legs.prefill(request_view, route, backend, dispatch, headers)
+                result = await self.legs.prefill(request_view, route, backend, dispatch, headers,
+                                                 client.record)
                 return result, dispatch
             except PrefillFailed as exc:
                 self._retry_or_raise(exc, attempt, self.resilience.prefill_attempts, deadline,

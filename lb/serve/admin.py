@@ -50,7 +50,7 @@ def apply_reload(
     admission.reconfigure(new.pools)
     rebuild_all()
     ignored = [section for section in ("server", "kv_transfer", "tokenizer", "health", "scrape",
-                                       "resilience", "auth", "admin")
+                                       "resilience", "auth", "admin", "log")
                if getattr(current, section) != getattr(new, section)]
     report["needs_restart_to_apply"] = ignored
     log.warning("reloaded %s: %s", new.source, report)

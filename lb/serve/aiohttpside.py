@@ -17,7 +17,7 @@ from lb.stream.port import SSE_HEADERS
 class AiohttpSide(ServedClient):
     """A request that aiohttp's server received; :attr:`response` is the handler's return."""
 
-    __slots__ = ("_guard", "_http", "_writer", "headers", "response")
+    __slots__ = ("_guard", "_http", "_writer", "headers", "record", "response")
 
     def __init__(self, http: web.Request, guard: Guard) -> None:
         self._http = http
@@ -34,6 +34,9 @@ class AiohttpSide(ServedClient):
     @property
     def status(self) -> int:
         return 0 if self.response is None else self.response.status
+
+    def peer(self) -> str:
+        return self._http.remote or "-"
 
     async def body(self) -> bytes:
         """The body, with aiohttp's errors in pdlb's terms: too large (413), malformed

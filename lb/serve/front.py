@@ -25,7 +25,7 @@ lb/serve/requesthead.py; answers are written by lb/serve/rawside.py.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -111,6 +111,8 @@ class FrontProtocol(asyncio.Protocol):
     def __init__(self, front: Front) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
+        self.peername: Any = None
+        """The client's address (read once per connection, for the access log)."""
         self.task: asyncio.Task[None] | None = None
         self.writing_paused = False
         self.close_after = False
@@ -133,6 +135,7 @@ class FrontProtocol(asyncio.Protocol):
     # -- connection events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.peername = transport.get_extra_info("peername")
         self.front.connections.add(self)
         self._arm_idle()
 

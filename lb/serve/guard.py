@@ -19,7 +19,9 @@ decided here, once:
   status 499 plus ``pdlb_client_disconnects{phase="before_response"}`` when the client left
   before its answer;
 * **the body timeout**: the 408 a client gets when its body does not arrive in
-  ``body_timeout_s``.
+  ``body_timeout_s``;
+* **the access log**: one line per completion request, after it was counted
+  (lb/accesslog.py; formatted only when ``[log] access`` is on).
 
 Each front only moves bytes: it builds a :class:`ServedClient` for the request and runs
 :meth:`Guard.serve` (the completion routes), or asks :meth:`Guard.check_access` and
@@ -30,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
+from lb.accesslog import CLIENT_DISCONNECT, AccessLog, RequestRecord
 from lb.config import Config
 from lb.errors import InvalidRequest, PdlbError, Unauthorized
 from lb.metrics import Metrics
@@ -77,6 +81,10 @@ class ServedClient(ClientSide):
         """The status answered so far (0: none yet)."""
 
     @abstractmethod
+    def peer(self) -> str:
+        """The client's address, for the access log (asked only when a line is written)."""
+
+    @abstractmethod
     def send_error(self, answer: ErrorAnswer) -> None:
         """Answer with ``answer``; if an answer has already started, end the connection
         after it instead (nothing honest is left to say on it)."""
@@ -85,7 +93,7 @@ class ServedClient(ClientSide):
 class Guard:
     """Access, request checks, errors, counting and body timeouts for both fronts."""
 
-    __slots__ = ("_api_keys", "_body_timeout_s", "_metrics", "_proxy", "_requests")
+    __slots__ = ("_access", "_api_keys", "_body_timeout_s", "_metrics", "_proxy", "_requests")
 
     def __init__(self, config: Config, proxy: Proxy, metrics: Metrics) -> None:
         self._api_keys = tuple(config.auth.api_keys)
@@ -93,6 +101,7 @@ class Guard:
         self._proxy = proxy
         self._metrics = metrics
         self._requests = metrics.requests
+        self._access = AccessLog(config.log.access, config.log.format)
 
     @property
     def body_timeout_s(self) -> float:
@@ -140,7 +149,9 @@ class Guard:
                     done: Callable[[], None] | None = None) -> None:
         """Check the request, run the proxy, answer any error, count the outcome; then
         ``done()`` (the front's connection bookkeeping, without a coroutine of its own).
-        A client that leaves (cancellation) is counted as 499 and the cancellation goes on."""
+        A client that leaves (cancellation) is counted as 499 and the cancellation goes on.
+        Last, the access line (a client that left mid-stream is logged as 499)."""
+        record = client.record = RequestRecord(time.monotonic())
         try:
             try:
                 self.check_completion(client.headers)
@@ -149,18 +160,31 @@ class Guard:
                 if exc.status >= 500:
                     log.warning("POST %s -> %d: %s", ENDPOINT_PATHS[endpoint], exc.status,
                                 exc.message)
+                record.reason = exc.code
                 client.send_error(error_answer(exc))
             except asyncio.CancelledError:
                 self._metrics.client_disconnects.labels(phase="before_response").inc()
                 self.count(endpoint, 499)
+                record.reason = CLIENT_DISCONNECT
+                self._log(client, record, endpoint, 499)
                 raise
             except Exception:
                 log.exception("unhandled error on POST %s", ENDPOINT_PATHS[endpoint])
+                record.reason = "internal_error"
                 client.send_error(error_answer(internal_error()))
-            self._requests.labels(endpoint=endpoint, status=str(client.status)).inc()
+            status = client.status
+            self._requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self._log(client, record, endpoint,
+                      499 if record.reason == CLIENT_DISCONNECT else status)
         finally:
             if done is not None:
                 done()
+
+
+    def _log(self, client: ServedClient, record: RequestRecord, endpoint: Endpoint,
+             status: int) -> None:
+        if self._access.enabled:
+            self._access.emit(record, client=client.peer(), endpoint=endpoint, status=status)
 
 
 class _UnsupportedEncoding(InvalidRequest):

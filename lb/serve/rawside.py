@@ -18,10 +18,18 @@ class Connection(Protocol):
     """What a :class:`RawSide` needs of its connection (lb/serve/front.py's FrontProtocol)."""
 
     transport: asyncio.Transport | None
+    peername: Any
     writing_paused: bool
     close_after: bool
 
     async def drain(self) -> None: ...
+
+
+def peer_address(peername: Any) -> str:
+    """``host`` of a socket address (``-`` when unknown, e.g. a Unix socket's)."""
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return "-"
 
 
 def _header_value(value: str) -> bytes:
@@ -59,7 +67,8 @@ _date = _Date()
 class RawSide(ServedClient):
     """The client of a request the front serves: answers go straight to its transport."""
 
-    __slots__ = ("_conn", "_stream_head", "headers", "started", "status", "whole_body")
+    __slots__ = ("_conn", "_stream_head", "headers", "record", "started", "status",
+                 "whole_body")
 
     status: int
 
@@ -73,6 +82,9 @@ class RawSide(ServedClient):
 
     async def body(self) -> bytes:
         return self.whole_body or b""
+
+    def peer(self) -> str:
+        return peer_address(self._conn.peername)
 
     async def send_json(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         self.send_now(status, body, headers)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import orjson
 
+from lb.accesslog import CLIENT_DISCONNECT
 from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import UNKNOWN_PREFILL, PrefillResult
@@ -73,13 +74,19 @@ class Answer:
         if pending is not None:
             pending.responding.set()
             prefill = await pending.settle()
-        self.metrics.handoff.observe(time.monotonic() - sent)
-        self.metrics.decode.observe(time.monotonic() - sent)
+        record = client.record
+        record.handoff_s = record.decode_s = took = time.monotonic() - sent
+        self.metrics.handoff.observe(took)
+        self.metrics.decode.observe(took)
         if prefill is not None and rewrite_response_usage(data, prefill):
             self.metrics.usage_rewrites.inc()
         data.pop("kv_transfer_params", None)
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            record.usage = usage
         await client.send_json(200, orjson.dumps(data), {"X-Request-Id": request.request_id})
-        self._ttft[request.endpoint].observe(time.monotonic() - started)
+        record.ttft_s = ttft = time.monotonic() - started
+        self._ttft[request.endpoint].observe(ttft)
 
     async def stream(
         self, client: ClientSide, request: ProxyRequest, url: str, body: bytes,
@@ -89,20 +96,28 @@ class Answer:
         sent = time.monotonic()
         decode = await self.upstream.open_stream(url, body, headers, what=f"decode {url}")
         relay = SSERelay(prefill)
+        record = client.record
         try:
-            self.metrics.handoff.observe(time.monotonic() - sent)
+            record.handoff_s = handoff = time.monotonic() - sent
+            self.metrics.handoff.observe(handoff)
             await client.start_stream({"X-Request-Id": request.request_id})
             if pending is not None:
                 pending.responding.set()
             pipe = Pipe(decode, relay, pending.settle if pending is not None else None,
                         self.timeouts.first_byte_s, self.timeouts.idle_s)
             ttft = self._ttft[request.endpoint]
+
+            def first_byte() -> None:
+                record.ttft_s = took = time.monotonic() - started
+                ttft.observe(took)
+
             try:
-                await pipe.run(client, lambda: ttft.observe(time.monotonic() - started))
+                await pipe.run(client, first_byte)
             except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
                 # The client went away: the decode connection is closed (not released) below,
                 # so vLLM aborts the request and frees its KV.
                 self.metrics.client_disconnects.labels(phase="stream").inc()
+                record.reason = CLIENT_DISCONNECT
                 return
             except (PdlbError, TimeoutError, OSError) as exc:
                 decode.close()  # before telling the client: the backend stops at once
@@ -115,7 +130,9 @@ class Answer:
             decode.close()
             if relay.rewrites:
                 self.metrics.usage_rewrites.inc()
-        self.metrics.decode.observe(time.monotonic() - sent)
+                record.usage = relay.usage
+        record.decode_s = took = time.monotonic() - sent
+        self.metrics.decode.observe(took)
 
     async def _end_stream(self, client: ClientSide) -> None:
         """The terminating chunk; a client that left just before it is not an error."""
@@ -130,6 +147,7 @@ class Answer:
         message, code = _describe_stream_failure(exc)
         log.warning("request %s: %s", request.request_id, message)
         self.metrics.stream_errors.labels(code=code).inc()
+        client.record.reason = code
         try:
             # Bounded: a client that stopped reading (often why the stream stalled) must
             # not pin the request, its decode lease and its admission ticket for ever.
@@ -138,7 +156,8 @@ class Answer:
         except TimeoutError:
             log.warning("request %s: the client is not reading; given up", request.request_id)
             self.metrics.client_disconnects.labels(phase="not_reading").inc()
-        self.metrics.decode.observe(time.monotonic() - sent)
+        client.record.decode_s = took = time.monotonic() - sent
+        self.metrics.decode.observe(took)
 
 
 def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:

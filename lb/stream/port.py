@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
+from lb.accesslog import RequestRecord
+
 SSE_HEADERS: Mapping[str, str] = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -33,6 +35,8 @@ class ClientSide(ABC):
     """Request headers, names in lower case (first value of a repeated header)."""
     whole_body: bytes | None = None
     """The body, when it was read with the head (else :meth:`body` waits for it)."""
+    record: RequestRecord
+    """The request's access-log record: each stage sets its own timings on it."""
 
     @abstractmethod
     async def body(self) -> bytes:

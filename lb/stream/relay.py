@@ -69,7 +69,7 @@ def rewrite_response_usage(body: dict[str, Any], prefill: PrefillResult) -> bool
 class SSERelay:
     """Feeds decode bytes through, rewriting only the final usage event."""
 
-    __slots__ = ("_pending", "prefill", "rewrites", "saw_done")
+    __slots__ = ("_pending", "prefill", "rewrites", "saw_done", "usage")
 
     def __init__(self, prefill: PrefillResult | None) -> None:
         self.prefill = prefill
@@ -78,6 +78,8 @@ class SSERelay:
         self.saw_done = False
         """``data: [DONE]`` went by: pdlb's only place that knows whether a stream ended."""
         self.rewrites = 0
+        self.usage: Mapping[str, Any] | None = None
+        """The stitched final usage (for the access log), once rewritten."""
 
     def feed(self, data: bytes) -> bytes:
         """Return the bytes that can go to the client now (possibly empty)."""
@@ -136,6 +138,7 @@ class SSERelay:
         if not rewrite_response_usage(payload, self.prefill):
             return event
         self.rewrites += 1
+        self.usage = payload["usage"]
         return b"data: " + orjson.dumps(payload)
 
 
