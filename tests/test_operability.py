@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -61,3 +62,49 @@ def test_version_flag() -> None:
                          text=True, timeout=60)
     assert out.returncode == 0
     assert out.stdout.strip() == f"pdlb {pdlb_version()}"
+
+
+def test_health_transitions_log_one_plain_line_each(caplog) -> None:
+    """Ejection and restoration each write one line naming the pool and the URL; checks
+    that change nothing write nothing."""
+    from lb.backends.health import HealthChecker
+    from lb.backends.pool import Backend
+    from lb.config import HealthConfig
+
+    caplog.set_level(logging.INFO, logger="pdlb.health")
+    backend = Backend("http://10.0.0.5:8100", 0, "decode", None)
+    checker = HealthChecker([backend], upstream=None, config=HealthConfig())  # type: ignore[arg-type]
+    for _ in range(4):
+        checker.report_failure(backend)
+    for _ in range(3):
+        checker.report_success(backend)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pdlb.health"]
+    assert lines == [
+        ("WARNING", "decode backend http://10.0.0.5:8100 taken out of rotation after 2 failures"
+                    " in a row (health checks or requests); checked again every 2 s"),
+        ("INFO", "decode backend http://10.0.0.5:8100 is back in rotation after 1 good"
+                 " check(s)"),
+    ]
+
+
+def test_reload_is_one_plain_info_line(caplog, tmp_path) -> None:
+    """A successful reload logs at INFO in words, not a dict at WARNING."""
+    from lb.admission import Admission
+    from lb.backends.pool import Pool
+    from lb.metrics import Metrics
+    from lb.serve.admin import apply_reload
+    from policies.registry import build_policy
+
+    caplog.set_level(logging.INFO, logger="pdlb.admin")
+    old = make_config(["http://10.0.0.1:1"], ["http://10.0.0.2:1"])
+    new = make_config(["http://10.0.0.1:1", "http://10.0.0.3:1"], ["http://10.0.0.2:1"],
+                      server={"port": 0, "body_timeout_s": 5})
+    metrics = Metrics()
+    pools = {name: Pool(pc, build_policy(pc.policy, pc.policy_options, pool=name), metrics)
+             for name, pc in old.pools.items()}
+    apply_reload(old, new, pools, Admission(old.pools, metrics), lambda: None)
+    (record,) = [r for r in caplog.records if r.name == "pdlb.admin"]
+    assert record.levelname == "INFO"
+    assert record.getMessage() == (
+        "reloaded <test>: prefill pool added http://10.0.0.3:1 (2 backends); decode pool"
+        " unchanged (1 backend); changed but not applied until a restart: [server]")

@@ -101,12 +101,15 @@ class HealthChecker(BackendPoller):
         restore = self.config.successes_to_restore
         if not backend.healthy and backend.consecutive_successes >= restore:
             backend.healthy = True
-            log.warning("%s back in rotation", backend)
+            log.info("%s backend %s is back in rotation after %d good check(s)",
+                     backend.pool_name, backend.url, backend.consecutive_successes)
 
     def report_failure(self, backend: Backend) -> None:
         backend.consecutive_successes = 0
         backend.consecutive_failures += 1
         if backend.healthy and backend.consecutive_failures >= self.config.failures_to_eject:
             backend.healthy = False
-            log.warning("%s ejected after %d consecutive failures", backend,
-                        backend.consecutive_failures)
+            log.warning("%s backend %s taken out of rotation after %d failures in a row"
+                        " (health checks or requests); checked again every %g s",
+                        backend.pool_name, backend.url, backend.consecutive_failures,
+                        self.config.interval_s)

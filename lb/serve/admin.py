@@ -53,8 +53,23 @@ def apply_reload(
                                        "resilience", "auth", "admin", "log")
                if getattr(current, section) != getattr(new, section)]
     report["needs_restart_to_apply"] = ignored
-    log.warning("reloaded %s: %s", new.source, report)
+    log.info("%s", describe_reload(new.source, report))
     return report
+
+
+def describe_reload(source: str, report: dict[str, Any]) -> str:
+    """A reload's report in one plain sentence, for the log."""
+    parts = []
+    for name, pool in report["pools"].items():
+        count = len(pool["backends"])
+        change = ", ".join([*(f"added {u}" for u in pool["added"]),
+                            *(f"removed {u}" for u in pool["removed"])]) or "unchanged"
+        parts.append(f"{name} pool {change} ({count} backend{'s' if count != 1 else ''})")
+    text = f"reloaded {source}: " + "; ".join(parts)
+    if report["needs_restart_to_apply"]:
+        text += ("; changed but not applied until a restart: "
+                 + ", ".join(f"[{s}]" for s in report["needs_restart_to_apply"]))
+    return text
 
 
 def state(pools: dict[str, Pool], admission: Admission) -> dict[str, Any]:

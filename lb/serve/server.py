@@ -23,7 +23,7 @@ from aiohttp import web
 from lb.config import Config
 from lb.errors import ConfigError
 from lb.serve.admin import Reloader
-from lb.serve.app import ADMIN_APP, DRAINING, GUARD, RELOAD, create_app
+from lb.serve.app import ADMIN_APP, DRAINING, GUARD, POOLS, RELOAD, create_app
 from lb.serve.front import Front, FrontSite
 
 log = logging.getLogger("pdlb.server")
@@ -92,8 +92,12 @@ async def serve(config: Config, reloader: Reloader | None = None,
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     print(f"pdlb listening on {url}", flush=True)
-    log.info("prefill: %s", ", ".join(b.url for b in config.prefill.backends))
-    log.info("decode: %s", ", ".join(b.url for b in config.decode.backends))
+    for name, pool in runner.app[POOLS].items():
+        usable = sum(1 for b in pool.backends if b.healthy)
+        log.info("%s pool: %d of %d backend(s) usable now (%s), policy %s", name, usable,
+                 len(pool.backends), ", ".join(b.url for b in pool.backends),
+                 pool.config.policy)
+    log.info("access log %s", f"on ({config.log.format})" if config.log.access else "off")
     try:
         await stop.wait()
     finally:
