@@ -34,6 +34,7 @@ from emulator.connectors import query_answer
 from emulator.engine import Engine, Sequence
 from emulator.faults import FaultError, Faults
 from emulator.kv import KvPuller
+from emulator.kv_events import Publisher
 from emulator.metrics import EngineMetrics
 from emulator.protocol import (
     VLLM_VERSION,
@@ -58,6 +59,7 @@ ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 TOKENIZER: web.AppKey[Tokenizer] = web.AppKey("tokenizer", Tokenizer)
 RECENT: web.AppKey[deque[dict[str, Any]]] = web.AppKey("recent")
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+PUBLISHER: web.AppKey[Publisher | None] = web.AppKey("kv_events_publisher")
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
@@ -84,6 +86,7 @@ def create_app(config: EmulatorConfig) -> web.Application:
     app.router.add_post("/detokenize", _detokenize)
     app.router.add_get("/version", _version)
     app.router.add_get("/load", _load)
+    app.router.add_get("/kv_event_sources", _kv_event_sources)
     app.router.add_get("/_emulator/faults", _get_faults)
     app.router.add_post("/_emulator/faults", _set_faults)
     app.router.add_post("/_emulator/reset", _reset)
@@ -100,12 +103,30 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     app[SESSION] = aiohttp.ClientSession(connector=connector)
     engine = app[ENGINE]
+    config = app[CONFIG]
+    publisher = None
+    if config.kv_events_endpoint:
+        publisher = Publisher(config.kv_events_endpoint, config.kv_events_replay_endpoint,
+                              config.kv_events_topic, block_size=config.block_size)
+        publisher.start()
+        engine.prefix_cache.publisher = publisher
+    app[PUBLISHER] = publisher
     engine.start()
     try:
         yield
     finally:
         await engine.stop()
         await app[SESSION].close()
+        if publisher is not None:
+            engine.prefix_cache.publisher = None
+            await publisher.stop()
+
+
+async def _kv_event_sources(request: web.Request) -> web.Response:
+    """vLLM's ``GET /kv_event_sources``: the KV-events config per DP rank ({} when off)."""
+    publisher = request.app[PUBLISHER]
+    body = {} if publisher is None else publisher.sources(request.host)
+    return web.json_response(body)
 
 
 @web.middleware

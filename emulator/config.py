@@ -127,6 +127,16 @@ class EmulatorConfig:
         "(kv_transfer_params.remote_prefill_cached_tokens) as cached_tokens. True = older "
         "vLLM (bugs #47136, #44607): it reports the transferred tokens as cached.",
     )
+    # --- KV-cache events (vLLM --kv-events-config; emulator/kv_events.py) -----------------
+    kv_events_endpoint: str | None = _f(
+        None,
+        "Publish vLLM's KV-cache events (ZMQ PUB, msgpack EventBatch) on this endpoint, "
+        "e.g. tcp://*:5557 (vLLM's endpoint); None = off (GET /kv_event_sources answers {}).",
+    )
+    kv_events_replay_endpoint: str | None = _f(
+        None, "ZMQ ROUTER endpoint answering replay requests, as vLLM's replay_endpoint."
+    )
+    kv_events_topic: str = _f("kv", "ZMQ topic of the events (vLLM's kv-events topic).")
     # --- performance model ------------------------------------------------------------
     block_size: int = _f(16, "KV-cache block size in tokens (prefix-cache granularity).")
     kv_capacity_tokens: int = _f(

@@ -363,8 +363,11 @@ class Engine:
                 full = min(seq.num_computed, seq.prompt_len) // bs
                 if full > seq.cached_upto:
                     new = hashes[seq.cached_upto : full]
-                    self.prefix_cache.insert(new, max(self.total_blocks - self.used_blocks,
-                                                      len(new)))
+                    self.prefix_cache.insert(
+                        new, max(self.total_blocks - self.used_blocks, len(new)),
+                        parent=hashes[seq.cached_upto - 1] if seq.cached_upto else None,
+                        token_ids=seq.req.prompt_ids[seq.cached_upto * bs : full * bs],
+                        block_size=bs)
                     seq.cached_upto = full
             if seq.num_computed < seq.total_tokens:
                 continue  # a prefill chunk that did not finish the prompt

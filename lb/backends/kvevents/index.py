@@ -78,7 +78,10 @@ class BlockIndex:
         self.max_blocks = max_blocks
         self.evicted = 0
         self._holders: dict[str, _Holder] = {}
-        self._where: dict[int, set[str]] = {}
+        self._where: dict[int, int] = {}
+        """key → bit mask of the backends holding it (ints: nothing for the cyclic GC to
+        walk, and a lookup intersects holders with one ``&``)."""
+        self._bit: dict[str, int] = {}
         self._order: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     # ---------------------------------------------------------------- introspection
@@ -100,12 +103,31 @@ class BlockIndex:
     # ---------------------------------------------------------------- updates
     def mark_known(self, backend: str) -> None:
         """The backend publishes: from now on its absence from a block means "not cached"."""
-        self._holders.setdefault(backend, _Holder())
+        self._holder(backend)
+
+    def _holder(self, backend: str) -> _Holder:
+        holder = self._holders.get(backend)
+        if holder is None:
+            holder = self._holders[backend] = _Holder()
+            if backend not in self._bit:
+                used = set(self._bit.values())
+                self._bit[backend] = next(1 << i for i in range(len(used) + 1)
+                                          if 1 << i not in used)
+        return holder
+
+    def _unhold(self, backend: str, key: int) -> None:
+        mask = self._where.get(key)
+        if mask is not None:
+            mask &= ~self._bit[backend]
+            if mask:
+                self._where[key] = mask
+            else:
+                del self._where[key]
 
     def apply(self, backend: str, events: Sequence[Event],
               dp_rank: int | None = None) -> ApplyResult:
         """Apply one batch of ``backend``'s events, in order."""
-        holder = self._holders.setdefault(backend, _Holder())
+        holder = self._holder(backend)
         result = ApplyResult()
         for event in events:
             if isinstance(event, BlockStored):
@@ -118,7 +140,7 @@ class BlockIndex:
                         result.removed += 1
             elif isinstance(event, AllBlocksCleared):
                 self.clear(backend)
-                holder = self._holders.setdefault(backend, _Holder())
+                holder = self._holder(backend)
         self._bound()
         return result
 
@@ -158,7 +180,7 @@ class BlockIndex:
             refs = holder.refs.get(parent, 0)
             holder.refs[parent] = refs + 1
             if refs == 0:
-                self._where.setdefault(parent, set()).add(backend)
+                self._where[parent] = self._where.get(parent, 0) | self._bit[backend]
                 self._order[(backend, parent)] = None
             result.stored += 1
 
@@ -169,22 +191,14 @@ class BlockIndex:
             return
         holder.refs.pop(key, None)
         self._order.pop((backend, key), None)
-        where = self._where.get(key)
-        if where is not None:
-            where.discard(backend)
-            if not where:
-                del self._where[key]
+        self._unhold(backend, key)
 
     def _bound(self) -> None:
         while len(self._order) > self.max_blocks:
             (backend, key), _ = self._order.popitem(last=False)
             holder = self._holders[backend]
             holder.refs.pop(key, None)
-            where = self._where.get(key)
-            if where is not None:
-                where.discard(backend)
-                if not where:
-                    del self._where[key]
+            self._unhold(backend, key)
             self.evicted += 1
             # engine hashes still pointing at the key: removals find nothing to unref
             # (refs is gone), and a child stored later chains from the key as before.
@@ -192,7 +206,7 @@ class BlockIndex:
     def clear(self, backend: str) -> None:
         """The backend's cache is empty (AllBlocksCleared): it stays known, with nothing."""
         self.drop(backend)
-        self._holders[backend] = _Holder()
+        self._holder(backend)
 
     def drop(self, backend: str) -> None:
         """Forget everything about ``backend`` (restart, ejection, gap): it becomes unknown."""
@@ -201,11 +215,8 @@ class BlockIndex:
             return
         for key in holder.refs:
             self._order.pop((backend, key), None)
-            where = self._where.get(key)
-            if where is not None:
-                where.discard(backend)
-                if not where:
-                    del self._where[key]
+            self._unhold(backend, key)
+        del self._bit[backend]
 
     # ---------------------------------------------------------------- lookup
     def longest_prefix(self, prompt_token_ids: Sequence[int], lora_name: str | None = None,
@@ -220,24 +231,27 @@ class BlockIndex:
         if not out:
             return out
         ns = namespace(lora_name)
-        by_size: dict[int, list[str]] = {}
+        by_size: dict[int, int] = {}
         for backend, holder in self._holders.items():
             if holder.block_size:
-                by_size.setdefault(holder.block_size, []).append(backend)
+                by_size[holder.block_size] = by_size.get(holder.block_size, 0) | self._bit[backend]
         where = self._where
+        n = len(prompt_token_ids)
         for size, members in by_size.items():
-            alive = set(members)
+            alive = members
             parent = 0
-            n = len(prompt_token_ids)
+            ends: list[tuple[int, int]] = []  # (mask still alive, tokens) per block
             for start in range(0, n - size + 1, size):
                 parent = hash((parent, ns, tuple(prompt_token_ids[start:start + size])))
-                holders = where.get(parent)
-                if not holders:
-                    break
-                alive &= holders
+                alive &= where.get(parent, 0)
                 if not alive:
                     break
-                end = start + size
-                for backend in alive:
-                    out[backend] = end
+                ends.append((alive, start + size))
+            if ends:
+                for backend in out:
+                    bit = self._bit[backend]
+                    for mask, end in reversed(ends):
+                        if mask & bit:
+                            out[backend] = end
+                            break
         return out
