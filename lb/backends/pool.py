@@ -13,12 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from lb.config import PoolConfig
 from lb.errors import BackendUnavailable
 from lb.metrics import Metrics
 from policies.base import Policy, PolicyHooks, RouteRequest, ScrapedLoad
 from policies.choose import NoCandidate, NotACandidate, choose
+
+if TYPE_CHECKING:  # the index's package imports this module (its fleet follows pools)
+    from lb.backends.kvevents.index import BlockIndex
 
 
 class Backend:
@@ -71,6 +75,10 @@ class Pool:
         self.inflight_tokens = 0
         self.has_token_limits = any(b.max_inflight_tokens is not None for b in self.backends)
         self.metrics = metrics
+        self.kv_index: BlockIndex | None = None
+        """This pool's KV-event block index when ``[kv_events]`` is on: ``longest_prefix(
+        prompt_token_ids)`` → ``{backend URL: cached tokens}`` for the backends whose events
+        are live (absent = unknown). The hook a ``kv_aware`` routing step reads."""
         self._register_metrics(metrics)
 
     def _register_metrics(self, metrics: Metrics) -> None:

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from lb.admission import Admission
+from lb.backends.kvevents import KVEvents
 from lb.backends.pool import Pool
 from lb.config import Config
 from lb.errors import ConfigError, PdlbError, Unauthorized
@@ -72,7 +73,10 @@ def describe_reload(source: str, report: dict[str, Any]) -> str:
     return text
 
 
-def state(pools: dict[str, Pool], admission: Admission) -> dict[str, Any]:
+def state(pools: dict[str, Pool], admission: Admission,
+          kv_events: KVEvents | None = None) -> dict[str, Any]:
+    """Pools, backends and counters; with ``[kv_events]`` on, each backend's event health
+    (subscriber state, counters, blocks in the pool's index)."""
     return {
         "pools": {
             name: {
@@ -84,7 +88,8 @@ def state(pools: dict[str, Pool], admission: Admission) -> dict[str, Any]:
                      "inflight_tokens": b.inflight_tokens,
                      "load": None if b.load is None else {
                          "running": b.load.running, "waiting": b.load.waiting,
-                         "kv_usage": b.load.kv_usage}}
+                         "kv_usage": b.load.kv_usage},
+                     **({} if kv_events is None else {"kv_events": kv_events.health(name, b.url)})}
                     for b in pool.backends
                 ],
             }

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from lb.admission import Admission
 from lb.backends.health import HealthChecker
+from lb.backends.kvevents import KVEvents
 from lb.backends.pool import Pool
 from lb.backends.scrape import LoadScraper
 from lb.backends.upstream import Upstream
@@ -47,6 +48,9 @@ GUARD = web.AppKey("guard", Guard)
 RELOAD: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("reload")
 ADMIN_APP = web.AppKey("admin_app", web.Application)
 DRAINING = web.AppKey("draining", asyncio.Event)
+KV_EVENTS: web.AppKey[KVEvents | None] = web.AppKey("kv_events")
+"""The KV-event subscribers and each pool's block index (None unless ``[kv_events]`` is on);
+each pool's index is also ``pool.kv_index`` for the request path."""
 """Set when pdlb stops taking new work (SIGTERM/SIGINT): /health/ready answers 503."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -221,6 +225,14 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
                           config.scrape.timeout_s, lambda: auto_budgets(pools, admission))
 
+    kv_events = None
+    if config.kv_events.enabled:
+        kv_events = KVEvents(config.kv_events,
+                             lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
+        for name, pool in pools.items():
+            pool.kv_index = kv_events.index(name)
+        metrics.registry.register(kv_events.collector())
+
     guard = Guard(config, proxy, metrics)
     app = web.Application(middlewares=[guard_middleware],
                           client_max_size=config.server.max_body_bytes)
@@ -233,12 +245,15 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     app[HEALTH] = checker
     app[MODELS_CACHE] = []
     app[DRAINING] = asyncio.Event()
+    app[KV_EVENTS] = kv_events
     current = [config]
 
     def rebuild_all() -> None:
         backends = [b for pool in pools.values() for b in pool.backends]
         checker.set_backends(backends)
         scraper.set_backends(backends)
+        if kv_events is not None:
+            kv_events.follow({name: pool.backends for name, pool in pools.items()})
 
     def reload() -> dict[str, Any]:
         if reloader is None:
@@ -250,7 +265,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
 
     app[RELOAD] = reload
     if config.admin.enabled and config.admin.token:
-        admin = admin_routes(config.admin.token, reload, lambda: state(pools, admission))
+        admin = admin_routes(config.admin.token, reload, lambda: state(pools, admission, kv_events))
         if config.admin.port is None:
             app.router.add_routes(admin)
         else:
@@ -274,7 +289,11 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await checker.first_round(2 * config.health.timeout_s)
         checker.start(first_after_s=config.health.interval_s)  # the first round just ran
         scraper.start()
+        if kv_events is not None:
+            kv_events.follow({name: pool.backends for name, pool in pools.items()})
         yield
+        if kv_events is not None:
+            await kv_events.stop()
         await scraper.stop()
         await checker.stop()
         await upstream.close()

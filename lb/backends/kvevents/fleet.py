@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import zmq.asyncio
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from lb.backends.kvevents.index import BlockIndex
 from lb.backends.kvevents.subscriber import Endpoint, Health, Subscriber
+from lb.backends.pool import Backend
 from lb.config import KVEventsConfig
 
 log = logging.getLogger("pdlb.kvevents")
@@ -84,16 +86,48 @@ class KVEvents:
         self.config = config
         self._get_json = get_json
         self._discover_interval_s = discover_interval_s
+        self.eject_check_s = 0.25
         self.indexes: dict[str, BlockIndex] = {}
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
         self._starting: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._pending: dict[tuple[str, str], Health] = {}
         self._ctx: zmq.asyncio.Context | None = None
+        self._followed: dict[str, list[Backend]] = {}
+        self._ejected: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch_task: asyncio.Task[None] | None = None
 
     def index(self, pool: str) -> BlockIndex:
         if pool not in self.indexes:
             self.indexes[pool] = BlockIndex(self.config.max_blocks)
         return self.indexes[pool]
+
+    def follow(self, pools: Mapping[str, Iterable[Backend]]) -> None:
+        """Follow these pools' backends (at start and after each hot reload): subscribe to
+        new ones, stop removed ones, and drop an ejected backend's entries when the health
+        checker takes it out (checked every ``eject_check_s``)."""
+        self._followed = {name: list(backends) for name, backends in pools.items()}
+        task = asyncio.create_task(self.sync({name: [b.url for b in bs]
+                                              for name, bs in self._followed.items()}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self._watch_task is None:
+            self._watch_task = asyncio.create_task(self._watch_ejections(),
+                                                   name="pdlb-kvevents-ejections")
+
+    async def _watch_ejections(self) -> None:
+        while True:
+            for pool, backends in self._followed.items():
+                for b in backends:
+                    key = (pool, b.url)
+                    if not b.healthy and key not in self._ejected:
+                        self._ejected.add(key)
+                        log.info("kv events of %s: ejected, its %d blocks dropped", b.url,
+                                 self.index(pool).blocks(b.url))
+                        self.forget(pool, b.url)
+                    elif b.healthy:
+                        self._ejected.discard(key)
+            await asyncio.sleep(self.eject_check_s)
 
     async def sync(self, pools: Mapping[str, Iterable[str]]) -> None:
         """Subscribe to every backend listed (pool → URLs), stop the others."""
@@ -165,6 +199,11 @@ class KVEvents:
             self.index(pool).drop(url)
 
     async def stop(self) -> None:
+        for task in [*self._tasks, *([self._watch_task] if self._watch_task else [])]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watch_task = None
         for key in list(self.subscribers) + list(self._starting):
             await self._remove(key)
         if self._ctx is not None:
@@ -187,8 +226,55 @@ class KVEvents:
         out["blocks"] = self.index(pool).blocks(url)
         return out
 
+    def collector(self) -> KVEventsCollector:
+        """Prometheus samples read at scrape time (register on the app's registry)."""
+        return KVEventsCollector(self)
+
     def states(self) -> list[tuple[str, str, Health]]:
         """(pool, url, health) of every backend followed."""
         out = [(p, u, s.health) for (p, u), s in self.subscribers.items()]
         out += [(p, u, h) for (p, u), h in self._pending.items()]
         return out
+
+
+_STATES = ("discovering", "no_source", "unknown", "live", "resyncing", "stopped")
+
+
+class KVEventsCollector:
+    """Per-backend event counters, index sizes and subscriber states, read at scrape time."""
+
+    def __init__(self, events: KVEvents) -> None:
+        self.events = events
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["pool", "backend"]
+        counters = {name: CounterMetricFamily(f"pdlb_kv_events_{name}", doc, labels=labels)
+                    for name, doc in (
+                        ("received", "KV-event messages received per backend."),
+                        ("decoded", "KV events decoded and applied to the pool's index."),
+                        ("dropped", "Malformed payloads or events, and events of unknown types."),
+                        ("gaps", "Sequence gaps seen (lost messages)."),
+                        ("replays", "Gaps filled from the publisher's replay endpoint."),
+                        ("restarts", "Publisher restarts seen (sequence going back)."))}
+        blocks = GaugeMetricFamily("pdlb_kv_index_blocks", "Blocks the pool's index holds for "
+                                   "the backend.", labels=labels)
+        state = GaugeMetricFamily("pdlb_kv_events_state", "1 for the subscriber's state.",
+                                  labels=[*labels, "state"])
+        for pool, url, h in self.events.states():
+            for name, family in counters.items():
+                family.add_metric([pool, url], float(getattr(h, name)))
+            blocks.add_metric([pool, url], float(self.events.index(pool).blocks(url)))
+            for name in _STATES:
+                state.add_metric([pool, url, name], 1.0 if h.state == name else 0.0)
+        entries = GaugeMetricFamily("pdlb_kv_index_entries", "(backend, block) entries in the "
+                                    "pool's index.", labels=["pool"])
+        bound = GaugeMetricFamily("pdlb_kv_index_max_entries", "The index's bound "
+                                  "([kv_events] max_blocks).", labels=["pool"])
+        evicted = CounterMetricFamily("pdlb_kv_index_evicted", "Entries forgotten at the bound "
+                                      "(oldest first).", labels=["pool"])
+        for pool, index in self.events.indexes.items():
+            entries.add_metric([pool], float(len(index)))
+            bound.add_metric([pool], float(index.max_blocks))
+            evicted.add_metric([pool], float(index.evicted))
+        yield from counters.values()
+        yield from (blocks, state, entries, bound, evicted)
