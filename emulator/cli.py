@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import gc
 import logging
 import signal
@@ -23,6 +24,9 @@ from typing import Any
 
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
+
+DEFAULT_PORT = 8100
+"""Not ``pdlb serve``'s 8000: an emulator and pdlb started with their defaults coexist."""
 
 
 def _optional(inner: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -39,12 +43,13 @@ def _flag(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m emulator",
+        prog="pdlb emulate",
         description="A vLLM 0.32 emulator (prefill/decode/colocated) with a performance model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind.")
-    parser.add_argument("--port", type=int, default=8000, help="Port to bind (0 = any free).")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="Port to bind (0 = any free); not pdlb serve's 8000.")
     parser.add_argument("--log-level", default="warning", help="Python logging level.")
     hints = typing.get_type_hints(EmulatorConfig)
     for f in dataclasses.fields(EmulatorConfig):
@@ -121,10 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if not 0 <= args.port <= 65535:
+        parser.error(f"argument --port: {args.port} is not a port from 0 to 65535")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(config, args.host, args.port))
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(config, args.host, args.port))
+    except OSError as exc:
+        reason = ("the address is already in use (another server on that port?)"
+                  if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        print(f"pdlb emulate: cannot listen on {args.host}:{args.port}: {reason}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,8 +18,12 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from lb.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lb.config import Config
 
 DELEGATED = {
     "demo": "lb.tools.demo",
@@ -52,7 +56,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    from lb.config import Config, config_from_flags, load_config, override
+    from lb.config import config_from_flags, load_config, override
 
     args = _serve_parser().parse_args(argv)
     logging.basicConfig(
@@ -76,6 +80,11 @@ def serve_main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"pdlb: config error: {exc}", file=sys.stderr)
         return 2
+    for url in _in_both_pools(config):
+        logging.getLogger("pdlb.config").warning(
+            "%s is in both the prefill and the decode pool: a server started for one role"
+            " (kv_producer / kv_consumer) fails the other's requests, and a colocated one"
+            " (kv_both) gains nothing from being its own prefill; list it in one pool", url)
     if config.log.format == "json":
         from lb.accesslog import JsonFormatter
 
@@ -99,6 +108,11 @@ def serve_main(argv: Sequence[str]) -> int:
 
     return run(share(config, args.worker_share), reloader if args.config else None,
                reuse_port=args.reuse_port)
+
+
+def _in_both_pools(config: Config) -> list[str]:
+    decode = {b.url for b in config.decode.backends}
+    return [b.url for b in config.prefill.backends if b.url in decode]
 
 
 def _without_workers_flag(argv: list[str]) -> list[str]:

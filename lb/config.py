@@ -517,7 +517,11 @@ def override(
             pools[name] = replace(pools[name], backends=backends)
     server = config.server
     if host is not None:
+        if not host.strip():
+            raise ConfigError(f"--host = {host!r}: expected an address or a host name")
         server = replace(server, host=host)
     if port is not None:
+        if not 0 <= port <= 65535:  # worded as the file's server.port
+            raise ConfigError(f"--port = {port}: must be {'>= 0' if port < 0 else '<= 65535'}")
         server = replace(server, port=port)
     return replace(config, pools=pools, server=server)

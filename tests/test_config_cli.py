@@ -146,7 +146,7 @@ def test_cli_serve_prints_listening_line_and_stops_on_sigterm():
 def test_cli_connector_startup_check_failure_exits_2(tmp_path):
     """A start-up check that needs the network (sglang bootstrap) fails with one line."""
     path = write(tmp_path, "[pools.prefill]\nbackends=['http://127.0.0.1:9']\n"
-                           "[pools.decode]\nbackends=['http://127.0.0.1:9']\n"
+                           "[pools.decode]\nbackends=['http://127.0.0.1:19']\n"
                            "[kv_transfer]\nconnector='sglang'\nbootstrap_port=9\n"
                            "startup_timeout_s=0.5\n")
     result = run_cli("serve", "--config", str(path), "--port", "0")

@@ -24,7 +24,7 @@ from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import BackendRef, ConnectorStartup
 from lb.connectors.registry import build_connector
-from lb.errors import ConfigError, NotFound, PdlbError
+from lb.errors import ConfigError, InvalidRequest, NotFound, PdlbError
 from lb.metrics import Metrics
 from lb.proxy import Proxy
 from lb.request import Endpoint
@@ -89,14 +89,25 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error_response(error_answer(NotFound(
             f"no route for {request.method} {request.path}", code="unknown_route")))
     except web.HTTPMethodNotAllowed as exc:
-        return _error_response(error_answer(PdlbError(
-            f"method {exc.method} not allowed on {request.path}", status=405,
-            code="method_not_allowed")))
+        return _error_response(error_answer(_MethodNotAllowed(
+            f"method {exc.method} not allowed on {request.path}", exc.allowed_methods)))
     except web.HTTPException as exc:
-        return _error_response(error_answer(PdlbError(exc.reason, status=exc.status)))
+        kind = InvalidRequest if exc.status < 500 else PdlbError
+        return _error_response(error_answer(kind(exc.reason, status=exc.status)))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error_response(error_answer(internal_error()))
+
+
+class _MethodNotAllowed(InvalidRequest):
+    """405, with the ``Allow`` header RFC 9110 asks for."""
+
+    def __init__(self, message: str, allowed: set[str]) -> None:
+        super().__init__(message, status=405, code="method_not_allowed")
+        self.allowed = ", ".join(sorted(allowed))
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
 
 
 def _completion_handler(endpoint: Endpoint) -> Handler:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -45,6 +48,16 @@ async def start_site(
         auto_decompress=False,
     )
     await runner.setup()
+    try:
+        return await _start_sites(runner, config, drain_s, reuse_port)
+    except BaseException:
+        await runner.cleanup()  # the app's resources (client session, tasks) go too
+        raise
+
+
+async def _start_sites(runner: web.AppRunner, config: Config, drain_s: float | None,
+                       reuse_port: bool) -> tuple[web.AppRunner, str]:
+    app = runner.app
     site: web.BaseSite
     if config.server.fast_front:
         assert runner.server is not None
@@ -122,7 +135,19 @@ def run(config: Config, reloader: Reloader | None = None, reuse_port: bool = Fal
         print(f"pdlb: config error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"pdlb: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
-              file=sys.stderr)
-        return 1
+        print(f"pdlb: cannot listen on {config.server.host}:{config.server.port}: "
+              f"{listen_error(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def listen_error(exc: OSError) -> str:
+    """A bind failure in a few words ("address already in use"), without the event loop's
+    wrapping of it."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host: {exc.strerror}"
+    if exc.errno == errno.EADDRINUSE:
+        return "the address is already in use (another server on that port?)"
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return str(exc)
