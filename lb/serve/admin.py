@@ -51,7 +51,7 @@ def apply_reload(
     admission.reconfigure(new.pools)
     rebuild_all()
     ignored = [section for section in ("server", "kv_transfer", "tokenizer", "health", "scrape",
-                                       "resilience", "auth", "admin", "log")
+                                       "resilience", "auth", "admin", "log", "kv_events")
                if getattr(current, section) != getattr(new, section)]
     report["needs_restart_to_apply"] = ignored
     log.info("%s", describe_reload(new.source, report))

@@ -158,3 +158,36 @@ async def test_backend_without_events_is_discovered_as_none(start_pdlb: Any) -> 
         await until(lambda: events.health("prefill", p.url)["state"] == "no_source",
                     "discovery answered: no events")
         assert events.cached_prefix("prefill", prompt(20)) == {}
+
+
+async def test_reload_follows_added_and_removed_backends(tmp_path: Any) -> None:
+    """A hot reload subscribes to an added backend and stops (and forgets) a removed one."""
+    from lb.config import load_config
+    from lb.serve.app import RELOAD
+    from lb.serve.server import start_site
+
+    def write(prefill: str, decode: str) -> None:
+        path.write_text(f'[pools.prefill]\nbackends = ["{prefill}"]\n'
+                        f'[pools.decode]\nbackends = ["{decode}"]\n'
+                        '[server]\nport = 0\n[health]\ninterval_s = 0.2\ntimeout_s = 0.5\n'
+                        '[kv_events]\nenabled = true\n')
+
+    path = tmp_path / "backends.toml"
+    async with emulator("prefill", free_port()) as p1, emulator("prefill", free_port()) as p2, \
+            emulator("decode", None) as d:
+        write(p1.url, d.url)
+        runner, url = await start_site(load_config(path), drain_s=1.0,
+                                       reloader=lambda: load_config(path))
+        try:
+            events = runner.app[KV_EVENTS]
+            assert events is not None
+            async with aiohttp.ClientSession() as http:
+                await go_live(http, url, events, "prefill", p1.url)
+                write(p2.url, d.url)
+                report = runner.app[RELOAD]()
+                assert report["pools"]["prefill"]["added"] == [p2.url]
+                await go_live(http, url, events, "prefill", p2.url)
+            assert ("prefill", p1.url) not in events.subscribers
+            assert not events.index("prefill").known(p1.url)
+        finally:
+            await runner.cleanup()
