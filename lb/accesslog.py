@@ -70,12 +70,23 @@ def _int(value: Any) -> int | None:
 class AccessLog:
     """Formats and writes access lines (``fmt``: ``text`` or ``json``)."""
 
-    __slots__ = ("_json", "_log", "enabled")
+    __slots__ = ("_json", "_log", "_second", "_second_text", "enabled")
 
     def __init__(self, enabled: bool, fmt: str) -> None:
         self.enabled = enabled
         self._json = fmt == "json"
         self._log = logging.getLogger(ACCESS_LOGGER)
+        self._second = 0
+        self._second_text = ""
+
+    def _utc_now(self) -> str:
+        """ISO 8601 UTC with milliseconds; the seconds part formatted once a second."""
+        now = time.time()
+        whole = int(now)
+        if whole != self._second:
+            self._second = whole
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        return f"{self._second_text}.{int((now - whole) * 1000):03d}Z"
 
     def emit(self, record: RequestRecord, *, client: str, endpoint: str, status: int) -> None:
         """Write ``record``'s line, if access logging is on at INFO."""
@@ -83,23 +94,25 @@ class AccessLog:
             return
         fields = self.fields(record, client=client, endpoint=endpoint, status=status)
         if self._json:
-            self._log.info("%s", orjson.dumps(fields).decode())
-        else:
+            self._log.info("%s", orjson.dumps({"time": self._utc_now(), **fields}).decode())
+        else:  # the log line's own time is the logging format's
             self._log.info("%s", " ".join(
-                f"{key}={'-' if value is None else value}" for key, value in fields.items()
-                if key != "time"))
+                [f"{key}={'-' if value is None else value}" for key, value in fields.items()]))
 
     @staticmethod
     def fields(record: RequestRecord, *, client: str, endpoint: str, status: int
                ) -> dict[str, Any]:
         """The line's fields, in order (times in milliseconds)."""
         now = time.monotonic()
-        usage = record.usage or {}
-        prompt = _int(usage.get("prompt_tokens"))
-        details = usage.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        usage = record.usage
+        prompt = cached = output = None
+        if usage is not None:
+            prompt = _int(usage.get("prompt_tokens"))
+            output = _int(usage.get("completion_tokens"))
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                cached = _int(details.get("cached_tokens"))
         return {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
             "request_id": record.request_id,
             "client": client,
             "endpoint": endpoint,
@@ -107,7 +120,7 @@ class AccessLog:
             "status": status,
             "prompt_tokens": prompt if prompt is not None else record.prompt_tokens,
             "cached_tokens": cached if cached is not None else record.cached_tokens,
-            "output_tokens": _int(usage.get("completion_tokens")),
+            "output_tokens": output,
             "prefill": record.prefill_backend,
             "decode": record.decode_backend,
             "queue_ms": _ms(record.queue_s),
