@@ -53,7 +53,7 @@ async def joined(pub: Publisher, sub: Subscriber) -> None:
         pub.cleared()
         pub.flush()
         await asyncio.sleep(0.01)
-        if sub.health.received:
+        if sub.health.state == "live":
             return
     raise AssertionError("the subscriber never joined")
 
@@ -198,3 +198,28 @@ def test_emulator_payload_is_vllm_shaped() -> None:
     finally:
         pub._pub.close(linger=0)
         pub._ctx.term()
+
+
+async def test_lost_connection_drops_the_backend(ctx: zmq.asyncio.Context) -> None:
+    """The publisher goes away (an engine restart): the entries go at once, before anything
+    new is published; a new publisher on the same endpoint starts a fresh sequence."""
+    pub, sub, index = await setup(ctx)
+    endpoint = pub.endpoint
+    pub.stored([11], None, T[:4])
+    pub.flush()
+    await until(lambda: index.blocks(B) == 1, "first block")
+    seq = pub.seq
+    await pub.stop()
+    try:
+        await until(lambda: sub.health.disconnects == 1, "disconnect seen")
+        assert index.longest_prefix(T) == {} and sub.health.state == "unknown"
+        pub = Publisher(endpoint, topic="kv", block_size=4)
+        pub.seq = seq + 5  # a later number than the old engine's: still no replay, no gap
+        await joined(pub, sub)
+        pub.stored([31], None, T[30:34])
+        pub.flush()
+        await until(lambda: index.longest_prefix(T[30:]) == {B: 4}, "fresh blocks")
+        assert sub.health.gaps == 0
+    finally:
+        await sub.stop()
+        await pub.stop()

@@ -255,7 +255,8 @@ class KVEventsCollector:
                         ("dropped", "Malformed payloads or events, and events of unknown types."),
                         ("gaps", "Sequence gaps seen (lost messages)."),
                         ("replays", "Gaps filled from the publisher's replay endpoint."),
-                        ("restarts", "Publisher restarts seen (sequence going back)."))}
+                        ("restarts", "Publisher restarts seen (sequence going back)."),
+                        ("disconnects", "Connections to the publisher lost (entries dropped)."))}
         blocks = GaugeMetricFamily("pdlb_kv_index_blocks", "Blocks the pool's index holds for "
                                    "the backend.", labels=labels)
         state = GaugeMetricFamily("pdlb_kv_events_state", "1 for the subscriber's state.",

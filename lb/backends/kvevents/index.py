@@ -172,8 +172,8 @@ class BlockIndex:
             parent = hash((parent, block_ns, tuple(chunk)))
             ek = (dp_rank, group, medium, h)
             old = holder.engine.get(ek)
-            if old == parent:
-                continue
+            if old == parent and parent in holder.refs:
+                continue  # a repeated store (still held: nothing changes)
             if old is not None:
                 self._unref(backend, holder, old)
             holder.engine[ek] = parent

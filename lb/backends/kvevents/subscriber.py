@@ -9,6 +9,8 @@ the stream make the index lie:
   until seq = -1) when there is one; without one, or when the replay cannot cover the gap,
   the backend's entries are dropped and rebuilt from the events that follow;
 - a sequence number going backwards is a restarted publisher: its old blocks are gone;
+- a lost connection (ZMQ's socket monitor) drops the backend's entries at once: a restarted
+  engine starts empty, and a cut stream cannot be trusted;
 - a malformed payload or an unknown event type is counted and skipped, never raised.
 
 Decoding runs on the event loop (msgspec decodes a batch in microseconds), one message at a
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from lb.backends.kvevents.index import BlockIndex
 from lb.backends.kvevents.wire import Decoded, Decoder
@@ -59,6 +62,7 @@ class Health:
     gaps: int = 0
     replays: int = 0
     restarts: int = 0
+    disconnects: int = 0
     orphans: int = 0
     last_seq: dict[int, int] = field(default_factory=dict)
     last_event_at: float | None = None
@@ -70,7 +74,8 @@ class Health:
         return {"state": self.state, "endpoints": self.endpoints, "received": self.received,
                 "decoded": self.decoded, "dropped": self.dropped,
                 "unknown_types": self.unknown_types, "gaps": self.gaps,
-                "replays": self.replays, "restarts": self.restarts, "orphans": self.orphans,
+                "replays": self.replays, "restarts": self.restarts,
+                "disconnects": self.disconnects, "orphans": self.orphans,
                 "last_event_age_s": age}
 
 
@@ -115,6 +120,8 @@ class Subscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, ep.topic.encode())
+        monitor = asyncio.create_task(self._watch_disconnects(slot, ep, sock),
+                                      name=f"pdlb-kvevents-monitor {self.backend}")
         try:
             sock.connect(ep.endpoint)
             budget = self._slice_s
@@ -133,7 +140,27 @@ class Subscriber:
             log.exception("kv events of %s (%s): subscriber stopped", self.backend, ep.endpoint)
             self.health.state = "stopped"
         finally:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
             sock.close(linger=0)
+
+    async def _watch_disconnects(self, slot: int, ep: Endpoint, sock: zmq.asyncio.Socket) -> None:
+        """A lost connection is a publisher that stopped or restarted, or a network cut:
+        either way what the index holds for the backend can no longer be trusted. Its
+        entries go at once, and the next message starts a fresh sequence (no replay from
+        a restarted engine's buffer mixed with the old engine's blocks)."""
+        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                parse_monitor_message(await mon.recv_multipart())
+                log.warning("kv events of %s: %s disconnected; its entries dropped",
+                            self.backend, ep.endpoint)
+                self.health.disconnects += 1
+                self.forget()
+        finally:
+            sock.disable_monitor()
+            mon.close(linger=0)
 
     async def handle(self, slot: int, ep: Endpoint, frames: list[bytes]) -> None:
         """One published message: sequence check, then decode and apply."""
