@@ -6,10 +6,11 @@ a burst of events holds the event loop.
 
 1. decode+apply: µs per batch of one BlockStored (16 blocks of 16 tokens, as vLLM on GPU sends
    for a 256-token prefill step), through pdlb's decoder and one pool's index.
-2. lookup: µs per ``longest_prefix`` over an index of 8 backends x 12,500 blocks, for
+2. memory: bytes per (backend, block) entry of the index (tracemalloc).
+3. lookup: µs per ``longest_prefix`` over an index of 8 backends x 12,500 blocks, for
    prompts of 512, 2048 and 8192 tokens fully cached on one backend (the worst case: every
    block hashed and found).
-3. loop lag: a publisher on loopback sends ``--burst`` batches as fast as it can to a real
+4. loop lag: a publisher on loopback sends ``--burst`` batches as fast as it can to a real
    subscriber, while a ticker task in the subscriber's loop asks for 1 ms sleeps; the
    ticker's overshoot (max and p99) is the delay any request handler in that loop would see,
    next to the same ticker with no burst.
@@ -71,6 +72,23 @@ def bench_decode() -> None:
     print(f"decode, 1 BlockStored x16 blocks ({len(payloads[0])} B): "
           f"{best(decode_only, 2000):.1f} µs/batch")
     print(f"decode + index apply:                     {best(decode_apply, 2000):.1f} µs/batch")
+
+
+def bench_memory() -> None:
+    """Bytes per (backend, block) entry: engine hash map, refcounts, holders, LRU order."""
+    import tracemalloc
+    n = 50_000
+    tokens = [i % 50_000 for i in range(n * BS)]
+    event = BlockStored(block_hashes=[(i + 1) * 2_654_435_761 for i in range(n)],
+                        parent_block_hash=None, token_ids=tokens, block_size=BS)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    index = BlockIndex(max_blocks=10**7)
+    index.apply("http://b0", [event])
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    print(f"index memory: {used / n:.0f} B per block entry ({n} entries: {used / 2**20:.1f} MiB;"
+          f" the default bound of 500,000 entries: ~{used / n * 5e5 / 2**20:.0f} MiB)")
 
 
 def bench_lookup() -> None:
@@ -182,6 +200,7 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, msgspec {msgspec.__version__}, "
           f"pyzmq {zmq.__version__}")
     bench_decode()
+    bench_memory()
     bench_lookup()
     asyncio.run(bench_burst(args.burst))
 

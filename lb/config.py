@@ -188,7 +188,7 @@ class KVEventsConfig:
     """Find each backend's endpoints from its ``GET /kv_event_sources`` (vLLM's answer)."""
     topic: str = ""
     """ZMQ topic for configured endpoints ("" = all; discovered ones carry their own)."""
-    max_blocks: int = 1_000_000
+    max_blocks: int = 500_000
     """Bound of each pool's index in (backend, block) entries; the oldest go first."""
     replay_timeout_s: float = 1.0
     """How long a replay request after a sequence gap may take before the backend's entries
@@ -464,7 +464,7 @@ def _read_kv_events(r: Options, pools: Mapping[str, PoolConfig]) -> KVEventsConf
         enabled=r.value("enabled", bool, False),
         discover=r.value("discover", bool, True),
         topic=r.value("topic", str, ""),
-        max_blocks=r.integer("max_blocks", 1_000_000, minimum=1),
+        max_blocks=r.integer("max_blocks", 500_000, minimum=1),
         replay_timeout_s=r.number("replay_timeout_s", 1.0, minimum=0.01),
         backends=per_backend,
     )

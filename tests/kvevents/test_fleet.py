@@ -191,3 +191,31 @@ async def test_reload_follows_added_and_removed_backends(tmp_path: Any) -> None:
             assert not events.index("prefill").known(p1.url)
         finally:
             await runner.cleanup()
+
+
+async def test_two_replicas_build_the_same_index(start_pdlb: Any) -> None:
+    """Two pdlb processes' worth of apps on one fleet: the same keys, the same answers (the
+    keys are pdlb's own hash of the tokens, never vLLM's seeded hashes)."""
+    async with emulator("prefill", free_port()) as p1, emulator("prefill", free_port()) as p2, \
+            emulator("decode", None) as d:
+        config = make_config([p1.url, p2.url], [d.url], kv_events={"enabled": True},
+                             pools={"prefill": {"policy": "round_robin"}})
+        url_a, app_a = await start_pdlb(config)
+        _, app_b = await start_pdlb(config)
+        a, b = app_a[KV_EVENTS], app_b[KV_EVENTS]
+        assert a is not None and b is not None
+        async with aiohttp.ClientSession() as http:
+            for backend in (p1.url, p2.url):
+                for events in (a, b):
+                    await go_live(http, url_a, events, "prefill", backend)
+            prompts = [prompt(30 + i) for i in range(4)]
+            for each in prompts:
+                await complete(http, url_a, each)
+
+            def same() -> bool:
+                answers = [(a.cached_prefix("prefill", x), b.cached_prefix("prefill", x))
+                           for x in prompts]
+                return all(x == y and max(x.values()) == 20 * BS for x, y in answers)
+
+            await until(same, "both replicas see every prompt where it was prefilled")
+        assert a.index("prefill").snapshot() == b.index("prefill").snapshot()

@@ -74,7 +74,7 @@ class ApplyResult:
 class BlockIndex:
     """The blocks every backend of one pool holds, under pdlb's own keys."""
 
-    def __init__(self, max_blocks: int = 1_000_000) -> None:
+    def __init__(self, max_blocks: int = 500_000) -> None:
         self.max_blocks = max_blocks
         self.evicted = 0
         self._holders: dict[str, _Holder] = {}
@@ -99,6 +99,11 @@ class BlockIndex:
 
     def backends(self) -> list[str]:
         return list(self._holders)
+
+    def snapshot(self) -> dict[int, frozenset[str]]:
+        """Every key and the backends holding it (introspection and tests; O(entries))."""
+        return {key: frozenset(b for b, bit in self._bit.items() if mask & bit)
+                for key, mask in self._where.items()}
 
     # ---------------------------------------------------------------- updates
     def mark_known(self, backend: str) -> None:
