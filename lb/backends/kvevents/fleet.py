@@ -151,8 +151,10 @@ class KVEvents:
             if endpoints:
                 break
             if endpoints is not None and not self.config.discover:
+                self._pending[key].state = "no_source"  # nothing configured, nothing to find
+                self._starting.pop(key, None)
                 return
-            self._pending[key].state = "no_source"
+            self._pending[key].state = "no_source" if endpoints is not None else "discovering"
             await asyncio.sleep(self._discover_interval_s)
         assert self._ctx is not None
         sub = Subscriber(url, endpoints, self.index(pool), context=self._ctx,
