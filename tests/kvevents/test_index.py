@@ -92,3 +92,15 @@ def test_same_block_in_two_ranks_counts_once_until_both_removed() -> None:
     assert ix.longest_prefix(T) == {"a": 4}
     ix.apply("a", [BlockRemoved(block_hashes=[9])], dp_rank=1)
     assert ix.longest_prefix(T) == {"a": 0}
+
+
+def test_each_backend_gets_its_own_prefix_length() -> None:
+    """Backends whose cached prefixes end at different blocks, one holding a later block
+    without the first (not a prefix: 0), and a prompt shorter than a block."""
+    ix = BlockIndex()
+    ix.apply("a", [stored([1, 2, 3], None, T[:12])])
+    ix.apply("b", [stored([1], None, T[:4])])
+    ix.apply("c", [stored([1, 2], None, T[:8]), BlockRemoved(block_hashes=[1])])
+    ix.apply("d", [stored([1, 2], None, T[:8])])
+    assert ix.longest_prefix(T) == {"a": 12, "b": 4, "c": 0, "d": 8}
+    assert ix.longest_prefix(T[:3]) == {"a": 0, "b": 0, "c": 0, "d": 0}

@@ -241,22 +241,31 @@ class BlockIndex:
             if holder.block_size:
                 by_size[holder.block_size] = by_size.get(holder.block_size, 0) | self._bit[backend]
         where = self._where
+        bits = self._bit
         n = len(prompt_token_ids)
+        tokens: Sequence[int] = ()
         for size, members in by_size.items():
+            if n < size or not members & where.get(
+                    hash((0, ns, tuple(prompt_token_ids[:size]))), 0):
+                continue  # the usual miss, without copying the prompt
+            if not tokens:
+                tokens = tuple(prompt_token_ids)  # slices of a tuple are tuples: one copy
             alive = members
             parent = 0
-            ends: list[tuple[int, int]] = []  # (mask still alive, tokens) per block
+            end = 0
             for start in range(0, n - size + 1, size):
-                parent = hash((parent, ns, tuple(prompt_token_ids[start:start + size])))
-                alive &= where.get(parent, 0)
-                if not alive:
-                    break
-                ends.append((alive, start + size))
-            if ends:
-                for backend in out:
-                    bit = self._bit[backend]
-                    for mask, end in reversed(ends):
-                        if mask & bit:
+                parent = hash((parent, ns, tuple(tokens[start:start + size])))
+                held = alive & where.get(parent, 0)
+                if held != alive:  # some backends' prefixes end here (rare: ≤ once each)
+                    for backend, bit in bits.items():
+                        if alive & bit and not held & bit:
                             out[backend] = end
-                            break
+                    alive = held
+                    if not alive:
+                        break
+                end = start + size
+            if alive:
+                for backend, bit in bits.items():
+                    if alive & bit:
+                        out[backend] = end
         return out
