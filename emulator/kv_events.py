@@ -114,7 +114,7 @@ class Publisher:
         if self._replay is not None:
             self._replay.close(linger=0)
         self._pub.close(linger=0)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)
 
     def sources(self, host: str) -> dict[str, dict[str, Any]]:
         """``GET /kv_event_sources``: vLLM's KVEventsConfig per DP rank."""

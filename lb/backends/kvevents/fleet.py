@@ -209,7 +209,7 @@ class KVEvents:
         for key in list(self.subscribers) + list(self._starting):
             await self._remove(key)
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # every socket closed: never blocks shutdown
             self._ctx = None
 
     # ---------------------------------------------------------------- what policies ask
