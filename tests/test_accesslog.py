@@ -148,3 +148,19 @@ async def test_text_format_and_off(pair, start_pdlb, connect, caplog) -> None:
     await c.send(post())
     assert (await c.response())[0] == 200
     assert _lines(caplog) == []
+
+
+@FRONTS
+async def test_body_timeout_is_logged(pair, start_pdlb, connect, caplog, fast_front) -> None:
+    """A body that never arrives (408) is one line too, on the front that answers it
+    before the guard's serve and on aiohttp's."""
+    caplog.set_level(logging.INFO, logger="pdlb.access")
+    _, _, pu, du = pair
+    url, _ = await start_pdlb(make_config([pu], [du], server={
+        "port": 0, "fast_front": fast_front, "body_timeout_s": 0.3}, log={"format": "json"}))
+    c = await connect(url)
+    await c.send(post()[:-5])
+    assert (await c.response())[0] == 408
+    line = await _one_line(caplog)
+    assert line["status"] == 408 and line["reason"] == "body_timeout"
+    assert line["endpoint"] == "completions" and line["total_ms"] > 0

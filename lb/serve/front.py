@@ -31,7 +31,7 @@ from aiohttp import web
 
 from lb.config import Config
 from lb.request import Endpoint
-from lb.serve.guard import Guard, error_answer
+from lb.serve.guard import Guard
 from lb.serve.handoff import hand_off
 from lb.serve.rawside import RawSide
 from lb.serve.requesthead import MAX_HEAD_BYTES, Head, parse_head
@@ -267,8 +267,8 @@ class FrontProtocol(asyncio.Protocol):
         self._head = None
         self._parts = []
         guard = self.front.guard
-        RawSide(self, {}, b"").send_error(error_answer(guard.body_timeout()))
-        guard.count(endpoint, 408)
+        guard.answered_early(RawSide(self, {}, b""), endpoint, guard.body_timeout(),
+                             waited_s=guard.body_timeout_s)
         self.close()
 
     def _served(self) -> None:

@@ -144,6 +144,17 @@ class Guard:
     def count(self, endpoint: Endpoint, status: int) -> None:
         self._requests.labels(endpoint=endpoint, status=str(status)).inc()
 
+    def answered_early(self, client: ServedClient, endpoint: Endpoint, error: PdlbError,
+                       waited_s: float) -> None:
+        """An error a front answers before :meth:`serve` could start (the fast front's 408
+        for a body that never came, ``waited_s`` after its head): answered, counted and
+        logged as :meth:`serve` would."""
+        record = client.record = RequestRecord(time.monotonic() - waited_s)
+        record.reason = error.code
+        client.send_error(error_answer(error))
+        self.count(endpoint, error.status)
+        self._log(client, record, endpoint, error.status)
+
     # -- a completion request, start to end
     async def serve(self, client: ServedClient, endpoint: Endpoint,
                     done: Callable[[], None] | None = None) -> None:
