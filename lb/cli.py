@@ -1,12 +1,4 @@
-"""``pdlb`` — one command, several jobs.
-
-    pdlb serve --config backends.toml        the load balancer
-    pdlb serve --prefill URL --decode URL    the same, configured by flags
-    pdlb demo                                PD through pdlb vs colocated, on the emulator
-    pdlb emulate --role prefill|decode|both  a vLLM emulator
-    pdlb loadgen ...                         the load generator
-    pdlb launch-vllm ...                     start local vLLM prefill/decode pools
-    pdlb --version                           the installed version
+"""``pdlb`` — one command, several jobs (:data:`HELP`).
 
 Subcommands other than ``serve`` are imported lazily so ``pdlb serve`` starts fast.
 """
@@ -25,6 +17,30 @@ from lb.errors import ConfigError
 if TYPE_CHECKING:
     from lb.config import Config
 
+HELP = """\
+pdlb: one OpenAI-compatible server in front of vLLM prefill and decode pools.
+
+  pdlb serve --config backends.toml        the load balancer
+  pdlb serve --prefill URL --decode URL    the same, configured by flags
+  pdlb demo                                PD through pdlb vs colocated, on the emulator
+  pdlb emulate --role prefill|decode|both  a vLLM emulator
+  pdlb loadgen ...                         the load generator
+  pdlb launch-vllm ...                     start local vLLM prefill/decode pools
+  pdlb --version                           the installed version
+
+pdlb COMMAND --help for a command's options.
+"""
+
+SERVE_EXAMPLES = """\
+examples:
+  pdlb serve --prefill http://10.0.0.1:8100 --decode http://10.0.0.2:8200
+  pdlb serve --config backends.toml --host 0.0.0.0 --port 8000
+  pdlb serve -c backends.toml --workers 4 --log-level warning
+
+Probes: GET /health/live (liveness), GET /health/ready (readiness); metrics: GET /metrics.
+SIGTERM drains in-flight requests; SIGHUP reloads the config file.
+"""
+
 DELEGATED = {
     "demo": "lb.tools.demo",
     "emulate": "emulator.cli",
@@ -37,6 +53,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pdlb serve",
         description="Serve an OpenAI-compatible API in front of vLLM prefill and decode pools.",
+        epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", "-c", help="backends.toml (flags below override it)")
     p.add_argument("--prefill", action="append", metavar="URL",
@@ -46,7 +63,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind (default 8000; 0 = any free port)")
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"],
+                   help="least important log lines shown (default info: start-up, reloads,"
+                        " health changes, one access line per request)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the port (SO_REUSEPORT); budgets are split"
                         " between them (default 1)")
@@ -131,7 +150,7 @@ def _without_workers_flag(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
+        print(HELP, end="")
         return 0 if args else 2
     if args[0] in ("--version", "-V"):
         from lb.metrics import pdlb_version

@@ -93,3 +93,14 @@ async def test_405_is_an_invalid_request_error_with_allow(start_pdlb) -> None:
         assert "POST" in r.headers["Allow"]
         error = (await r.json())["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == "method_not_allowed"
+
+
+def test_help_is_plain_and_serve_help_has_examples() -> None:
+    """``pdlb --help`` has no RST markup or developer notes; ``pdlb serve --help`` shows
+    examples and the probes."""
+    top = _pdlb("--help")
+    assert top.returncode == 0 and "pdlb serve --config backends.toml" in top.stdout
+    assert "``" not in top.stdout and "lazily" not in top.stdout
+    serve = _pdlb("serve", "--help")
+    assert serve.returncode == 0
+    assert "examples:" in serve.stdout and "/health/ready" in serve.stdout
