@@ -41,10 +41,12 @@ def test_bad_port_flag_is_one_line_and_exit_2(port) -> None:
     assert out.stderr.splitlines() == [f"pdlb: config error: --port = {port}: must be {bound}"]
 
 
-def test_serve_on_a_busy_port_is_one_line_and_exit_2(busy_port) -> None:
-    """A port in use: one line, exit 2, no traceback and no asyncio noise."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_busy_port_is_one_line_and_exit_2(busy_port, workers) -> None:
+    """A port in use: one line, exit 2, no traceback and no asyncio noise (also with
+    --workers, whose parent reserves the port)."""
     out = _pdlb("serve", "--prefill", DEAD, "--decode", DEAD2, "--port", str(busy_port),
-                "--log-level", "warning")
+                "--log-level", "warning", "--workers", workers)
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
         f"pdlb: cannot listen on 127.0.0.1:{busy_port}: the address is already in use"

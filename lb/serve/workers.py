@@ -72,7 +72,14 @@ def _die_with_parent() -> None:
 
 def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
     """Start ``workers`` copies of ``pdlb serve`` (``argv`` minus --workers) on one port."""
-    holder = _reserve_port(config.server.host, config.server.port)
+    try:
+        holder = _reserve_port(config.server.host, config.server.port)
+    except OSError as exc:
+        from lb.serve.server import listen_error
+
+        print(f"pdlb: cannot listen on {config.server.host}:{config.server.port}: "
+              f"{listen_error(exc)}", file=sys.stderr)
+        return 2
     port = holder.getsockname()[1]
     base = [sys.executable, "-m", "lb.cli", "serve", *argv, "--port", str(port),
             "--worker-share", str(workers), "--reuse-port"]
