@@ -12,6 +12,7 @@ from lb.metrics import pdlb_version
 from lb.serve.app import DRAINING
 from tests.conftest import make_config
 from tests.fake_vllm import FakeBehaviour, make_fake, run_app
+from tests.test_workers import REPO
 
 
 async def _get(url: str) -> tuple[int, dict[str, object]]:
@@ -108,3 +109,49 @@ def test_reload_is_one_plain_info_line(caplog, tmp_path) -> None:
     assert record.getMessage() == (
         "reloaded <test>: prefill pool added http://10.0.0.3:1 (2 backends); decode pool"
         " unchanged (1 backend); changed but not applied until a restart: [server]")
+
+
+async def test_workers_metrics_in_one_scrape() -> None:
+    """Under ``--workers 2`` one /metrics scrape holds both workers' series, labelled
+    ``worker``; their request counters add up to the requests served."""
+    import asyncio
+
+    p, d = FakeBehaviour(), FakeBehaviour()
+    async with run_app(make_fake("prefill", p)) as pu, run_app(make_fake("decode", d)) as du:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lb.cli", "serve", "--prefill", pu, "--decode", du,
+            "--port", "0", "--workers", "2", "--log-level", "warning",
+            stdout=asyncio.subprocess.PIPE, cwd=REPO)
+        try:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            url = line.split()[3]
+            async with aiohttp.ClientSession() as http:
+                for _ in range(10):
+                    async with http.post(url + "/v1/completions",
+                                         json={"prompt": "x", "max_tokens": 1},
+                                         headers={"Connection": "close"}) as r:
+                        assert r.status == 200
+                async with http.get(url + "/metrics") as r:
+                    text = await r.text()
+            builds = [x for x in text.splitlines() if x.startswith("pdlb_build_info{")]
+            assert len(builds) == 2
+            assert any('worker="0"' in x for x in builds)
+            assert any('worker="1"' in x for x in builds)
+            served = sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
+                         if x.startswith("pdlb_requests_total{") and 'status="200"' in x)
+            assert served == 10
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_admin_on_its_own_port_starts_and_stops(start_pdlb) -> None:
+    """``[admin] port`` set: pdlb starts (the admin runner's cleanup is registered before
+    the app's signals freeze) and the main listener still answers its probes."""
+    url, _ = await start_pdlb(make_config(["http://127.0.0.1:9"], ["http://127.0.0.1:19"],
+                                          admin={"enabled": True, "token": "t", "port": 0}))
+    assert (await _get(url + "/health/live"))[0] == 200

@@ -32,6 +32,7 @@ from lb.serve.admin import Reloader, admin_routes, apply_reload, state
 from lb.serve.aiohttpside import AiohttpSide
 from lb.serve.guard import ErrorAnswer, Guard, error_answer, internal_error
 from lb.serve.routes import COMPLETION_PATHS, ROUTES
+from lb.serve.workers import Siblings, merge_metrics
 from lb.tokens import PromptTokenizer, make_counter
 from policies.registry import PolicyLoadError, build_policy
 
@@ -47,6 +48,8 @@ MODELS_CACHE = web.AppKey("models_cache", list)
 GUARD = web.AppKey("guard", Guard)
 RELOAD: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("reload")
 ADMIN_APP = web.AppKey("admin_app", web.Application)
+SIBLINGS = web.AppKey("siblings", Siblings)
+"""Under ``pdlb serve --workers N``: the other workers, whose metrics /metrics merges."""
 DRAINING = web.AppKey("draining", asyncio.Event)
 KV_EVENTS: web.AppKey[KVEvents | None] = web.AppKey("kv_events")
 """The KV-event subscribers and each pool's block index (None unless ``[kv_events]`` is on);
@@ -195,6 +198,32 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    """This process's metrics; under ``--workers N`` every worker's, labelled ``worker``."""
+    own = request.app[METRICS].render()
+    siblings = request.app.get(SIBLINGS)
+    if siblings is not None:
+        upstream = request.app[UPSTREAM]
+        timeout = request.app[CONFIG].health.timeout_s
+        others = siblings.others()
+
+        async def fetch(url: str) -> str | None:
+            try:
+                status, text = await upstream.get_text(url, timeout_s=timeout)
+            except PdlbError:
+                return None
+            return text if status == 200 else None
+
+        answers = await asyncio.gather(*(fetch(url) for url in others.values()))
+        texts = {i: t for i, t in zip(others, answers, strict=True) if t is not None}
+        texts[siblings.index] = own.decode()
+        own = merge_metrics(texts)
+    return web.Response(
+        body=own, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+async def own_metrics(request: web.Request) -> web.Response:
+    """A worker's own metrics, on its private port (read by its siblings' /metrics)."""
     return web.Response(
         body=request.app[METRICS].render(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},

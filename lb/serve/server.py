@@ -26,8 +26,19 @@ from aiohttp import web
 from lb.config import Config
 from lb.errors import ConfigError
 from lb.serve.admin import Reloader
-from lb.serve.app import ADMIN_APP, DRAINING, GUARD, POOLS, RELOAD, create_app
+from lb.serve.app import (
+    ADMIN_APP,
+    DRAINING,
+    GUARD,
+    METRICS,
+    POOLS,
+    RELOAD,
+    SIBLINGS,
+    create_app,
+    own_metrics,
+)
 from lb.serve.front import Front, FrontSite
+from lb.serve.workers import Siblings
 
 log = logging.getLogger("pdlb.server")
 
@@ -47,16 +58,29 @@ async def start_site(
         # anything is read, so nothing is ever decompressed (no decompression bombs).
         auto_decompress=False,
     )
+    # Side servers (admin on its own port, a worker's private metrics port) are closed with
+    # the app; the hook is added now: the app's signals are frozen once it starts.
+    extra: list[web.AppRunner] = []
+
+    async def close_extra(_: web.Application) -> None:
+        for side in extra:
+            await side.cleanup()
+
+    app.on_cleanup.append(close_extra)
+    siblings = Siblings.from_env()
+    if siblings is not None:
+        app[SIBLINGS] = siblings
     await runner.setup()
     try:
-        return await _start_sites(runner, config, drain_s, reuse_port)
+        return await _start_sites(runner, config, drain_s, reuse_port, extra)
     except BaseException:
         await runner.cleanup()  # the app's resources (client session, tasks) go too
         raise
 
 
 async def _start_sites(runner: web.AppRunner, config: Config, drain_s: float | None,
-                       reuse_port: bool) -> tuple[web.AppRunner, str]:
+                       reuse_port: bool, extra: list[web.AppRunner]
+                       ) -> tuple[web.AppRunner, str]:
     app = runner.app
     site: web.BaseSite
     if config.server.fast_front:
@@ -70,14 +94,24 @@ async def _start_sites(runner: web.AppRunner, config: Config, drain_s: float | N
                            reuse_port=reuse_port or None)
     await site.start()
     host, port = runner.addresses[0][:2]
+    siblings = app.get(SIBLINGS)
+    if siblings is not None:  # --workers N: this worker's metrics for its siblings' scrapes
+        private = web.Application()
+        private[METRICS] = app[METRICS]
+        private.router.add_get("/metrics", own_metrics)
+        private_runner = web.AppRunner(private, access_log=None)
+        await private_runner.setup()
+        extra.append(private_runner)
+        await web.TCPSite(private_runner, "127.0.0.1", 0).start()
+        siblings.announce(_url(*private_runner.addresses[0][:2]) + "/metrics")
     admin_app = app.get(ADMIN_APP)
     if admin_app is not None:
         admin_runner = web.AppRunner(admin_app, access_log=None, auto_decompress=False)
         await admin_runner.setup()
+        extra.append(admin_runner)
         admin_site = web.TCPSite(admin_runner, config.admin.host or config.server.host,
                                  config.admin.port or 0)
         await admin_site.start()
-        app.on_cleanup.append(lambda _: admin_runner.cleanup())
         log.info("admin API on http://%s:%s", *admin_runner.addresses[0][:2])
     return runner, _url(host, port)
 

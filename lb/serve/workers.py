@@ -9,10 +9,11 @@ means, honestly:
   traffic, which averages out for load-based policies but weakens prefix/session affinity);
 * admission budgets (``max_inflight_tokens``, ``max_queue``, ``max_concurrent_requests``)
   are divided by N per worker, so the whole stays within the configured totals;
-* ``/metrics`` and ``/admin`` answer for the worker that took the connection, and nothing
-  tells which one that was: there is no per-worker port, so one scrape shows one worker's
-  share of the counters and in-flight gauges, not the totals. For whole-process numbers,
-  run one worker per port (separate ``pdlb serve`` instances) and aggregate in Prometheus.
+* ``/metrics`` answers for every worker in one scrape: each worker also serves its own
+  metrics on a private loopback port (announced in a folder the parent makes,
+  ``PDLB_WORKERS_DIR``), and the worker that takes the scrape reads its siblings' and
+  merges them, each series labelled ``worker="<index>"`` (sum by ``without (worker)`` for
+  the totals). ``/admin`` still answers for the worker that took the connection.
 
 The parent reserves the port, starts the workers, forwards SIGTERM/SIGINT/SIGHUP to them,
 and exits when they have all exited.
@@ -23,13 +24,80 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from lb.config import Config
+
+WORKERS_DIR_ENV = "PDLB_WORKERS_DIR"
+WORKER_INDEX_ENV = "PDLB_WORKER_INDEX"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Siblings:
+    """Where the workers of one ``pdlb serve --workers N`` announce their metrics ports."""
+
+    folder: Path
+    index: int
+
+    @classmethod
+    def from_env(cls) -> Siblings | None:
+        folder = os.environ.get(WORKERS_DIR_ENV)
+        index = os.environ.get(WORKER_INDEX_ENV)
+        if not folder or index is None or not index.isdigit():
+            return None
+        return cls(Path(folder), int(index))
+
+    def announce(self, url: str) -> None:
+        """Publish this worker's private metrics URL (atomically: a reader sees all or none)."""
+        tmp = self.folder / f".{self.index}.tmp"
+        tmp.write_text(url)
+        tmp.replace(self.folder / str(self.index))
+
+    def others(self) -> dict[int, str]:
+        """The other workers' metrics URLs, by index."""
+        found: dict[int, str] = {}
+        with contextlib.suppress(OSError):
+            for entry in self.folder.iterdir():
+                if entry.name.isdigit() and int(entry.name) != self.index:
+                    with contextlib.suppress(OSError):
+                        found[int(entry.name)] = entry.read_text().strip()
+        return found
+
+
+class _Merged:
+    """A collector over already-merged families (for generate_latest)."""
+
+    def __init__(self, families: Iterator[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def merge_metrics(texts: Mapping[int, str]) -> bytes:
+    """Several workers' Prometheus texts as one, each sample labelled ``worker``."""
+    families: dict[str, Metric] = {}
+    for index in sorted(texts):
+        for family in text_string_to_metric_families(texts[index]):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation,
+                                                        family.type, family.unit)
+            worker = str(index)
+            merged.samples.extend(s._replace(labels={**s.labels, "worker": worker})
+                                  for s in family.samples)
+    return generate_latest(_Merged(iter(families.values())))
 
 
 def share(config: Config, workers: int) -> Config:
@@ -83,9 +151,12 @@ def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
     port = holder.getsockname()[1]
     base = [sys.executable, "-m", "lb.cli", "serve", *argv, "--port", str(port),
             "--worker-share", str(workers), "--reuse-port"]
+    folder = tempfile.TemporaryDirectory(prefix="pdlb-workers-")
     children = [subprocess.Popen(base, stdout=subprocess.PIPE, text=True,
-                                 preexec_fn=_die_with_parent)
-                for _ in range(workers)]
+                                 preexec_fn=_die_with_parent,
+                                 env={**os.environ, WORKERS_DIR_ENV: folder.name,
+                                      WORKER_INDEX_ENV: str(index)})
+                for index in range(workers)]
     url = ""
     try:
         for child in children:
@@ -97,6 +168,7 @@ def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
     except RuntimeError as exc:
         for child in children:
             child.terminate()
+        folder.cleanup()
         print(f"pdlb: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -112,5 +184,6 @@ def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     codes = [child.wait() for child in children]
+    folder.cleanup()
     return max(codes, key=abs) if any(codes) else 0
 
