@@ -31,7 +31,8 @@ class RequestRecord:
     when a stage did not happen)."""
 
     __slots__ = (
-        "cached_tokens", "decode_backend", "decode_s", "handoff_s", "model", "prefill_backend",
+        "cached_tokens", "decode_backend", "decode_s", "delivered", "handoff_s", "model",
+        "prefill_backend",
         "prefill_s", "prompt_tokens", "queue_s", "reason", "request_id", "started",
         "tokenize_s", "ttft_s", "usage",
     )
@@ -54,6 +55,9 @@ class RequestRecord:
         self.handoff_s: float | None = None
         self.decode_s: float | None = None
         self.ttft_s: float | None = None
+        self.delivered = False
+        """A stream's ``[DONE]`` was written to the client: the answer is whole even if the
+        client leaves before pdlb's terminating chunk."""
         self.reason: str | None = None
         """Why the request was refused or failed: the error's code (an admission
         rejection's reason), a stream error's code, or :data:`CLIENT_DISCONNECT`."""

@@ -31,6 +31,7 @@ class FakeBehaviour:
     drop_after: int | None = None  # close the connection after N events
     delay_s: float = 0.0  # before answering
     chunk_delay_s: float = 0.0
+    end_delay_s: float = 0.0  # after [DONE], before the terminating chunk
     requests: list[dict[str, Any]] = field(default_factory=list)
     aborted: int = 0
     finished: int = 0
@@ -111,6 +112,8 @@ def make_fake(role: str, b: FakeBehaviour) -> web.Application:
                 if b.chunk_delay_s:
                     await asyncio.sleep(b.chunk_delay_s)
             await resp.write(b"data: [DONE]" + sep)
+            if b.end_delay_s:
+                await asyncio.sleep(b.end_delay_s)
             b.finished += 1
         except (asyncio.CancelledError, ConnectionResetError):
             b.aborted += 1

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from lb.serve.app import PROXY
+from lb.serve.app import METRICS, PROXY
 from tests.conftest import make_config
 from tests.fake_vllm import FakeBehaviour, make_fake, run_app
 from tests.rawhttp import BODY, STREAM_BODY, post
@@ -164,3 +164,27 @@ async def test_body_timeout_is_logged(pair, start_pdlb, connect, caplog, fast_fr
     line = await _one_line(caplog)
     assert line["status"] == 408 and line["reason"] == "body_timeout"
     assert line["endpoint"] == "completions" and line["total_ms"] > 0
+
+
+@FRONTS
+async def test_client_leaving_after_done_is_a_200(pair, start_pdlb, connect, caplog,
+                                                  fast_front) -> None:
+    """A client that read ``[DONE]`` and closed while pdlb still waited for the decode's
+    last chunk got its whole stream: counted and logged 200, not 499 (issue 16)."""
+    caplog.set_level(logging.INFO, logger="pdlb.access")
+    _, d, pu, du = pair
+    d.end_delay_s = 30.0
+    url, app = await start_pdlb(make_config([pu], [du], server={"port": 0, "fast_front":
+                                                             fast_front},
+                                          log={"format": "json"}))
+    c = await connect(url)
+    await c.send(post(body=STREAM_BODY))
+    seen = b""
+    while b"[DONE]" not in seen:
+        seen += await c.reader.read(65536)
+    c.reset()
+    line = await _one_line(caplog)
+    assert line["status"] == 200 and line["reason"] is None
+    text = app[METRICS].render().decode()
+    assert 'pdlb_requests_total{endpoint="completions",status="200"} 1.0' in text
+    assert 'phase="before_response"' not in text

@@ -17,7 +17,7 @@ decided here, once:
   body was never read);
 * **counting**: ``pdlb_requests{endpoint,status}`` for each completion request answered, and
   status 499 plus ``pdlb_client_disconnects{phase="before_response"}`` when the client left
-  before its answer;
+  before its answer (a stream whose ``[DONE]`` went out is whole: 200, phase ``stream_end``);
 * **the body timeout**: the 408 a client gets when its body does not arrive in
   ``body_timeout_s``;
 * **the access log**: one line per completion request, after it was counted
@@ -174,6 +174,11 @@ class Guard:
                 record.reason = exc.code
                 client.send_error(error_answer(exc))
             except asyncio.CancelledError:
+                if record.delivered:  # it read [DONE] and left before the last chunk: a 200
+                    self._metrics.client_disconnects.labels(phase="stream_end").inc()
+                    self.count(endpoint, client.status)
+                    self._log(client, record, endpoint, client.status)
+                    raise
                 self._metrics.client_disconnects.labels(phase="before_response").inc()
                 self.count(endpoint, 499)
                 record.reason = CLIENT_DISCONNECT

@@ -128,6 +128,7 @@ class Answer:
             # A body not read to its end is closed here (cancellation included); one that
             # was is back in its pool already and this does nothing.
             decode.close()
+            record.delivered = relay.saw_done
             if relay.rewrites:
                 self.metrics.usage_rewrites.inc()
                 record.usage = relay.usage
