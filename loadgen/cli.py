@@ -62,9 +62,22 @@ def _json_obj(text: str) -> dict[str, Any]:
     return v
 
 
+def base_url(text: str) -> str:
+    """``--url``: the server's root. The OpenAI SDK's base URL form (``.../v1``) is accepted:
+    loadgen appends ``/v1/completions`` itself, so a trailing ``/v1`` is dropped, with a note
+    on stderr."""
+    url = text.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+        print(f"note: --url {text}: using {url} (loadgen adds /v1/... itself)", file=sys.stderr)
+    return url
+
+
 def add_load_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     t = p.add_argument_group("target")
-    t.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    t.add_argument("--url", required=True, type=base_url,
+                   help="server base URL, e.g. http://127.0.0.1:8000 (the OpenAI SDK's"
+                        " http://127.0.0.1:8000/v1 works too: the /v1 is dropped)")
     t.add_argument("--model", help="model name (default: the first one at /v1/models)")
     t.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     t.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY)")

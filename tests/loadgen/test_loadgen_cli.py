@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from loadgen.cli import main
+from loadgen.cli import base_url, main
 
 StartServer = Callable[..., Awaitable[tuple[str, web.Application]]]
 COMMON = ["--input-len", "16", "--output-len", "8", "--no-progress", "-q", "--max-lag-ms", "1000"]
@@ -48,6 +48,30 @@ async def test_run_writes_files_and_exit_status(fake_server: StartServer, tmp_pa
     assert rc == 0
     rc = await cli("compare", str(out), str(bad))
     assert rc == 0
+
+
+async def test_url_in_the_openai_sdk_form_works(fake_server: StartServer, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--url http://host:port/v1 (the OpenAI SDK's base URL) runs against http://host:port,
+    with a note on stderr saying so."""
+    url, _ = await fake_server()
+    out = tmp_path / "v1.json"
+    rc = await cli("--url", url + "/v1/", "--rate", "100", "-n", "3", "--out", str(out),
+                   *COMMON)
+    assert rc == 0
+    data = orjson.loads(out.read_bytes())
+    assert data["summary"]["completed"] == 3
+    assert data["config"]["url"] == url
+    err = capsys.readouterr().err
+    assert f"note: --url {url}/v1/: using {url} (loadgen adds /v1/... itself)" in err
+
+
+def test_base_url_leaves_other_urls_alone() -> None:
+    assert base_url("http://h:8000") == "http://h:8000"
+    assert base_url("http://h:8000/") == "http://h:8000"
+    assert base_url("http://h:8000/v1") == "http://h:8000"
+    assert base_url("http://h:8000/proxy/v1") == "http://h:8000/proxy"
+    assert base_url("http://h:8000/v10") == "http://h:8000/v10"
 
 
 async def test_compare_prints_side_by_side(fake_server: StartServer, tmp_path: Path,
