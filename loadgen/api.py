@@ -24,7 +24,7 @@ import orjson
 from loadgen import report, scrape
 from loadgen.client import first_model, make_session, request_headers
 from loadgen.config import LoadConfig
-from loadgen.metrics import SLO, summarize
+from loadgen.metrics import SLO, asked_rate, summarize
 from loadgen.progress import LinePrinter, Progress
 from loadgen.records import Record, read_jsonl, write_jsonl
 from loadgen.runner import build_workload, make_sender, preflight, run_process
@@ -111,7 +111,9 @@ class RunResult:
         slo = slo or (SLO(**cfg_slo) if cfg_slo else None)
         target = slo_target if slo_target is not None else self.config.get("slo_target", 0.9)
         lag = max_lag_ms if max_lag_ms is not None else self.config.get("max_lag_ms", 5.0)
-        summary = summarize(self.records, slo=slo, slo_target=target, max_lag_ms=lag)
+        summary = summarize(self.records, slo=slo, slo_target=target, max_lag_ms=lag,
+                            asked_rate=asked_rate(self.config.get("rate"),
+                                                  self.config.get("ramp_to")))
         return RunResult(self.config, self.records, summary, self.meta, self.pdlb_stages)
 
 
@@ -172,7 +174,8 @@ async def run(
         await session.close()
     records = sorted(pr.records, key=lambda r: (r.scheduled, r.index))
     summary = summarize(records, slo=config.slo, slo_target=config.slo_target,
-                        max_lag_ms=config.max_lag_ms)
+                        max_lag_ms=config.max_lag_ms,
+                        asked_rate=asked_rate(config.rate, config.ramp_to))
     meta = dict(pr.meta)
     meta.pop("worker", None)
     meta.setdefault("workers", config.workers)

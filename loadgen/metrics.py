@@ -201,6 +201,13 @@ def error_counts(records: Iterable[Record], top: int = 10) -> dict[str, int]:
 
 # --- the summary -----------------------------------------------------------------------------
 
+def asked_rate(rate: float | None, ramp_to: float | None) -> float | None:
+    """The open-loop rate a run asked for: ``--rate``, or a linear ramp's mean."""
+    if rate is None:
+        return None
+    return (rate + ramp_to) / 2.0 if ramp_to is not None else float(rate)
+
+
 def summarize(
     records: Sequence[Record],
     *,
@@ -208,8 +215,15 @@ def summarize(
     slo_target: float = 0.9,
     max_lag_ms: float = 5.0,
     duration_s: float | None = None,
+    asked_rate: float | None = None,
 ) -> dict[str, Any]:
-    """The run's summary (see docs/loadgen.md for the schema), from records alone."""
+    """The run's summary (see docs/loadgen.md for the schema), from records alone.
+
+    ``asked_rate``: the open-loop rate asked for (``--rate``; a ramp's mean), reported as
+    ``offered_rate``; ``scheduled_rate`` is the rate of the schedule actually drawn (a Poisson
+    sample of few requests can be far from the asked rate) and ``send_rate`` the rate the
+    requests went out at. Without it (closed loop, trace replay) ``offered_rate`` is the
+    schedule's."""
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok and r.sent is not None]
     not_sent = [r for r in records if r.sent is None]
@@ -243,6 +257,7 @@ def summarize(
     send_span = sent_times[-1] - sent_times[0] if len(sent_times) > 1 else 0.0
     sched_span = sched_times[-1] - sched_times[0] if len(sched_times) > 1 else 0.0
 
+    scheduled_rate = (len(sched_times) - 1) / sched_span if sched_span > 0 else None
     summary: dict[str, Any] = {
         "metric_definitions": "vllm-bench-serve (TTFT from first output-bearing chunk)",
         "requests": len(records),
@@ -257,7 +272,8 @@ def summarize(
         "total_output_tokens": out_tokens,
         "token_counts_from": "usage" if usage_missing == 0 else (
             f"chunk count for {usage_missing} request(s) without usage"),
-        "offered_rate": (len(sched_times) - 1) / sched_span if sched_span > 0 else None,
+        "offered_rate": asked_rate if asked_rate is not None else scheduled_rate,
+        "scheduled_rate": scheduled_rate,
         "send_rate": (len(sent_times) - 1) / send_span if send_span > 0 else None,
         "peak_in_flight": peak_in_flight(records),
         "ttft_ms": stats(r.chunk_times[0] for r in ok if r.chunk_times),

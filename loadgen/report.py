@@ -66,8 +66,11 @@ def table(summary: Mapping[str, Any], config: Mapping[str, Any] | None = None,
             lines.append(f"Workers        {meta['workers']} processes")
     lines.append(f"Requests       {s['requests']} total: {s['completed']} completed, "
                  f"{s['failed']} failed, {s['not_sent']} not sent")
+    rates = f"offered {_f(s.get('offered_rate'))}"
+    if s.get("scheduled_rate") is not None and s.get("scheduled_rate") != s.get("offered_rate"):
+        rates += f", schedule drawn {_f(s.get('scheduled_rate'))}"
     lines.append(f"Duration       {_f(s['duration_s'], 2)} s   send rate "
-                 f"{_f(s.get('send_rate'))} req/s (offered {_f(s.get('offered_rate'))})   "
+                 f"{_f(s.get('send_rate'))} req/s ({rates})   "
                  f"peak in flight {s.get('peak_in_flight')}")
     lines.append(f"Throughput     {_f(s['request_throughput'], 2)} req/s   "
                  f"{_f(s['output_throughput'])} output tok/s   "

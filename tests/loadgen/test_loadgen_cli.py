@@ -62,6 +62,9 @@ async def test_url_in_the_openai_sdk_form_works(fake_server: StartServer, tmp_pa
     data = orjson.loads(out.read_bytes())
     assert data["summary"]["completed"] == 3
     assert data["config"]["url"] == url
+    # 3 Poisson arrivals draw a schedule whose own rate is not 100: offered is what was asked
+    assert data["summary"]["offered_rate"] == 100.0
+    assert data["summary"]["scheduled_rate"] != 100.0
     err = capsys.readouterr().err
     assert f"note: --url {url}/v1/: using {url} (loadgen adds /v1/... itself)" in err
 

@@ -8,6 +8,7 @@ import pytest
 
 from loadgen.metrics import (
     SLO,
+    asked_rate,
     itls,
     itls_per_token,
     meets_slo,
@@ -175,6 +176,21 @@ def test_schedule_lag_excludes_slot_wait_and_flags_falling_behind() -> None:
     s2 = summarize(late, max_lag_ms=5.0)
     assert s2["fell_behind"] is True
     assert "FELL BEHIND" in s2["lag_warning"]
+
+
+def test_offered_rate_is_the_asked_rate() -> None:
+    """offered_rate is the rate asked for; the drawn schedule's rate and the send rate are
+    reported beside it (a short Poisson run draws a schedule far from the asked rate)."""
+    drawn = [rec(i, [0.01], sent=i * 0.1 + 0.001, scheduled=i * 0.1) for i in range(5)]
+    s = summarize(drawn, asked_rate=5.0)
+    assert s["offered_rate"] == 5.0
+    assert s["scheduled_rate"] == pytest.approx(10.0)
+    assert s["send_rate"] == pytest.approx(10.0)
+    without = summarize(drawn)  # closed loop / trace replay: the schedule is what was offered
+    assert without["offered_rate"] == pytest.approx(10.0)
+    assert asked_rate(None, None) is None
+    assert asked_rate(5, None) == 5.0
+    assert asked_rate(2.0, 6.0) == 4.0
 
 
 def test_ttft_from_scheduled_includes_queueing() -> None:
