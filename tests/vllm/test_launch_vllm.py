@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from lb.tools.launch_vllm import (
     split_cpus,
 )
 from lb.tools.launch_vllm import plan as launch_plan
+from lb.tools.launch_vllm.cli import _parser, config_from_args
 
 VLLM = ("/opt/vllm/bin/vllm",)
 
@@ -189,6 +191,26 @@ def test_pdlb_launch_vllm_is_this_cli(capsys):
         pdlb_main(["launch-vllm", "--help"])
     assert info.value.code == 0
     assert "usage: pdlb launch-vllm" in capsys.readouterr().out
+
+
+def test_launch_vllm_help_has_examples_and_defaults(capsys):
+    """--help shows examples that parse, and the defaults of the flags that have one."""
+    with pytest.raises(SystemExit) as info:
+        pdlb_main(["launch-vllm", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "pdlb serve --config backends.toml" in out
+    for text in ("(default 1)", "(default 127.0.0.1)", "(default 8100: prefill 8100, decode 8200)",
+                 "(default 5600)", "(default cpu)", "(default nixl)", "(default 8000)",
+                 "(default 600)", "(default 30)"):
+        assert text in " ".join(out.split()), text
+    # every example's launch-vllm line parses
+    examples = out.split("examples:")[1].replace("\\\n", " ")
+    lines = [ln.split("pdlb launch-vllm", 1)[1] for ln in examples.splitlines()
+             if "pdlb launch-vllm" in ln]
+    assert len(lines) == 3
+    for line in lines:
+        config_from_args(_parser().parse_args(shlex.split(line)))
 
 
 # A stand-in for `vllm serve`: serves /health on --port; FAKE_MODE picks a misbehaviour.

