@@ -136,14 +136,19 @@ def _pool_status(pools: dict[str, Pool]) -> tuple[dict[str, dict[str, int]], lis
     return status, [name for name, s in status.items() if s["usable_backends"] == 0]
 
 
-async def health(request: web.Request) -> web.Response:
-    """200 when each pool has a usable backend; 503 naming the pools that have none."""
-    status, down = _pool_status(request.app[POOLS])
+def _pools_answer(pools: dict[str, Pool], up: str, down_status: str) -> web.Response:
+    """200 ``up`` when each pool has a usable backend; else 503 naming the pools without."""
+    status, down = _pool_status(pools)
     if down:
-        return _json(503, {"status": "unavailable",
+        return _json(503, {"status": down_status,
                            "reason": f"no usable backend in pool(s): {', '.join(down)}",
                            "pools": status})
-    return _json(200, {"status": "ok", "pools": status})
+    return _json(200, {"status": up, "pools": status})
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when each pool has a usable backend; 503 naming the pools that have none."""
+    return _pools_answer(request.app[POOLS], "ok", "unavailable")
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -157,12 +162,7 @@ async def health_ready(request: web.Request) -> web.Response:
     503 with the reason."""
     if request.app[DRAINING].is_set():
         return _json(503, {"status": "not_ready", "reason": "draining: pdlb is shutting down"})
-    status, down = _pool_status(request.app[POOLS])
-    if down:
-        return _json(503, {"status": "not_ready",
-                           "reason": f"no usable backend in pool(s): {', '.join(down)}",
-                           "pools": status})
-    return _json(200, {"status": "ready", "pools": status})
+    return _pools_answer(request.app[POOLS], "ready", "not_ready")
 
 
 async def models(request: web.Request) -> web.Response:
