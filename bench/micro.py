@@ -36,14 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
+from micro_http1 import FINAL, MIDDLE  # noqa: E402  (the same two SSE events)
 
-MIDDLE = (b'data: {"id":"cmpl-7f3a","object":"text_completion","created":1700000000,'
-          b'"model":"m","choices":[{"index":0,"text":" token","logprobs":null,'
-          b'"finish_reason":null,"stop_reason":null}],"usage":null}\n\n')
-FINAL = (b'data: {"id":"cmpl-7f3a","object":"text_completion","created":1700000000,'
-         b'"model":"m","choices":[],"usage":{"prompt_tokens":170,"total_tokens":234,'
-         b'"completion_tokens":64,"prompt_tokens_details":{"cached_tokens":170}}}\n\n'
-         b"data: [DONE]\n\n")
 SHORT_PROMPT = "Write a haiku about load balancers."
 PARAGRAPH = ("Disaggregated serving splits the prompt phase and the token-by-token phase of a "
              "language model across two pools of servers, so that long prompts no longer "

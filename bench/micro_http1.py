@@ -31,6 +31,8 @@ HANDWRITTEN_REV = "f1a7fe9"
 """The commit whose lb/backends/http1.py, loadgen/transport.py and lb/serve/requesthead.py
 still had hand-written parsers."""
 
+# A middle event and the final usage event + [DONE] of a 64-token stream (bench/micro.py
+# uses the same two).
 MIDDLE = (b'data: {"id":"cmpl-7f3a","object":"text_completion","created":1700000000,'
           b'"model":"m","choices":[{"index":0,"text":" token","logprobs":null,'
           b'"finish_reason":null,"stop_reason":null}],"usage":null}\n\n')
