@@ -116,6 +116,47 @@ def test_shared_storage_connector(tmp_path):
     assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in prefill.env
 
 
+def test_kv_events_plan(tmp_path):
+    """--kv-events: prefix caching and a ZMQ publisher per server, each on its own port;
+    without it neither flag (vLLM's own defaults apply)."""
+    for plan in _plan(tmp_path):
+        assert "--enable-prefix-caching" not in plan.argv
+        assert "--kv-events-config" not in plan.argv
+        assert plan.kv_events_port is None
+    plans = _plan(tmp_path, kv_events=True, prefill=2, decode=1)
+    assert [p.kv_events_port for p in plans] == [5200, 5210, 5220]
+    for plan in plans:
+        assert "--enable-prefix-caching" in plan.argv
+        events = json.loads(_flag(plan.argv, "--kv-events-config"))
+        assert events == {"enable_kv_cache_events": True, "publisher": "zmq",
+                          "endpoint": f"tcp://*:{plan.kv_events_port}", "topic": "kv"}
+    # The field names are vLLM's KVEventsConfig's (vllm/config/kv_events.py, 0.32).
+    assert set(events) <= {"enable_kv_cache_events", "publisher", "endpoint",
+                           "replay_endpoint", "buffer_steps", "hwm", "max_queue_size", "topic"}
+    assert [p.kv_events_port for p in _plan(tmp_path, kv_events=True, kv_events_port=7000)] \
+        == [7000, 7010]
+
+
+def test_kv_events_free_ports(tmp_path):
+    """kv_events_port=0 picks a distinct free port per server."""
+    plans = _plan(tmp_path, kv_events=True, kv_events_port=0, base_port=0, prefill=2, decode=2)
+    ports = [p.kv_events_port for p in plans]
+    assert len(set(ports)) == 4 and all(isinstance(p, int) and p > 0 for p in ports)
+    for plan in plans:
+        endpoint = json.loads(_flag(plan.argv, "--kv-events-config"))["endpoint"]
+        assert endpoint == f"tcp://*:{plan.kv_events_port}"
+
+
+def test_kv_events_cli_flags():
+    """--kv-events and --kv-events-port reach the LaunchConfig; off by default."""
+    base = ["--model", "m", "--vllm", sys.executable]
+    config = config_from_args(_parser().parse_args(base))
+    assert (config.kv_events, config.kv_events_port) == (False, 5200)
+    config = config_from_args(_parser().parse_args([*base, "--kv-events",
+                                                    "--kv-events-port", "0"]))
+    assert (config.kv_events, config.kv_events_port) == (True, 0)
+
+
 def test_hub_model_id_passes_through(tmp_path):
     """A model that is not a directory is a hub id: passed as is, and names the model."""
     config = LaunchConfig(model="meta-llama/Llama-3.1-8B-Instruct", device="gpu")
@@ -157,6 +198,35 @@ def test_backends_toml_is_what_pdlb_loads(tmp_path):
     assert [b.url for b in config.pools["prefill"].backends] == [
         "http://127.0.0.1:8100", "http://127.0.0.1:8101"]
     assert config.server.port == 9000
+
+
+def test_backends_toml_with_kv_events(tmp_path):
+    """kv_events: [kv_events] on, kv_aware prefill routing, and exact token ids — the local
+    model's tokenizer and chat template, or a prefill's /tokenize for a hub id."""
+    model = tmp_path / "model"
+    model.mkdir()
+    text = backends_toml(["http://127.0.0.1:8100"], ["http://127.0.0.1:8200"],
+                         kv_events=True, model_dir=model)
+    data = tomllib.loads(text)
+    assert data["kv_events"] == {"enabled": True}
+    assert data["tokenizer"] == {"kind": "hf", "path": str(model.resolve())}
+    assert data["pools"]["prefill"]["policy"] == "kv_aware"
+    assert data["pools"]["decode"]["policy"] == "least_tokens"
+    path = tmp_path / "backends.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.kv_events.enabled and config.kv_events.discover
+    assert (config.tokenizer.kind, config.tokenizer.path) == ("hf", str(model.resolve()))
+    assert config.pools["prefill"].policy == "kv_aware"
+
+    hub = tomllib.loads(backends_toml(["http://127.0.0.1:8100"], ["http://127.0.0.1:8200"],
+                                      kv_events=True))
+    assert hub["tokenizer"] == {"token_ids": "backend"} and hub["kv_events"]["enabled"]
+    path.write_text(backends_toml(["http://127.0.0.1:8100"], ["http://127.0.0.1:8200"],
+                                  kv_events=True))
+    assert load_config(path).tokenizer.token_ids == "backend"
+    plain = tomllib.loads(backends_toml(["http://127.0.0.1:8100"], ["http://127.0.0.1:8200"]))
+    assert "kv_events" not in plain and "tokenizer" not in plain
 
 
 def test_find_vllm(tmp_path, monkeypatch):
@@ -202,13 +272,13 @@ def test_launch_vllm_help_has_examples_and_defaults(capsys):
     assert "examples:" in out and "pdlb serve --config backends.toml" in out
     for text in ("(default 1)", "(default 127.0.0.1)", "(default 8100: prefill 8100, decode 8200)",
                  "(default 5600)", "(default cpu)", "(default nixl)", "(default 8000)",
-                 "(default 600)", "(default 30)"):
+                 "(default 600)", "(default 30)", "(default 5200)"):
         assert text in " ".join(out.split()), text
     # every example's launch-vllm line parses
     examples = out.split("examples:")[1].replace("\\\n", " ")
     lines = [ln.split("pdlb launch-vllm", 1)[1] for ln in examples.splitlines()
              if "pdlb launch-vllm" in ln]
-    assert len(lines) == 3
+    assert len(lines) == 4
     for line in lines:
         config_from_args(_parser().parse_args(shlex.split(line)))
 
@@ -283,6 +353,31 @@ def test_pool_starts_waits_and_stops_whole_groups(fake_vllm, tmp_path, monkeypat
         pool.check_alive()
         assert all(_alive(p) for p in _all_pids(pids))
         assert pool.log_path("decode-0").read_text().startswith("$ ")
+    assert not [p for p in _all_pids(pids) if _alive(p)]
+
+
+def test_pool_restarts_one_server(fake_vllm, tmp_path, monkeypatch):
+    """restart(role, index) stops that server's whole group and starts it again on the same
+    port, healthy; the other server is untouched."""
+    exe, pids = fake_vllm
+    with VllmPool(_config(exe, tmp_path)) as pool:
+        url = pool.prefill_urls[0]
+        before = [line.split() for line in pids.read_text().splitlines()]
+        assert len(before) == 2
+        took = pool.restart("prefill", 0)
+        assert took > 0 and pool.startup_times["prefill-0"] == took
+        after = [line.split() for line in pids.read_text().splitlines()]
+        assert len(after) == 3
+        assert pool.prefill_urls == [url]
+        assert pool.log_path("prefill-0").read_text().count("$ ") == 2
+        pool.check_alive()
+        assert all(_alive(int(p)) for p in after[2])
+        # of the first two spawns the prefill's group is gone (its child too), the decode's not
+        dead = [s for s in before if not any(_alive(int(p)) for p in s)]
+        alive = [s for s in before if all(_alive(int(p)) for p in s)]
+        assert len(dead) == 1 and len(alive) == 1
+        with pytest.raises(VllmLaunchError, match="no running decode-3"):
+            pool.restart("decode", 3)
     assert not [p for p in _all_pids(pids) if _alive(p)]
 
 

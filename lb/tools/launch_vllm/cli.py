@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lb.tools.launch_vllm.plan import (
     DEFAULT_BASE_PORT,
+    DEFAULT_KV_EVENTS_PORT,
     DEFAULT_SIDE_CHANNEL_PORT,
     LaunchConfig,
     VllmLaunchError,
@@ -38,8 +39,12 @@ examples:
   pdlb launch-vllm --model DIR --base-port 0 --side-channel-port 0 \\
       --extra-vllm-args "--max-num-seqs 64 --gpu-memory-utilization 0.8"
 
-Once every server answers /health, each one's URL, NIXL side-channel port and log file
-(RUN_DIR/logs/) are printed; keep the command running while pdlb serves.
+  # KV-cache events on: pdlb's prefill pool routes by what each engine holds (kv_aware)
+  pdlb launch-vllm --model .cache/tiny-llama --kv-events --write-config backends.toml
+
+Once every server answers /health, each one's URL, NIXL side-channel port, KV-events
+port (--kv-events) and log file (RUN_DIR/logs/) are printed; keep the command running
+while pdlb serves.
 The vLLM flags pdlb's pools need (and what launch-vllm sets): docs/vllm.md.
 """
 
@@ -82,6 +87,20 @@ def _parser() -> argparse.ArgumentParser:
         "--side-channel-host",
         help="VLLM_NIXL_SIDE_CHANNEL_HOST: the address decode servers reach prefill's side "
         "channel at (default: --host)",
+    )
+    p.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="every server publishes its KV-cache events (--enable-prefix-caching, "
+        "--kv-events-config with a ZMQ publisher on all interfaces); --write-config then "
+        "turns on pdlb's [kv_events] and kv_aware prefill routing (default off)",
+    )
+    p.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=DEFAULT_KV_EVENTS_PORT,
+        help="with --kv-events: server k publishes on PORT+10*k"
+        f" (default {DEFAULT_KV_EVENTS_PORT}); 0 picks free ports",
     )
     p.add_argument(
         "--device",
@@ -171,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         base_port=args.base_port,
         side_channel_port=args.side_channel_port,
         side_channel_host=args.side_channel_host,
+        kv_events=args.kv_events,
+        kv_events_port=args.kv_events_port,
         device=args.device,
         served_model_name=args.served_model_name,
         connector=args.connector,
@@ -225,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                     if plan.side_channel_port
                     else ""
                 )
+                if plan.kv_events_port is not None:
+                    side += f", KV events tcp://*:{plan.kv_events_port}"
                 print(
                     f"{plan.name}: {plan.url} healthy after {took:.1f} s{side}, log {plan.log_path}"
                 )
@@ -236,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                         connector=config.connector,
                         lb_host=args.lb_host,
                         lb_port=args.lb_port,
+                        kv_events=config.kv_events,
+                        model_dir=config.model if Path(config.model).is_dir() else None,
                     )
                 )
                 print(f"wrote {args.write_config}: pdlb serve --config {args.write_config}")

@@ -24,6 +24,11 @@ DEFAULT_SIDE_CHANNEL_PORT = 5600
 # Room between two servers' NIXL side-channel ports: vLLM adds the data-parallel index.
 SIDE_CHANNEL_STRIDE = 10
 DECODE_PORT_OFFSET = 100
+# KV-cache events (--kv-events): server k publishes on KV_EVENTS_PORT + 10*k (vLLM adds the
+# data-parallel rank), below the side channels' 5600.. .
+DEFAULT_KV_EVENTS_PORT = 5200
+KV_EVENTS_STRIDE = 10
+KV_EVENTS_TOPIC = "kv"
 
 # pdlb's source checkout: this file is lb/tools/launch_vllm/plan.py in it.
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -47,6 +52,11 @@ class LaunchConfig:
     # 0: pick free ports; else server k on side_channel_port + 10*k.
     side_channel_port: int = DEFAULT_SIDE_CHANNEL_PORT
     side_channel_host: str | None = None
+    # KV-cache events: --enable-prefix-caching and a ZMQ publisher per server (pdlb's
+    # [kv_events] finds it through the server's GET /kv_event_sources).
+    kv_events: bool = False
+    # 0: pick free ports; else server k publishes on kv_events_port + 10*k.
+    kv_events_port: int = DEFAULT_KV_EVENTS_PORT
     device: Device = "cpu"
     served_model_name: str | None = None
     connector: Connector = "nixl"
@@ -77,6 +87,8 @@ class ServerPlan:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     log_path: Path
+    kv_events_port: int | None = None
+    """Where the server's engine publishes its KV-cache events (ZMQ PUB), when on."""
 
     @property
     def name(self) -> str:
@@ -170,6 +182,20 @@ def _kv_transfer_config(config: LaunchConfig, role: Role) -> dict[str, object]:
     }
 
 
+def kv_events_config(port: int) -> dict[str, object]:
+    """vLLM's ``--kv-events-config`` (``KVEventsConfig``) publishing on ``port``.
+
+    The endpoint must be a wildcard: vLLM 0.32's publisher binds only ``*``, ``::``, ipc and
+    inproc endpoints and *connects* to any other address, so ``tcp://127.0.0.1:PORT`` would
+    publish to nobody. The socket therefore listens on every IPv4 interface."""
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}",
+        "topic": KV_EVENTS_TOPIC,
+    }
+
+
 def plan_servers(
     config: LaunchConfig,
     *,
@@ -200,6 +226,12 @@ def plan_servers(
         side_ports = _free_ports(config.host, n)
     else:
         side_ports = [config.side_channel_port + SIDE_CHANNEL_STRIDE * k for k in range(n)]
+    event_ports: list[int | None] = [None] * n
+    if config.kv_events:
+        if config.kv_events_port == 0:
+            event_ports = list(_free_ports(config.host, n))
+        else:
+            event_ports = [config.kv_events_port + KV_EVENTS_STRIDE * k for k in range(n)]
 
     if config.device == "cpu":
         binds = split_cpus(cpus if cpus is not None else sorted(os.sched_getaffinity(0)), n)
@@ -231,6 +263,13 @@ def plan_servers(
             "--kv-transfer-config",
             json.dumps(_kv_transfer_config(config, role), separators=(",", ":")),
         ]
+        event_port = event_ports[k]
+        if event_port is not None:
+            argv += [
+                "--enable-prefix-caching",
+                "--kv-events-config",
+                json.dumps(kv_events_config(event_port), separators=(",", ":")),
+            ]
         if config.max_model_len is not None:
             argv += ["--max-model-len", str(config.max_model_len)]
         if eager:
@@ -266,6 +305,7 @@ def plan_servers(
                 argv=tuple(argv),
                 env=env,
                 log_path=run_dir / "logs" / f"{role}-{index}.log",
+                kv_events_port=event_port,
             )
         )
     return plans
@@ -278,20 +318,30 @@ def backends_toml(
     connector: Connector = "nixl",
     lb_host: str = "127.0.0.1",
     lb_port: int = 8000,
+    kv_events: bool = False,
+    model_dir: str | Path | None = None,
 ) -> str:
-    """A pdlb backends.toml for these pools (JSON strings are valid TOML basic strings)."""
+    """A pdlb backends.toml for these pools (JSON strings are valid TOML basic strings).
+
+    ``kv_events``: servers launched with ``--kv-events``; pdlb subscribes to their events
+    (``[kv_events]``, endpoints from each server's ``GET /kv_event_sources``) and routes the
+    prefill pool with ``kv_aware``. The events need the prompt's exact token ids: with
+    ``model_dir`` (a local model) pdlb's ``[tokenizer]`` is that model's tokenizer and chat
+    template (``kind = "hf"``); without one (a hub id) it asks a prefill server's
+    ``POST /tokenize`` (``token_ids = "backend"``, one round trip per request).
+    """
 
     def backends(urls: Sequence[str]) -> str:
         items = ",\n".join(f"    {{ url = {json.dumps(u)} }}" for u in urls)
         return f"[\n{items},\n]"
 
-    return (
+    text = (
         "# Written by `pdlb launch-vllm`.\n"
         "[server]\n"
         f"host = {json.dumps(lb_host)}\n"
         f"port = {lb_port}\n\n"
         "[pools.prefill]\n"
-        'policy = "round_robin"\n'
+        f"policy = {json.dumps('kv_aware' if kv_events else 'round_robin')}\n"
         f"backends = {backends(prefill_urls)}\n\n"
         "[pools.decode]\n"
         'policy = "least_tokens"\n'
@@ -299,3 +349,10 @@ def backends_toml(
         "[kv_transfer]\n"
         f"connector = {json.dumps(connector)}\n"
     )
+    if kv_events:
+        text += "\n[kv_events]\nenabled = true\n\n[tokenizer]\n"
+        if model_dir is not None:
+            text += f'kind = "hf"\npath = {json.dumps(str(Path(model_dir).resolve()))}\n'
+        else:
+            text += 'token_ids = "backend"  # exact ids from a prefill\'s POST /tokenize\n'
+    return text

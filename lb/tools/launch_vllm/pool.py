@@ -1,6 +1,7 @@
 """Run planned vLLM servers: spawn each in its own process group with its log file, wait
-for every ``/health``, report one that exits, and stop them all (SIGTERM to each group,
-SIGKILL to what is left after ``stop_timeout_s``)."""
+for every ``/health``, report one that exits, restart one (tests of what a restarted engine
+does), and stop them all (SIGTERM to each group, SIGKILL to what is left after
+``stop_timeout_s``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import IO
 
 from lb.tools.launch_vllm.plan import (
     LaunchConfig,
+    Role,
     ServerPlan,
     VllmLaunchError,
     find_vllm,
@@ -67,6 +69,7 @@ class VllmPool:
     run_dir: Path = field(init=False)
     _running: list[_Running] = field(default_factory=list, init=False)
     _startup_times: dict[str, float] = field(default_factory=dict, init=False)
+    _base_env: dict[str, str] = field(default_factory=dict, init=False)
 
     @property
     def prefill_urls(self) -> list[str]:
@@ -96,31 +99,58 @@ class VllmPool:
             # The CPU recipe keeps vLLM's caches out of $HOME; on GPUs vLLM's default cache
             # (torch.compile artefacts) is worth keeping between runs.
             base_env.setdefault("VLLM_CACHE_ROOT", str(self.run_dir / "vllm-cache"))
+        self._base_env = base_env
         try:
             for plan in self.servers:
-                plan.log_path.parent.mkdir(parents=True, exist_ok=True)
-                Path(plan.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
-                log = plan.log_path.open("ab")
-                log.write(f"$ {shlex.join(plan.argv)}\n".encode())
-                log.flush()
-                proc = subprocess.Popen(
-                    plan.argv,
-                    env={**base_env, **plan.env},
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group: stop() kills the tree
-                )
-                self._running.append(_Running(plan, proc, log, time.monotonic()))
-            self._wait_healthy()
+                self._running.append(self._spawn(plan))
+            self._wait_healthy(list(self._running))
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_healthy(self) -> None:
+    def restart(self, role: Role, index: int = 0) -> float:
+        """Stop one server (its whole process group, as :meth:`stop` does) and start it
+        again with the same plan (ports, environment, log file appended to); wait until it
+        is healthy. Returns the seconds from spawn to healthy (also in startup_times).
+
+        A server that does not come back is stopped again and VllmLaunchError raised; the
+        others keep running."""
+        slot = next((k for k, r in enumerate(self._running)
+                     if r.plan.role == role and r.plan.index == index), None)
+        if slot is None:
+            raise VllmLaunchError(f"no running {role}-{index} to restart")
+        old = self._running[slot]
+        _stop_all([old], self.config.stop_timeout_s)
+        new = self._spawn(old.plan)  # its log gets the command line again, then the new run
+        self._running[slot] = new
+        try:
+            self._wait_healthy([new])
+        except BaseException:
+            self._running.remove(new)
+            _stop_all([new], self.config.stop_timeout_s)
+            raise
+        return self._startup_times[new.plan.name]
+
+    def _spawn(self, plan: ServerPlan) -> _Running:
+        plan.log_path.parent.mkdir(parents=True, exist_ok=True)
+        Path(plan.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+        log = plan.log_path.open("ab")
+        log.write(f"$ {shlex.join(plan.argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            plan.argv,
+            env={**self._base_env, **plan.env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() kills the tree
+        )
+        return _Running(plan, proc, log, time.monotonic())
+
+    def _wait_healthy(self, servers: list[_Running]) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
-        pending = list(self._running)
+        pending = list(servers)
         while pending:
             for r in list(pending):
                 if r.proc.poll() is not None:
@@ -154,20 +184,7 @@ class VllmPool:
     def stop(self) -> None:
         """SIGTERM every server's process group, SIGKILL what is left after the timeout."""
         running, self._running = self._running, []
-        for r in running:
-            _signal_group(r.proc, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
-        for r in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        for r in running:
-            # The API server may be gone while its engine processes linger: kill the group.
-            _signal_group(r.proc, signal.SIGKILL)
-            r.proc.wait()
-            r.log.close()
-        for r in running:
-            _wait_group_gone(r.proc.pid, timeout_s=5.0)
-        self._running = []
+        _stop_all(running, self.config.stop_timeout_s)
 
     def __enter__(self) -> VllmPool:
         return self.start()
@@ -179,6 +196,24 @@ class VllmPool:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _stop_all(running: list[_Running], timeout_s: float) -> None:
+    """SIGTERM each server's process group, SIGKILL what is left after ``timeout_s``, close
+    the logs, and wait until no process of any group is left."""
+    for r in running:
+        _signal_group(r.proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for r in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for r in running:
+        # The API server may be gone while its engine processes linger: kill the group.
+        _signal_group(r.proc, signal.SIGKILL)
+        r.proc.wait()
+        r.log.close()
+    for r in running:
+        _wait_group_gone(r.proc.pid, timeout_s=5.0)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
