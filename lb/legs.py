@@ -14,7 +14,6 @@ have consumed the prefill's KV: prefill again first), anything else: give up.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
 
@@ -31,11 +30,12 @@ from lb.errors import (
     PrefillFailed,
     UpstreamError,
 )
+from lb.kvroute import KVRoute
 from lb.metrics import Metrics
 from lb.request import ProxyRequest, dumps
 from lb.stream.answer import Answer, PendingPrefill
 from lb.stream.port import ClientSide
-from policies.base import Leg, RouteRequest
+from policies.base import RouteRequest
 
 # Client headers a backend may need; everything else (cookies, hop-by-hop, host) stays here.
 FORWARDED_HEADERS = ("x-data-parallel-rank", "traceparent", "tracestate")
@@ -49,8 +49,10 @@ class Legs:
     """The prefill and decode attempts of every request, with what they share."""
 
     def __init__(self, config: Config, pools: Mapping[str, Pool], upstream: Upstream,
-                 connector: Connector, metrics: Metrics, health: HealthChecker) -> None:
+                 connector: Connector, metrics: Metrics, health: HealthChecker,
+                 kv: KVRoute) -> None:
         self.config = config
+        self.kv = kv
         self.prefill_pool = pools["prefill"]
         self.decode_pool = pools["decode"]
         self.upstream = upstream
@@ -79,6 +81,7 @@ class Legs:
                 self.health.report_success(backend)
                 result = self.connector.accept_prefill(response, dispatch)
                 record.cached_tokens = result.cached_tokens
+                self.kv.prefill_done(route, backend, result)
                 ok = True
             except PrefillFailed as exc:
                 self.metrics.prefill_failures.labels(reason=exc.reason).inc()
@@ -119,6 +122,7 @@ class Legs:
                     )
                 ok = True
                 self.health.report_success(backend)
+                self.kv.decode_done(route, backend)
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(
                     pool="decode", backend=backend.url, kind=exc.code or "error").inc()
@@ -163,10 +167,6 @@ def view(request: ProxyRequest) -> RequestView:
     """The connectors' view of a client request."""
     return RequestView(body=request.body, request_id=request.request_id,
                        endpoint=request.endpoint, path=request.path, stream=request.stream)
-
-
-def for_leg(route: RouteRequest, leg: Leg) -> RouteRequest:
-    return route if route.leg == leg else dataclasses.replace(route, leg=leg)
 
 
 def cause(exc: BaseException) -> PdlbError:

@@ -287,6 +287,41 @@ class Metrics:
             "pdlb_stream_errors", "Streams that ended with an SSE error event, by code.",
             ["code"], registry=r,
         )
+        self.prompt_ids = Histogram(
+            "pdlb_prompt_ids_duration_seconds", "Time spent computing a prompt's exact token"
+            " ids (tokenizer and chat template, or the backend's /tokenize), by source.",
+            ["source"], buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                 0.5), registry=r,
+        )
+        self.kv_route_picks = Counter(
+            "pdlb_kv_route_picks", "Picks by a KV-aware policy, by pool and by what the picked"
+            " backend's prefix score came from: its own KV events, or the approximate index"
+            " (events missing or stale).", ["pool", "source"], registry=r,
+        )
+        self.kv_predictions = Counter(
+            "pdlb_kv_predictions", "Prefill legs whose cached tokens were predicted from the"
+            " backend's KV events, by outcome against the cached_tokens it reported: exact,"
+            " over (predicted more) or under.", ["pool", "outcome"], registry=r,
+        )
+        self.kv_prediction_error = Histogram(
+            "pdlb_kv_prediction_error_tokens", "|predicted - reported| cached tokens per"
+            " predicted prefill leg.", ["pool"],
+            buckets=(0, 16, 64, 256, 1024, 4096, 16384), registry=r,
+        )
+        self.kv_predicted_tokens = Counter(
+            "pdlb_kv_predicted_cached_tokens", "Cached tokens predicted from KV events, summed"
+            " over predicted prefill legs (compare with pdlb_kv_reported_cached_tokens).",
+            ["pool"], registry=r,
+        )
+        self.kv_reported_tokens = Counter(
+            "pdlb_kv_reported_cached_tokens", "Cached tokens the backends reported on the same"
+            " legs.", ["pool"], registry=r,
+        )
+        self.kv_skipped_prefill = Counter(
+            "pdlb_kv_skipped_prefill", "Requests a decode served alone because it already held"
+            " the prompt (the decode policy's pick_direct, e.g. kv_aware skip_prefill_share).",
+            registry=r,
+        )
         self._gauges: dict[str, Gauge] = {}
 
     def gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:

@@ -22,6 +22,7 @@ Retries (``[resilience]``), all within ``retry_budget_s`` of the request's arriv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -41,7 +42,8 @@ from lb.errors import (
     PdlbError,
     PrefillFailed,
 )
-from lb.legs import Legs, RedoPrefill, cause, for_leg, view
+from lb.kvroute import KVRoute
+from lb.legs import Legs, RedoPrefill, cause, view
 from lb.metrics import Metrics
 from lb.prefix import prefix_hashes
 from lb.request import Endpoint, ProxyRequest, dumps, parse_request
@@ -80,7 +82,8 @@ class Proxy:
         self.timeouts = config.server.timeouts
         self.resilience = config.resilience
         self.active_requests = 0
-        self.legs = Legs(config, pools, upstream, connector, metrics, health)
+        self.kv = KVRoute(config, pools, upstream, metrics)
+        self.legs = Legs(config, pools, upstream, connector, metrics, health, self.kv)
         self._e2e = {e: metrics.e2e.labels(endpoint=e) for e in ("completions", "chat")}
         self._direct = metrics.direct_decode
 
@@ -109,7 +112,14 @@ class Proxy:
         record.model = request.model
         self._check_max_tokens(request)
 
-        if self._exact_count_needed():
+        ids = None
+        if self.kv.enabled:
+            t = time.perf_counter()
+            ids = await self.kv.prompt_ids(endpoint, request.body, len(raw))
+            record.tokenize_s = time.perf_counter() - t
+        if ids is not None:
+            prompt_tokens = len(ids)  # exact, and shared with routing
+        elif self._exact_count_needed():
             t = time.perf_counter()
             prompt_tokens = await self.tokenizer.count(endpoint, request.body)
             record.tokenize_s = took = time.perf_counter() - t
@@ -124,7 +134,19 @@ class Proxy:
                 code="prompt_too_long",
             )
         max_new = request.max_tokens or DEFAULT_ASSUMED_MAX_TOKENS
+        route = RouteRequest(
+            request_id=request.request_id, leg="prefill", endpoint=endpoint,
+            model=request.model, prompt_tokens=prompt_tokens, max_tokens=max_new,
+            session_key=request.session_key,
+            prefix_hashes=prefix_hashes(endpoint, request.body) if self._want_prefix else (),
+            headers={k: v for k, v in headers.items() if k != "authorization"},
+            prompt_token_ids=ids,
+        )
         direct = self._skip_prefill(prompt_tokens)
+        holder = None
+        if not direct:
+            holder = self.kv.direct(route)
+            direct = holder is not None
 
         prefill_need = 0 if direct else prompt_tokens
         record.prompt_tokens = prompt_tokens
@@ -132,20 +154,17 @@ class Proxy:
         ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
         record.queue_s = time.monotonic() - queued
         with ticket:
-            route = RouteRequest(
-                request_id=request.request_id, leg="prefill", endpoint=endpoint,
-                model=request.model, prompt_tokens=prompt_tokens, max_tokens=max_new,
-                session_key=request.session_key,
-                prefix_hashes=prefix_hashes(endpoint, request.body) if self._want_prefix else (),
-                headers={k: v for k, v in headers.items() if k != "authorization"},
-            )
             if direct:
                 ticket.release("prefill")
                 self._direct.inc()
-                await self._decode_only(client, request, route, started, deadline)
+                if holder is not None:
+                    self.metrics.kv_skipped_prefill.inc()
+                await self._decode_only(client, request, route, started, deadline, holder)
             elif self.connector.mode is HandshakeMode.CONCURRENT:
+                route = self.kv.for_leg(route, "prefill")
                 await self._concurrent(client, request, route, ticket, started, deadline)
             else:
+                route = self.kv.for_leg(route, "prefill")
                 await self._sequential(client, request, route, ticket, started, deadline)
         self._e2e[endpoint].observe(time.monotonic() - started)
 
@@ -179,8 +198,8 @@ class Proxy:
         decode_first = self.connector.mode is HandshakeMode.DECODE_FIRST
         attempts = self.resilience.decode_attempts
         for attempt in range(1, attempts + 1):
-            decode_backend = (self._pick(self.decode_pool, for_leg(route, "decode"), tried)
-                              if decode_first else None)
+            decode_backend = (self._pick(self.decode_pool, self.kv.for_leg(route, "decode"),
+                                         tried) if decode_first else None)
             if handoff is None:
                 handoff = await self._prefill(request_view, route, client, deadline,
                                               decode_backend)
@@ -190,7 +209,7 @@ class Proxy:
                     return await self._decode_only(client, request, route, started, deadline)
                 route = self._corrected(route, handoff[0], ticket)
             prefill, dispatch = handoff
-            decode_route = for_leg(route, "decode")
+            decode_route = self.kv.for_leg(route, "decode")
             backend = decode_backend or self._pick(self.decode_pool, decode_route, tried)
             tried.append(backend)
             body = dumps(self.connector.decode_body(request_view, dispatch, prefill))
@@ -215,7 +234,7 @@ class Proxy:
         other and the pair is retried with a fresh dispatch; the client leaving cancels both."""
         prefill_tried: list[Backend] = []
         decode_tried: list[Backend] = []
-        decode_route = for_leg(route, "decode")
+        decode_route = self.kv.for_leg(route, "decode")
         request_view = view(request)
         attempts = max(self.resilience.prefill_attempts, self.resilience.decode_attempts)
         for attempt in range(1, attempts + 1):
@@ -258,16 +277,20 @@ class Proxy:
 
     async def _decode_only(
         self, client: ClientSide, request: ProxyRequest, route: RouteRequest, started: float,
-        deadline: float,
+        deadline: float, first: Backend | None = None,
     ) -> None:
-        """No prefill hop: the decode backend computes the prompt itself."""
+        """No prefill hop: the decode backend computes the prompt itself. ``first``: the
+        decode the policy named for it (it holds the prompt), tried first while usable."""
         tried: list[Backend] = []
         body = dumps(request.body)
         headers = self.legs.headers(self.decode_pool, client.headers, request.request_id)
-        decode_route = for_leg(route, "decode")
+        decode_route = self.kv.for_leg(route, "decode")
         attempts = self.resilience.decode_attempts
         for attempt in range(1, attempts + 1):
-            backend = self._pick(self.decode_pool, decode_route, tried)
+            if attempt == 1 and first is not None and first.usable():
+                backend = first
+            else:
+                backend = self._pick(self.decode_pool, decode_route, tried)
             tried.append(backend)
             try:
                 return await self.legs.decode(client, request, decode_route, backend, body,
@@ -327,12 +350,14 @@ class Proxy:
 
     def _pick(self, pool: Pool, route: RouteRequest, tried: list[Backend]) -> Backend:
         """A backend not tried yet when there is one, else any usable one."""
+        backend = None
         if tried:
-            try:
-                return pool.pick(route, exclude=tried)
-            except BackendUnavailable:
-                pass
-        return pool.pick(route)
+            with contextlib.suppress(BackendUnavailable):
+                backend = pool.pick(route, exclude=tried)
+        if backend is None:
+            backend = pool.pick(route)
+        self.kv.picked(pool, route, backend)
+        return backend
 
     @property
     def _want_prefix(self) -> bool:

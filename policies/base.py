@@ -12,8 +12,12 @@ in backends.toml) and calls :meth:`Policy.pick` for every request on the event l
 A policy also says whether it reads :attr:`RouteRequest.prefix_hashes`
 (:attr:`Policy.wants_prefix_hashes`): hashing the prompt costs a few µs per request, so pdlb
 computes the hashes only when a pool's policy asks; for the others the field is empty.
-Optional hooks live in a second protocol, :class:`PolicyHooks`; pdlb calls
-``on_request_done`` after a leg finished on a backend (for learning or stateful policies).
+Likewise the optional attribute ``wants_cached_tokens = True`` asks for
+:attr:`RouteRequest.cached_tokens`, what each backend's own KV events say it holds of the
+prompt (``policies/kv_aware.py`` is the built-in that reads it).
+Optional hooks live in two more protocols: :class:`PolicyHooks` — pdlb calls
+``on_request_done`` after a leg finished on a backend (for learning or stateful policies) —
+and :class:`DirectDecode`, a decode policy's say on skipping the prefill hop.
 :func:`policies.choose.choose` is how pdlb asks a policy — the pool and
 ``policies.testing.simulate`` both go through it.
 
@@ -99,6 +103,17 @@ class RouteRequest:
     prompts sharing k blocks share their first k hashes. Empty when not computed."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """The client's request headers, lower-case names (Authorization removed)."""
+    prompt_token_ids: Sequence[int] | None = None
+    """The prompt's exact token ids as the engine will see them (the model's tokenizer and
+    chat template, ``[tokenizer]``), or None when pdlb has none (no exact tokenizer, a batch
+    of prompts, a template it cannot render)."""
+    cached_tokens: Mapping[str, int] | None = None
+    """From the engines' own KV events (``[kv_events]``): backend URL → tokens of this
+    prompt that backend holds in its prefix cache, for THIS leg's pool — exactly what it will
+    report as ``cached_tokens``. Only backends whose events are live and fresh are present;
+    a backend absent is unknown (route it by an approximate signal). None when the pool has
+    no event index or the request has no token ids; computed only for a policy with
+    ``wants_cached_tokens = True``."""
 
 
 @runtime_checkable
@@ -139,6 +154,26 @@ class Policy(Protocol):
     is empty."""
 
     def pick(self, request: RouteRequest, candidates: Sequence[BackendView]) -> BackendView: ...
+
+
+def wants_cached_tokens(policy: object) -> bool:
+    """A policy's optional ``wants_cached_tokens`` attribute (default False): True asks pdlb
+    to fill :attr:`RouteRequest.cached_tokens` from the pool's KV-event index."""
+    return bool(getattr(policy, "wants_cached_tokens", False))
+
+
+@runtime_checkable
+class DirectDecode(Protocol):
+    """Optional, for a DECODE pool's policy: conditional disaggregation.
+
+    Before the prefill leg, pdlb asks the decode pool's policy whether one decode backend
+    should serve the whole request alone (it computes the prompt itself: no prefill hop, no
+    KV transfer). Return that backend, or None for the usual prefill-then-decode. The
+    request is the decode leg's (``cached_tokens`` filled for the decode pool when the
+    policy wants them); the candidates are the usable decode backends."""
+
+    def pick_direct(self, request: RouteRequest, candidates: Sequence[BackendView]
+                    ) -> BackendView | None: ...
 
 
 @runtime_checkable

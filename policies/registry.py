@@ -38,6 +38,7 @@ BUILTINS: Mapping[str, str] = {
     "prefix_affinity": "policies.prefix_affinity:PrefixAffinity",
     "session_affinity": "policies.session_affinity:SessionAffinity",
     "score": "policies.score:Score",
+    "kv_aware": "policies.kv_aware:KVAware",
 }
 
 

@@ -50,6 +50,7 @@ from policies.base import (
     read_options,
 )
 from policies.load import load_limit, request_tokens
+from policies.options import Kind
 from policies.prefix_index import PrefixIndex
 
 NAME = "score"
@@ -58,8 +59,8 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {"load": 1.0, "prefix": 1.0, "kv_usage": 
                                         "queue": 0.0}
 
 
-def _weights(options: Mapping[str, Any]) -> dict[str, float]:
-    table = read_options(NAME, options)
+def _weights(name: str, options: Mapping[str, Any]) -> dict[str, float]:
+    table = read_options(name, options)
     given = table.sub("weights")
     given.check(dict.fromkeys(DEFAULT_WEIGHTS, (int, float)))
     weights = dict(DEFAULT_WEIGHTS)
@@ -77,22 +78,25 @@ def _neutral_fill(values: list[float | None]) -> list[float]:
 
 
 class Score:
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        check_options(NAME, options, {
-            "weights": dict, "load_factor": (int, float), "load_slack_tokens": int,
-            "max_scrape_age_s": (int, float), "max_entries": int, "holders": int,
-        })
-        self.weights = _weights(options)
-        self.load_factor = number_option(NAME, options, "load_factor", 1.25, minimum=1.0)
+    OPTIONS: Mapping[str, Kind] = {
+        "weights": dict, "load_factor": (int, float), "load_slack_tokens": int,
+        "max_scrape_age_s": (int, float), "max_entries": int, "holders": int,
+    }
+
+    def __init__(self, options: Mapping[str, Any], *, name: str = NAME) -> None:
+        """``name``: the policy named in option errors (a subclass passes its own)."""
+        check_options(name, options, self.OPTIONS)
+        self.weights = _weights(name, options)
+        self.load_factor = number_option(name, options, "load_factor", 1.25, minimum=1.0)
         self.load_slack_tokens: int | None = None
         if "load_slack_tokens" in options:
-            self.load_slack_tokens = int_option(NAME, options, "load_slack_tokens", 0,
+            self.load_slack_tokens = int_option(name, options, "load_slack_tokens", 0,
                                                 minimum=0)
-        self.max_scrape_age_s = number_option(NAME, options, "max_scrape_age_s", 5.0,
+        self.max_scrape_age_s = number_option(name, options, "max_scrape_age_s", 5.0,
                                               minimum=1e-9)
         self.index = PrefixIndex(
-            int_option(NAME, options, "max_entries", 100_000, minimum=1),
-            int_option(NAME, options, "holders", 2, minimum=1),
+            int_option(name, options, "max_entries", 100_000, minimum=1),
+            int_option(name, options, "holders", 2, minimum=1),
         )
         # An instance attribute: it depends on the options.
         self.wants_prefix_hashes = self.weights["prefix"] > 0

@@ -45,8 +45,8 @@ def _wing(module: str) -> str | None:
         return None
     if head in ("serve", "stream", "backends", "proxy"):
         return head
-    if head == "legs":  # one attempt of one leg: the proxy's own helper
-        return "proxy"
+    if head in ("legs", "kvroute"):  # the proxy's own helpers: one attempt of one leg;
+        return "proxy"               # token ids and KV-event lookups for a request
     return "shared"
 
 

@@ -18,11 +18,18 @@ from typing import TYPE_CHECKING
 from lb.config import PoolConfig
 from lb.errors import BackendUnavailable
 from lb.metrics import Metrics
-from policies.base import Policy, PolicyHooks, RouteRequest, ScrapedLoad
+from policies.base import (
+    DirectDecode,
+    Policy,
+    PolicyHooks,
+    RouteRequest,
+    ScrapedLoad,
+    wants_cached_tokens,
+)
 from policies.choose import NoCandidate, NotACandidate, choose
 
 if TYPE_CHECKING:  # the index's package imports this module (its fleet follows pools)
-    from lb.backends.kvevents.index import BlockIndex
+    from lb.backends.kvevents.lookup import PoolKV
 
 
 class Backend:
@@ -75,10 +82,12 @@ class Pool:
         self.inflight_tokens = 0
         self.has_token_limits = any(b.max_inflight_tokens is not None for b in self.backends)
         self.metrics = metrics
-        self.kv_index: BlockIndex | None = None
-        """This pool's KV-event block index when ``[kv_events]`` is on: ``longest_prefix(
-        prompt_token_ids)`` → ``{backend URL: cached tokens}`` for the backends whose events
-        are live (absent = unknown). The hook a ``kv_aware`` routing step reads."""
+        self.kv: PoolKV | None = None
+        """This pool's KV-event index when ``[kv_events]`` is on (set by the app):
+        ``cached_tokens(prompt_token_ids)`` → ``{backend URL: cached tokens}`` for the
+        backends whose events are live and fresh (absent = unknown)."""
+        self.wants_cached_tokens = wants_cached_tokens(policy)
+        self.direct: DirectDecode | None = policy if isinstance(policy, DirectDecode) else None
         self._register_metrics(metrics)
 
     def _register_metrics(self, metrics: Metrics) -> None:
@@ -129,6 +138,8 @@ class Pool:
         self.config = config
         self.policy = policy
         self.hooks = policy if isinstance(policy, PolicyHooks) else None
+        self.wants_cached_tokens = wants_cached_tokens(policy)
+        self.direct = policy if isinstance(policy, DirectDecode) else None
         return added, sorted(current)
 
     def has_usable_backend(self) -> bool:
@@ -146,6 +157,24 @@ class Pool:
                                      code=f"{self.name}_unavailable") from None
         except NotACandidate as exc:
             raise BackendUnavailable(f"{self.name} pool: {exc}", code="policy_error") from None
+
+    def pick_direct(self, request: RouteRequest) -> Backend | None:
+        """The policy's :class:`DirectDecode` answer: one backend to serve the request alone
+        (no prefill hop), or None. Never raises: no usable backend is simply None."""
+        if self.direct is None:
+            return None
+        candidates = [b for b in self.backends if b.usable()]
+        if not candidates:
+            return None
+        picked = self.direct.pick_direct(request, candidates)
+        return next((b for b in candidates if b is picked), None)
+
+    def cached_tokens(self, request: RouteRequest) -> dict[str, int] | None:
+        """What the pool's fresh backends hold of the prompt, when its events are on and
+        the request has token ids (else None)."""
+        if self.kv is None or request.prompt_token_ids is None:
+            return None
+        return self.kv.cached_tokens(request.prompt_token_ids, request.model)
 
     def lease(self, backend: Backend, tokens: int) -> Lease:
         return Lease(self, backend, tokens)

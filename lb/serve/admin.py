@@ -5,13 +5,15 @@ dropping a request: each pool's backends (kept ones keep their counters and heal
 ones finish their in-flight requests), policy and options, backend keys, and the admission
 budgets. Anything else (listen address, timeouts, connector, tokenizer) needs a restart, and
 the reload answer lists what it ignored. ``GET /admin/state`` shows pools, backends and
-counters.
+counters. ``POST /admin/kv/lookup`` (with ``[kv_events]`` on) answers, for a completion or chat
+body, the prompt's token count and what each backend's own KV events say it holds of it — the
+numbers ``kv_aware`` routes by.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -99,8 +101,11 @@ def state(pools: dict[str, Pool], admission: Admission,
     }
 
 
+Lookup = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
 def admin_routes(token: str, reload: Callable[[], dict[str, Any]],
-                 get_state: Callable[[], dict[str, Any]]) -> list[web.RouteDef]:
+                 get_state: Callable[[], dict[str, Any]], lookup: Lookup) -> list[web.RouteDef]:
     def check(request: web.Request) -> None:
         if not matches(bearer(request.headers.get("Authorization", "")), [token]):
             raise Unauthorized("admin token required: Authorization: Bearer <token>",
@@ -119,6 +124,11 @@ def admin_routes(token: str, reload: Callable[[], dict[str, Any]],
         check(request)
         return web.Response(body=orjson.dumps(get_state()), content_type="application/json")
 
-    handlers = {"admin_reload": do_reload, "admin_state": show_state}
+    async def kv_lookup(request: web.Request) -> web.Response:
+        check(request)
+        answer = await lookup(await request.read())
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    handlers = {"admin_reload": do_reload, "admin_state": show_state, "admin_kv_lookup": kv_lookup}
     return [web.get(r.path, handlers[r.name]) if r.method == "GET"
             else web.route(r.method, r.path, handlers[r.name]) for r in named(*handlers)]

@@ -53,7 +53,7 @@ SIBLINGS = web.AppKey("siblings", Siblings)
 DRAINING = web.AppKey("draining", asyncio.Event)
 KV_EVENTS: web.AppKey[KVEvents | None] = web.AppKey("kv_events")
 """The KV-event subscribers and each pool's block index (None unless ``[kv_events]`` is on);
-each pool's index is also ``pool.kv_index`` for the request path."""
+each pool's index is also ``pool.kv`` for the request path."""
 """Set when pdlb stops taking new work (SIGTERM/SIGINT): /health/ready answers 503."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -270,7 +270,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         kv_events = KVEvents(config.kv_events,
                              lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
         for name, pool in pools.items():
-            pool.kv_index = kv_events.index(name)
+            pool.kv = kv_events.pool(name)
         metrics.registry.register(kv_events.collector())
 
     guard = Guard(config, proxy, metrics)
@@ -305,7 +305,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
 
     app[RELOAD] = reload
     if config.admin.enabled and config.admin.token:
-        admin = admin_routes(config.admin.token, reload, lambda: state(pools, admission, kv_events))
+        admin = admin_routes(config.admin.token, reload, lambda: state(pools, admission, kv_events),
+                             proxy.kv.lookup)
         if config.admin.port is None:
             app.router.add_routes(admin)
         else:

@@ -44,6 +44,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", "metrics", "public"),
     Route("POST", ADMIN_PREFIX + "reload", "admin_reload", "admin"),
     Route("GET", ADMIN_PREFIX + "state", "admin_state", "admin"),
+    Route("POST", ADMIN_PREFIX + "kv/lookup", "admin_kv_lookup", "admin"),
 )
 
 COMPLETION_PATHS: Mapping[str, Endpoint] = {

@@ -74,7 +74,7 @@ async def test_long_prompt_lands_in_the_prefill_index(start_pdlb: Any) -> None:
         url, app = await start_pdlb(config)
         events = app[KV_EVENTS]
         assert events is not None
-        index = app[POOLS]["prefill"].kv_index
+        index = app[POOLS]["prefill"].kv.index
         assert index is not None and index is events.index("prefill")
         async with aiohttp.ClientSession() as http:
             await go_live(http, url, events, "prefill", p.url)
@@ -143,7 +143,7 @@ async def test_endpoint_that_never_answers_blocks_nothing(start_pdlb: Any) -> No
         async with aiohttp.ClientSession() as http:
             for i in range(3):
                 await complete(http, url, prompt(10 + i))
-        assert events.cached_prefix("prefill", prompt(10)) == {}
+        assert events.pool("prefill").cached_tokens(prompt(10)) == {}
         assert events.health("prefill", p.url)["state"] == "unknown"
 
 
@@ -157,7 +157,7 @@ async def test_backend_without_events_is_discovered_as_none(start_pdlb: Any) -> 
             await complete(http, url, prompt(20))
         await until(lambda: events.health("prefill", p.url)["state"] == "no_source",
                     "discovery answered: no events")
-        assert events.cached_prefix("prefill", prompt(20)) == {}
+        assert events.pool("prefill").cached_tokens(prompt(20)) == {}
 
 
 async def test_reload_follows_added_and_removed_backends(tmp_path: Any) -> None:
@@ -213,7 +213,7 @@ async def test_two_replicas_build_the_same_index(start_pdlb: Any) -> None:
                 await complete(http, url_a, each)
 
             def same() -> bool:
-                answers = [(a.cached_prefix("prefill", x), b.cached_prefix("prefill", x))
+                answers = [(a.pool("prefill").cached_tokens(x), b.pool("prefill").cached_tokens(x))
                            for x in prompts]
                 return all(x == y and max(x.values()) == 20 * BS for x, y in answers)
 

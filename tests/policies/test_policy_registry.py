@@ -25,7 +25,8 @@ def test_every_builtin_is_in_pyproject_and_in_the_fallback():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["pdlb.policies"] == dict(BUILTINS)
     assert set(BUILTINS) == {"round_robin", "random", "least_requests", "least_tokens",
-                             "power_of_two", "prefix_affinity", "session_affinity", "score"}
+                             "power_of_two", "prefix_affinity", "session_affinity", "score",
+                             "kv_aware"}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))

@@ -4,7 +4,7 @@
 ``GET /kv_event_sources``, as vLLM answers it, or the ones written in backends.toml), runs one
 :class:`Subscriber` per backend, follows hot reloads (new backends subscribed, removed ones
 stopped and forgotten) and ejections (entries dropped at once), and answers a future
-``kv_aware`` policy's one question through :meth:`KVEvents.cached_prefix`.
+request path's one question through each pool's :class:`PoolKV` (:meth:`KVEvents.pool`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +20,7 @@ import zmq.asyncio
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from lb.backends.kvevents.index import BlockIndex
+from lb.backends.kvevents.lookup import PoolKV
 from lb.backends.kvevents.subscriber import Endpoint, Health, Subscriber
 from lb.backends.pool import Backend
 from lb.config import KVEventsConfig
@@ -88,6 +89,7 @@ class KVEvents:
         self._discover_interval_s = discover_interval_s
         self.eject_check_s = 0.25
         self.indexes: dict[str, BlockIndex] = {}
+        self.pools: dict[str, PoolKV] = {}
         self.subscribers: dict[tuple[str, str], Subscriber] = {}
         self._starting: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._pending: dict[tuple[str, str], Health] = {}
@@ -101,6 +103,15 @@ class KVEvents:
         if pool not in self.indexes:
             self.indexes[pool] = BlockIndex(self.config.max_blocks)
         return self.indexes[pool]
+
+    def pool(self, name: str) -> PoolKV:
+        """The pool's index as the request path asks it: fresh backends only."""
+        if name not in self.pools:
+            def health_of(url: str) -> Health | None:
+                sub = self.subscribers.get((name, url))
+                return None if sub is None else sub.health
+            self.pools[name] = PoolKV(self.index(name), health_of, self.config.stale_after_s)
+        return self.pools[name]
 
     def follow(self, pools: Mapping[str, Iterable[Backend]]) -> None:
         """Follow these pools' backends (at start and after each hot reload): subscribe to
@@ -199,6 +210,8 @@ class KVEvents:
             sub.forget()
         else:
             self.index(pool).drop(url)
+        if pool in self.pools:
+            self.pools[pool].forget(url)
 
     async def stop(self) -> None:
         for task in [*self._tasks, *([self._watch_task] if self._watch_task else [])]:
@@ -212,20 +225,15 @@ class KVEvents:
             self._ctx.destroy(linger=0)  # every socket closed: never blocks shutdown
             self._ctx = None
 
-    # ---------------------------------------------------------------- what policies ask
-    def cached_prefix(self, pool: str, prompt_token_ids: Sequence[int],
-                      lora_name: str | None = None) -> dict[str, int]:
-        """``{backend URL: cached prompt tokens}`` for the pool's backends whose events are
-        live; a backend absent from the answer is unknown (fall back to approximate routing)."""
-        index = self.indexes.get(pool)
-        return {} if index is None else index.longest_prefix(prompt_token_ids, lora_name)
-
+    # ---------------------------------------------------------------- introspection
     def health(self, pool: str, url: str) -> dict[str, object]:
         """The event health of one backend, for /admin/state and metrics."""
         sub = self.subscribers.get((pool, url))
         h = sub.health if sub is not None else self._pending.get((pool, url), Health())
         out = h.as_dict()
         out["blocks"] = self.index(pool).blocks(url)
+        out["block_size"] = self.index(pool).block_size(url)
+        out["fresh"] = self.pool(pool).fresh(url)
         return out
 
     def collector(self) -> KVEventsCollector:

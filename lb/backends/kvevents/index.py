@@ -83,6 +83,9 @@ class BlockIndex:
         walk, and a lookup intersects holders with one ``&``)."""
         self._bit: dict[str, int] = {}
         self._order: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.lora_names: set[str] = set()
+        """LoRA adapters seen in stored blocks: a request naming one as its model is looked
+        up in that adapter's namespace."""
 
     # ---------------------------------------------------------------- introspection
     def __len__(self) -> int:
@@ -96,6 +99,11 @@ class BlockIndex:
     def blocks(self, backend: str) -> int:
         holder = self._holders.get(backend)
         return len(holder.refs) if holder else 0
+
+    def block_size(self, backend: str) -> int:
+        """The backend's KV block size in tokens, as its events said (0 before any)."""
+        holder = self._holders.get(backend)
+        return holder.block_size if holder else 0
 
     def backends(self) -> list[str]:
         return list(self._holders)
@@ -165,6 +173,8 @@ class BlockIndex:
                 return
             parent = found
         ns = namespace(event.lora_name, event.lora_id)
+        if event.lora_name and event.lora_name not in self.lora_names:
+            self.lora_names.add(event.lora_name)
         tokens = event.token_ids
         extra = event.extra_keys
         for i, h in enumerate(event.block_hashes):
@@ -228,9 +238,11 @@ class BlockIndex:
                        ) -> dict[str, int]:
         """``{backend: cached tokens}`` for every known backend (0 when it holds nothing).
 
-        Counts the leading full blocks of the prompt each backend holds, as vLLM would find
-        them; vLLM itself then computes at least the last token, which is the caller's
-        business. Costs one tuple hash per block for each distinct block size.
+        Counts the leading full blocks of the prompt each backend holds, as vLLM finds
+        them: vLLM always computes the prompt's last token itself (its cache hit is at
+        most ``len - 1`` tokens, in whole blocks), so a block ending on the last token never
+        counts and the answer is what the engine will report as ``cached_tokens``. Costs one
+        tuple hash per block for each distinct block size.
         """
         out = dict.fromkeys(self._holders, 0)
         if not out:
@@ -242,7 +254,7 @@ class BlockIndex:
                 by_size[holder.block_size] = by_size.get(holder.block_size, 0) | self._bit[backend]
         where = self._where
         bits = self._bit
-        n = len(prompt_token_ids)
+        n = len(prompt_token_ids) - 1  # vLLM's max_cache_hit_length
         tokens: Sequence[int] = ()
         for size, members in by_size.items():
             if n < size or not members & where.get(
