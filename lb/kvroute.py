@@ -54,12 +54,17 @@ class KVRoute:
         self.source = config.tokenizer.token_ids
         self.local: PromptIds | None = make_prompt_ids(config.tokenizer)
         self._ids_timer = {s: metrics.prompt_ids.labels(source=s) for s in ("local", "backend")}
+        self._enabled: bool | None = None
 
     @property
     def enabled(self) -> bool:
-        """Token ids are worth computing: some pool has an event index to look them up in."""
-        return (self.local is not None or self.source == "backend") and any(
-            pool.kv is not None for pool in self.pools.values())
+        """Token ids are worth computing: some pool has an event index to look them up in
+        (decided at the first request: the app sets ``pool.kv`` after building the proxy,
+        and ``[kv_events]`` needs a restart to change)."""
+        if self._enabled is None:
+            self._enabled = (self.local is not None or self.source == "backend") and any(
+                pool.kv is not None for pool in self.pools.values())
+        return self._enabled
 
     # ----------------------------------------------------------------- 1. token ids
     async def prompt_ids(self, endpoint: str, body: Mapping[str, Any], body_bytes: int,
