@@ -138,10 +138,12 @@ def test_kv_events_plan(tmp_path):
 
 
 def test_kv_events_free_ports(tmp_path):
-    """kv_events_port=0 picks a distinct free port per server."""
+    """kv_events_port=0 picks a distinct free port per server, below the kernel's ephemeral
+    range (the engine binds it ~30 s later; a bind(0) port was seen taken by then)."""
     plans = _plan(tmp_path, kv_events=True, kv_events_port=0, base_port=0, prefill=2, decode=2)
     ports = [p.kv_events_port for p in plans]
     assert len(set(ports)) == 4 and all(isinstance(p, int) and p > 0 for p in ports)
+    assert all(p < launch_plan._ephemeral_low() for p in ports if p is not None)
     for plan in plans:
         endpoint = json.loads(_flag(plan.argv, "--kv-events-config"))["endpoint"]
         assert endpoint == f"tcp://*:{plan.kv_events_port}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,8 @@ class LaunchConfig:
     # KV-cache events: --enable-prefix-caching and a ZMQ publisher per server (pdlb's
     # [kv_events] finds it through the server's GET /kv_event_sources).
     kv_events: bool = False
-    # 0: pick free ports; else server k publishes on kv_events_port + 10*k.
+    # 0: pick free ports (below the ephemeral range: the engine binds late); else server k
+    # publishes on kv_events_port + 10*k.
     kv_events_port: int = DEFAULT_KV_EVENTS_PORT
     device: Device = "cpu"
     served_model_name: str | None = None
@@ -138,6 +140,42 @@ def _free_ports(host: str, count: int) -> list[int]:
             sock.bind((host, 0))
             ports.append(int(sock.getsockname()[1]))
         return ports
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_listen_ports(count: int, lowest: int = 20000) -> list[int]:
+    """``count`` distinct ports free on every IPv4 interface, drawn at random *below* the
+    kernel's ephemeral range.
+
+    For listeners bound late: vLLM's engine binds its KV-events socket ~30 s after the plan
+    is made, and a port from ``bind(0)`` (the ephemeral range) was seen taken by then —
+    outgoing connections and every ``bind(0)`` on the machine draw from that range. Outside
+    it only another explicit listener can collide. Falls back to :func:`_free_ports` when
+    the range leaves no room below it.
+    """
+    top = _ephemeral_low()
+    if top - lowest < 100 * count:
+        return _free_ports("0.0.0.0", count)
+    candidates = random.sample(range(lowest, top), k=min(top - lowest, 50 * count + 200))
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for port in candidates:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    return _free_ports("0.0.0.0", count)
 
 
 def split_cpus(cpus: Sequence[int], n: int) -> list[str]:
@@ -229,7 +267,7 @@ def plan_servers(
     event_ports: list[int | None] = [None] * n
     if config.kv_events:
         if config.kv_events_port == 0:
-            event_ports = list(_free_ports(config.host, n))
+            event_ports = list(_free_listen_ports(n))
         else:
             event_ports = [config.kv_events_port + KV_EVENTS_STRIDE * k for k in range(n)]
 
