@@ -309,6 +309,9 @@ def start_pdlb(prefill: str, decode: str, workdir: Path, args: argparse.Namespac
         with cfg.open("a") as f:
             f.write(f"[log]\naccess = {'false' if access_log == 'off' else 'true'}\n"
                     f"format = \"{'json' if access_log == 'json' else 'text'}\"\n")
+    if getattr(args, "pdlb_tracing", None) == "on":  # every request traced, to the mock's sink
+        with cfg.open("a") as f:
+            f.write(f"[tracing]\nenabled = true\nendpoint = \"{decode}/v1/traces\"\n")
     argv = [dev_python(), "-m", "lb.cli", "serve", "--config", str(cfg), "--log-level",
             log_level]
     if workers > 1:
@@ -652,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the working tree (measure a commit while lb/ is being edited)")
     p.add_argument("--pdlb-workers", default="",
                    help="also run `pdlb serve --workers N` (SO_REUSEPORT), e.g. '2' or '2,3'")
+    p.add_argument("--pdlb-tracing", choices=["off", "on"], default="off",
+                   help="on: pdlb (and pdlb@REV) trace every request ([tracing], OTLP/HTTP "
+                        "to the mock's sink; needs pdlb[otel])")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--itl-ms", type=float, default=1.0, help="mock: time between tokens")

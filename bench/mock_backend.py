@@ -359,6 +359,9 @@ class Conn(asyncio.Protocol):
                     f"vllm:num_requests_waiting{{model_name=\"{MODEL}\"}} 0\n"
                     f"vllm:kv_cache_usage_perc{{model_name=\"{MODEL}\"}} 0.0\n").encode()
             t.write(_response(b"200 OK", text, b"text/plain; version=0.0.4"))
+        elif path == b"/v1/traces" and method == b"POST":  # an OTLP/HTTP sink (bench --tracing)
+            self.mock.stats.inc("otlp exports")
+            t.write(_response(b"200 OK", b"", b"application/x-protobuf"))
         elif path == b"/mock/stats":
             t.write(_response(b"200 OK", self.mock.stats.as_json()))
         elif path == b"/mock/reset" and method == b"POST":

@@ -183,6 +183,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """``[tracing]``: OpenTelemetry spans over OTLP/HTTP (lb/tracing.py; ``pdlb[otel]``)."""
+
+    enabled: bool = False
+    endpoint: str | None = None
+    """OTLP/HTTP traces URL (``http://collector:4318/v1/traces``); unset: the exporter's
+    own default and the ``OTEL_EXPORTER_OTLP_*`` environment variables."""
+    sample_ratio: float = 1.0
+    """Share of new traces recorded; a client's sampled ``traceparent`` is always followed."""
+    service_name: str = "pdlb"
+
+
+@dataclass(frozen=True, slots=True)
 class KVTransferConfig:
     connector: str = "nixl"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -222,6 +235,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     source: str = "<flags>"
 
@@ -431,6 +445,16 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         access=lg.value("access", bool, True),
     )
     lg.done()
+    tr = root.sub("tracing")
+    tracing = TracingConfig(
+        enabled=tr.value("enabled", bool, False),
+        endpoint=tr.value("endpoint", str, None),
+        sample_ratio=tr.number("sample_ratio", 1.0, minimum=0.0, maximum=1.0),
+        service_name=tr.value("service_name", str, "pdlb"),
+    )
+    if tracing.endpoint is not None and not tracing.endpoint.startswith(("http://", "https://")):
+        raise tr.fail("endpoint", "expected an OTLP/HTTP URL, e.g. http://127.0.0.1:4318/v1/traces")
+    tr.done()
     kv_events = _read_kv_events(root.sub("kv_events"), pools)
     root.done()
     return Config(
@@ -444,6 +468,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         auth=auth,
         admin=admin,
         log=log_config,
+        tracing=tracing,
         kv_events=kv_events,
         source=source,
     )

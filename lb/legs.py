@@ -35,6 +35,7 @@ from lb.metrics import Metrics
 from lb.request import ProxyRequest, dumps
 from lb.stream.answer import Answer, PendingPrefill
 from lb.stream.port import ClientSide
+from lb.tracing import OFF, Tracing, now_ns
 from policies.base import RouteRequest
 
 # Client headers a backend may need; everything else (cookies, hop-by-hop, host) stays here.
@@ -50,9 +51,10 @@ class Legs:
 
     def __init__(self, config: Config, pools: Mapping[str, Pool], upstream: Upstream,
                  connector: Connector, metrics: Metrics, health: HealthChecker,
-                 kv: KVRoute) -> None:
+                 kv: KVRoute, tracing: Tracing = OFF) -> None:
         self.config = config
         self.kv = kv
+        self.tracing = tracing
         self.prefill_pool = pools["prefill"]
         self.decode_pool = pools["decode"]
         self.upstream = upstream
@@ -71,7 +73,10 @@ class Legs:
         backend is reported); a 4xx is the backend judging the request: passed through."""
         body = dumps(self.connector.prefill_body(view, dispatch))
         record.prefill_backend = backend.url
-        with self.prefill_pool.lease(backend, route.prompt_tokens) as lease:
+        with self.prefill_pool.lease(backend, route.prompt_tokens) as lease, \
+                self.tracing.stage("pdlb.prefill", **{"server.address": backend.url}):
+            if self.tracing.enabled:
+                headers = self.tracing.inject(dict(headers))
             ok = False
             try:
                 response = await self.upstream.post_json(
@@ -109,7 +114,11 @@ class Legs:
         usage event needs it."""
         url = backend.url + request.path
         client.record.decode_backend = backend.url
-        with self.decode_pool.lease(backend, route.prompt_tokens + route.max_tokens) as lease:
+        with self.decode_pool.lease(backend, route.prompt_tokens + route.max_tokens) as lease, \
+                self.tracing.stage("pdlb.decode", **{"server.address": backend.url}):
+            if self.tracing.enabled:
+                headers = self.tracing.inject(dict(headers))
+                decode_started_ns = now_ns()
             ok = False
             try:
                 if request.stream:
@@ -133,6 +142,8 @@ class Legs:
                 raise
             finally:
                 self.decode_pool.finished(route, backend, ok, time.monotonic() - lease.started)
+                if self.tracing.enabled:
+                    self.tracing.handoff(decode_started_ns, client.record.handoff_s)
 
     def headers(
         self, pool: Pool, client: Mapping[str, str], request_id: str,

@@ -50,6 +50,7 @@ from lb.request import Endpoint, ProxyRequest, dumps, parse_request
 from lb.stream.answer import PendingPrefill
 from lb.stream.port import ClientSide
 from lb.tokens import PromptTokenizer
+from lb.tracing import OFF, Tracing
 from policies.base import Leg, RouteRequest
 
 log = logging.getLogger("pdlb.proxy")
@@ -69,8 +70,10 @@ class Proxy:
         tokenizer: PromptTokenizer,
         metrics: Metrics,
         health: HealthChecker,
+        tracing: Tracing = OFF,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.prefill_pool = pools["prefill"]
         self.decode_pool = pools["decode"]
         self.admission = admission
@@ -83,7 +86,7 @@ class Proxy:
         self.resilience = config.resilience
         self.active_requests = 0
         self.kv = KVRoute(config, pools, upstream, metrics)
-        self.legs = Legs(config, pools, upstream, connector, metrics, health, self.kv)
+        self.legs = Legs(config, pools, upstream, connector, metrics, health, self.kv, tracing)
         self._e2e = {e: metrics.e2e.labels(endpoint=e) for e in ("completions", "chat")}
         self._direct = metrics.direct_decode
 
@@ -113,19 +116,20 @@ class Proxy:
         self._check_max_tokens(request)
 
         ids = None
-        if self.kv.enabled:
-            t = time.perf_counter()
-            ids = await self.kv.prompt_ids(endpoint, request.body, len(raw))
-            record.tokenize_s = time.perf_counter() - t
-        if ids is not None:
-            prompt_tokens = len(ids)  # exact, and shared with routing
-        elif self._exact_count_needed():
-            t = time.perf_counter()
-            prompt_tokens = await self.tokenizer.count(endpoint, request.body)
-            record.tokenize_s = took = time.perf_counter() - t
-            self.metrics.tokenize.observe(took)
-        else:
-            prompt_tokens = self.tokenizer.estimate(endpoint, request.body)
+        with self.tracing.stage("pdlb.tokenize"):
+            if self.kv.enabled:
+                t = time.perf_counter()
+                ids = await self.kv.prompt_ids(endpoint, request.body, len(raw))
+                record.tokenize_s = time.perf_counter() - t
+            if ids is not None:
+                prompt_tokens = len(ids)  # exact, and shared with routing
+            elif self._exact_count_needed():
+                t = time.perf_counter()
+                prompt_tokens = await self.tokenizer.count(endpoint, request.body)
+                record.tokenize_s = took = time.perf_counter() - t
+                self.metrics.tokenize.observe(took)
+            else:
+                prompt_tokens = self.tokenizer.estimate(endpoint, request.body)
         limit = self.config.server.max_prompt_tokens
         if limit is not None and prompt_tokens > limit:
             raise InvalidRequest(
@@ -151,7 +155,8 @@ class Proxy:
         prefill_need = 0 if direct else prompt_tokens
         record.prompt_tokens = prompt_tokens
         queued = time.monotonic()
-        ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
+        with self.tracing.stage("pdlb.admission"):
+            ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
         record.queue_s = time.monotonic() - queued
         with ticket:
             if direct:

@@ -53,7 +53,8 @@ def apply_reload(
     admission.reconfigure(new.pools)
     rebuild_all()
     ignored = [section for section in ("server", "kv_transfer", "tokenizer", "health", "scrape",
-                                       "resilience", "auth", "admin", "log", "kv_events")
+                                       "resilience", "auth", "admin", "log", "kv_events",
+                                       "tracing")
                if getattr(current, section) != getattr(new, section)]
     report["needs_restart_to_apply"] = ignored
     log.info("%s", describe_reload(new.source, report))

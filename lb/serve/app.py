@@ -34,6 +34,7 @@ from lb.serve.guard import ErrorAnswer, Guard, error_answer, internal_error
 from lb.serve.routes import COMPLETION_PATHS, ROUTES
 from lb.serve.workers import Siblings, merge_metrics
 from lb.tokens import PromptTokenizer, make_counter
+from lb.tracing import make_tracing
 from policies.registry import PolicyLoadError, build_policy
 
 log = logging.getLogger("pdlb.app")
@@ -261,7 +262,9 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     admission = Admission(config.pools, metrics)
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
-    proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker)
+    tracing = make_tracing(config.tracing)
+    proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker,
+                  tracing)
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
                           config.scrape.timeout_s, lambda: auto_budgets(pools, admission))
 
@@ -338,6 +341,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await scraper.stop()
         await checker.stop()
         await upstream.close()
+        if tracing.enabled:  # the last spans out (the SDK's thread; bounded by its timeout)
+            await asyncio.to_thread(tracing.shutdown)
 
     app.cleanup_ctx.append(resources)
     handlers: dict[str, Handler] = {"models": models, "health": health,

@@ -46,6 +46,7 @@ from lb.request import ENDPOINT_PATHS, Endpoint
 from lb.serve.auth import bearer, matches
 from lb.serve.routes import access
 from lb.stream.port import ClientSide
+from lb.tracing import OFF
 
 log = logging.getLogger("pdlb.guard")
 
@@ -93,7 +94,8 @@ class ServedClient(ClientSide):
 class Guard:
     """Access, request checks, errors, counting and body timeouts for both fronts."""
 
-    __slots__ = ("_access", "_api_keys", "_body_timeout_s", "_metrics", "_proxy", "_requests")
+    __slots__ = ("_access", "_api_keys", "_body_timeout_s", "_metrics", "_proxy", "_requests",
+                 "_tracing")
 
     def __init__(self, config: Config, proxy: Proxy, metrics: Metrics) -> None:
         self._api_keys = tuple(config.auth.api_keys)
@@ -102,6 +104,7 @@ class Guard:
         self._metrics = metrics
         self._requests = metrics.requests
         self._access = AccessLog(config.log.access, config.log.format)
+        self._tracing = OFF if proxy is None else proxy.tracing
 
     @property
     def body_timeout_s(self) -> float:
@@ -163,42 +166,44 @@ class Guard:
         A client that leaves (cancellation) is counted as 499 and the cancellation goes on.
         Last, the access line (a client that left mid-stream is logged as 499)."""
         record = client.record = RequestRecord(time.monotonic())
+        path = ENDPOINT_PATHS[endpoint]
         try:
-            try:
-                self.check_completion(client.headers)
-                await self._proxy.handle(client, endpoint)
-            except PdlbError as exc:
-                if exc.status >= 500:
-                    log.warning("POST %s -> %d: %s", ENDPOINT_PATHS[endpoint], exc.status,
-                                exc.message)
-                record.reason = exc.code
-                client.send_error(error_answer(exc))
-            except asyncio.CancelledError:
-                if record.delivered:  # it read [DONE] and left before the last chunk: a 200
-                    self._metrics.client_disconnects.labels(phase="stream_end").inc()
-                    self.count(endpoint, client.status)
-                    self._log(client, record, endpoint, client.status)
+            with self._tracing.request(path, endpoint, client.headers):
+                try:
+                    self.check_completion(client.headers)
+                    await self._proxy.handle(client, endpoint)
+                except PdlbError as exc:
+                    if exc.status >= 500:
+                        log.warning("POST %s -> %d: %s", ENDPOINT_PATHS[endpoint], exc.status,
+                                    exc.message)
+                    record.reason = exc.code
+                    client.send_error(error_answer(exc))
+                except asyncio.CancelledError:
+                    if record.delivered:  # it read [DONE], left before the last chunk: 200
+                        self._metrics.client_disconnects.labels(phase="stream_end").inc()
+                        self.count(endpoint, client.status)
+                        self._log(client, record, endpoint, client.status)
+                        raise
+                    self._metrics.client_disconnects.labels(phase="before_response").inc()
+                    self.count(endpoint, 499)
+                    record.reason = CLIENT_DISCONNECT
+                    self._log(client, record, endpoint, 499)
                     raise
-                self._metrics.client_disconnects.labels(phase="before_response").inc()
-                self.count(endpoint, 499)
-                record.reason = CLIENT_DISCONNECT
-                self._log(client, record, endpoint, 499)
-                raise
-            except Exception:
-                log.exception("unhandled error on POST %s", ENDPOINT_PATHS[endpoint])
-                record.reason = "internal_error"
-                client.send_error(error_answer(internal_error()))
-            status = client.status
-            self._requests.labels(endpoint=endpoint, status=str(status)).inc()
-            self._log(client, record, endpoint,
-                      499 if record.reason == CLIENT_DISCONNECT else status)
+                except Exception:
+                    log.exception("unhandled error on POST %s", ENDPOINT_PATHS[endpoint])
+                    record.reason = "internal_error"
+                    client.send_error(error_answer(internal_error()))
+                status = client.status
+                self._requests.labels(endpoint=endpoint, status=str(status)).inc()
+                self._log(client, record, endpoint,
+                          499 if record.reason == CLIENT_DISCONNECT else status)
         finally:
             if done is not None:
                 done()
 
-
     def _log(self, client: ServedClient, record: RequestRecord, endpoint: Endpoint,
              status: int) -> None:
+        self._tracing.finish(record, status)
         if self._access.enabled:
             self._access.emit(record, client=client.peer(), endpoint=endpoint, status=status)
 
