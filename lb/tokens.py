@@ -5,8 +5,9 @@ corrects it once the prefill answers. Four counters, chosen in ``[tokenizer]``:
 
 * ``tiktoken`` (default): cl100k_base from the bundled offline file — close to Llama-3-class
   vocabularies, no download.
-* ``hf``: a HuggingFace ``tokenizer.json`` via the ``tokenizers`` package — exact for the
-  served model.
+* ``hf``: a HuggingFace ``tokenizer.json`` via the ``tokenizers`` package — the served
+  model's own vocabulary, so a text's count is exact; the special tokens the engine adds
+  (BOS) are not counted.
 * ``emulator``: what pdlb's emulator counts with (emulator/tokens.py): cl100k_base from the
   same offline file — its chat template adds a few special tokens, counted as the others'.
 * ``estimate``: UTF-8 bytes / 4 — free, for when counting costs more than it is worth.
@@ -16,8 +17,10 @@ template's role headers (Llama-3 style: ``<|start_header_id|>role<|end_header_id
 ``<|eot_id|>``), which is what the backend's template would add, approximately.
 
 Counting a long prompt takes milliseconds; prompts above ``offload_chars`` are counted in a
-worker thread (tiktoken and tokenizers release the GIL) so the event loop keeps relaying
-other streams meanwhile.
+worker thread so the event loop keeps relaying other streams meanwhile. That works because
+tiktoken's ``encode_ordinary`` and tokenizers' ``encode_batch_fast`` / ``encode_batch``
+release the GIL while they tokenize; tokenizers' ``encode`` does not (it holds the GIL for
+the whole call), so :class:`HFCounter` never uses it.
 """
 
 from __future__ import annotations
@@ -75,9 +78,12 @@ class HFCounter:
             self._tok = Tokenizer.from_file(path)
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             raise ConfigError(f"tokenizer.path = {path!r}: cannot load ({exc})") from None
+        # encode_batch_fast (tokenizers >= 0.21) skips the offsets; encode_batch, older, keeps
+        # them. Both let other threads run while they tokenize; encode would not.
+        self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
 
     def count(self, text: str) -> int:
-        return len(self._tok.encode(text, add_special_tokens=False).ids)
+        return len(self._encode_batch([text], add_special_tokens=False)[0].ids)
 
 
 class EstimateCounter:

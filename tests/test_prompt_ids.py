@@ -440,7 +440,7 @@ def test_content_format_detection_matches_vllm(reference):
     same syntax-tree walk."""
     if reference["formats"] is None:
         pytest.skip(f"vLLM not importable: {reference['errors']}")
-    from lb.prompt_ids import _environment, _loops_over_content
+    from lb.chat_template import _environment, _loops_over_content
 
     env = _environment()
     ours = ["openai" if _loops_over_content(env.parse(t)) else "string"

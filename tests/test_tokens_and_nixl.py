@@ -122,6 +122,60 @@ def test_hf_tokenizer_file_counts_exactly(tmp_path):
     assert counter.count("hello world hello unknown") == 4
 
 
+def _byte_level_bpe(path):
+    """A small byte-level BPE tokenizer.json (Llama-3's kind), trained on the spot."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "lorem ipsum dolor sit amet",
+              "héllo wörld, 你好 🦙", "def f(x):\n    return x + 1"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|bos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return Tokenizer.from_file(str(path))
+
+
+HF_TEXTS = ["", "hello", "the quick brown fox", "héllo wörld 🦙 你好 — unseen wörds",
+            "<|bos|>x<|bos|>", "  spaces\n\ttabs  ", "lorem ipsum " * 500]
+
+
+def test_hf_counter_counts_what_encode_gives(tmp_path):
+    """HFCounter (encode_batch_fast, which releases the GIL) counts as Tokenizer.encode does."""
+    tok = _byte_level_bpe(tmp_path / "tokenizer.json")
+    counter = make_counter(TokenizerConfig(kind="hf", path=str(tmp_path)))
+    for text in HF_TEXTS:
+        assert counter.count(text) == len(tok.encode(text, add_special_tokens=False).ids), text
+
+
+async def test_hf_long_prompt_is_counted_off_the_loop(tmp_path):
+    """kind = "hf": a long prompt counted in a thread lets the loop tick (encode would not)."""
+    _byte_level_bpe(tmp_path / "tokenizer.json")
+    tokenizer = PromptTokenizer(make_counter(TokenizerConfig(kind="hf", path=str(tmp_path))),
+                                offload_chars=16_384)
+    prompt = "lorem ipsum dolor sit amet " * 40_000
+    ticks = 0
+    stop = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    n = await tokenizer.count("completions", {"prompt": prompt})
+    elapsed = time.perf_counter() - started
+    stop = True
+    await task
+    assert n > 40_000
+    if elapsed > 0.1:  # only meaningful when counting took a while; encode: 2 or 3 ticks
+        assert ticks > 10, (elapsed, ticks)
+
+
 def test_hf_tokenizer_bad_path_is_a_config_error(tmp_path):
     from lb.errors import ConfigError
 
