@@ -8,7 +8,9 @@
 * ``vllm_pair``: ONE real prefill + decode pair (NixlConnector, CPU) per test module, on free
   loopback ports, through :class:`lb.tools.launch_vllm.VllmPool`. Its context is
   ``max_model_len`` (32768) tokens, past the tiny model's 2048 positions (``--hf-overrides``),
-  so one answer can keep the decode busy for tens of seconds.
+  so one answer can keep the decode busy for tens of seconds. A module that sets
+  ``KV_EVENTS = True`` gets a pair publishing KV-cache events (``launch-vllm --kv-events``,
+  free ports).
 * ``pdlb_url``: pdlb itself as a real subprocess (``python -m lb.cli serve``) in front of
   that pair.
 
@@ -104,8 +106,11 @@ def tiny_model(vllm_env: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_pair(vllm_env: Path, tiny_model: Path, tmp_path_factory) -> Iterator[VllmPool]:
-    """One real prefill + decode vLLM pair (CPU, NIXL) for the whole module."""
+def vllm_pair(request: pytest.FixtureRequest, vllm_env: Path, tiny_model: Path,
+              tmp_path_factory) -> Iterator[VllmPool]:
+    """One real prefill + decode vLLM pair (CPU, NIXL) for the whole module; with KV-cache
+    events when the module sets ``KV_EVENTS = True``."""
+    kv_events = bool(getattr(request.module, "KV_EVENTS", False))
     config = LaunchConfig(
         model=str(tiny_model),
         vllm=(str(vllm_env / "bin" / "vllm"),),
@@ -118,6 +123,8 @@ def vllm_pair(vllm_env: Path, tiny_model: Path, tmp_path_factory) -> Iterator[Vl
         extra_vllm_args=("--hf-overrides",
                          json.dumps({"max_position_embeddings": MAX_MODEL_LEN})),
         run_dir=tmp_path_factory.mktemp("vllm-run"),
+        kv_events=kv_events,
+        kv_events_port=0,
         startup_timeout_s=300.0,
         stop_timeout_s=20.0,
     )
@@ -128,7 +135,8 @@ def vllm_pair(vllm_env: Path, tiny_model: Path, tmp_path_factory) -> Iterator[Vl
     except VllmLaunchError as exc:
         pytest.fail(f"the vLLM pair did not start: {exc}", pytrace=False)
     took = ", ".join(f"{name} {s:.1f} s" for name, s in pool.startup_times.items())
-    _timings.append(f"vLLM pair healthy after {time.monotonic() - started:.1f} s ({took})")
+    events = ", KV events on" if kv_events else ""
+    _timings.append(f"vLLM pair healthy after {time.monotonic() - started:.1f} s ({took}{events})")
     try:
         yield pool
     finally:
