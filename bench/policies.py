@@ -686,9 +686,13 @@ async def _main_multitenant(args: argparse.Namespace) -> int:
                 for prefill_spec, decode_spec in runs:
                     _say(args, f"  {prefill_spec} / {decode_spec}, {n} pdlb: {len(trace.rows)}"
                          f" requests over {args.duration:g} s [{time.monotonic() - started:.0f} s]")
-                    rows.append(await _one_multitenant(
-                        args, prefill_spec, decode_spec, n, traces[n], trace, prefill, decode,
-                        workdir, http))
+                    r = await _one_multitenant(args, prefill_spec, decode_spec, n, traces[n],
+                                               trace, prefill, decode, workdir, http)
+                    rows.append(r)
+                    _say(args, f"    {r['completed']}/{r['failed']} done, prefill hit rate"
+                         f" {r['hit_rate']:.1%}, fleet {r['fleet_hit_rate']:.1%}, TTFT p50/p90"
+                         f" {r['ttft_p50'] or 0:.0f}/{r['ttft_p90'] or 0:.0f} ms,"
+                         f" {r['skipped']:.0f} prefills skipped; {r['sync']}")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     qlo, qhi = args.question_range
     plo, phi = args.prefix_range
