@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import platform
 import sys
 import time
@@ -31,6 +32,14 @@ from loadgen.runner import build_workload, make_sender, preflight, run_process
 
 SCHEMA = "pdlb.loadgen.result/1"
 VERSION = "0.1.0"
+
+
+def _pdlb_version() -> str | None:
+    """The installed pdlb distribution's version (None when loadgen runs from a bare tree)."""
+    try:
+        return importlib.metadata.version("pdlb")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def records_path_for(json_path: str | Path) -> Path:
@@ -184,6 +193,7 @@ async def run(
     if meta.get("first_send") is not None and meta.get("t0_epoch") is not None:
         meta["time_to_first_send_s"] = meta["t0_epoch"] + meta["first_send"] - called
     meta["loadgen_version"] = VERSION
+    meta["pdlb_version"] = _pdlb_version()
     meta["python"] = sys.version.split()[0]
     meta["host"] = platform.node()
     stages: dict[str, Any] | None = None

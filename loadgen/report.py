@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import PurePath
 from typing import Any
+from urllib.parse import urlsplit
+
+from loadgen.config import ENDPOINT_PATHS
 
 LATENCY_ROWS: tuple[tuple[str, str], ...] = (
     ("TTFT", "ttft_ms"),
@@ -45,6 +51,105 @@ def describe_mode(config: Mapping[str, Any]) -> str:
     if mode == "closed":
         return f"closed loop, {config.get('concurrency')} users; {b}"
     return f"trace replay of {config.get('dataset')} (x{config.get('time_scale', 1.0):g})"
+
+
+def _length(d: Mapping[str, Any] | None) -> str:
+    if not d:
+        return "?"
+    if d.get("dist") == "uniform":
+        return f"uniform {d.get('min')}–{d.get('max')}"
+    text = f"{d.get('mean'):g}"
+    if d.get("std"):
+        text += f"±{d['std']:g}"
+    if d.get("max") is not None:
+        text += f" [{d.get('min')}–{d['max']}]"
+    if d.get("dist") == "lognormal":
+        text += " lognormal"
+    return text
+
+
+def _host(url: Any) -> str:
+    parts = urlsplit(str(url or ""))
+    host = parts.hostname or "?"
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def slo_text(slo: Mapping[str, float] | None, target: float | None = None) -> str:
+    """``ttft ≤ 500 ms, tpot ≤ 50 ms; attainment target 90%`` (empty without an SLO)."""
+    if not slo:
+        return ""
+    text = ", ".join(f"{k.removesuffix('_ms')} ≤ {v:g} ms" for k, v in slo.items())
+    if target is not None:
+        text += f"; attainment target {target * 100:g}%"
+    return text
+
+
+def settings_lines(config: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                   summary: Mapping[str, Any] | None = None, *,
+                   sweep_rates: Sequence[float] | None = None) -> list[str]:
+    """A run's settings in a few short lines (what a saved plot carries): target host and
+    endpoint, load shape, workload and lengths, SLO, label, start date, versions.
+    ``sweep_rates``: the rates a sweep stepped through (the load line then names them)."""
+    meta = meta or {}
+    res = config.get("resolved") or {}
+    endpoint = res.get("endpoint") or config.get("endpoint") or "completions"
+    model = meta.get("model") or config.get("model") or "(first at /v1/models)"
+    workers = meta.get("workers") or config.get("workers") or 1
+    lines = [f"target {_host(config.get('url'))} {ENDPOINT_PATHS.get(endpoint, endpoint)}"
+             f" · model {model} · {config.get('http_client', 'fast')} client"
+             f" · {workers} client process{'es' if workers != 1 else ''}"]
+    if sweep_rates is not None:
+        bound = []
+        if config.get("duration_s"):
+            bound.append(f"{config['duration_s']:g} s")
+        if config.get("num_requests"):
+            bound.append(f"{config['num_requests']} requests")
+        shape = config.get("arrival", "poisson")
+        if config.get("burstiness", 1.0) != 1.0:
+            shape = f"gamma (burstiness {config['burstiness']:g})"
+        cap = (f", max {config['max_concurrency']} in flight"
+               if config.get("max_concurrency") else "")
+        rates = ", ".join(f"{r:g}" for r in sorted(sweep_rates))
+        load = f"sweep, open loop, {shape}{cap}, rates {rates} req/s; {', '.join(bound)} per step"
+    else:
+        load = describe_mode(config)
+    extras = []
+    if config.get("think_time_s"):
+        extras.append(f"think time {config['think_time_s']:g} s")
+    if config.get("warmup"):
+        extras.append(f"{config['warmup']} warm-up requests")
+    lines.append("load " + load + (f" · {', '.join(extras)}" if extras else ""))
+    work = [f"mix {config['mix']}" if config.get("mix") else "random prompts"]
+    if config.get("dataset"):
+        work = [f"dataset {PurePath(str(config['dataset'])).name}"]
+    else:
+        work.append(f"input {_length(res.get('input_len') or config.get('input_len'))} tok")
+    work.append(f"output {_length(res.get('output_len') or config.get('output_len'))} tok")
+    if config.get("prefix_groups"):
+        work.append(f"{config['prefix_groups']} shared prefixes of {config.get('prefix_len')} "
+                    f"tok × {config.get('questions_per_group')} questions")
+    turns = res.get("turns") or config.get("turns") or 1
+    if turns > 1:
+        work.append(f"{turns} turns")
+    work.append(f"seed {config.get('seed', 0)}")
+    lines.append("workload " + ", ".join(work))
+    slo = (summary or {}).get("slo") or config.get("slo")
+    target = (summary or {}).get("slo_target", config.get("slo_target"))
+    if slo:
+        lines.append("SLO " + slo_text(slo, target))
+    when = meta.get("started_at")
+    if when:
+        with contextlib.suppress(ValueError):
+            when = datetime.fromisoformat(str(when)).strftime("%Y-%m-%d %H:%M %Z").strip()
+    run = [f"label {config['label']}" if config.get("label") else None,
+           f"started {when}" if when else None,
+           f"loadgen {meta['loadgen_version']}" if meta.get("loadgen_version") else None,
+           f"pdlb {meta['pdlb_version']}" if meta.get("pdlb_version") else None]
+    if any(run):
+        lines.append(" · ".join(x for x in run if x))
+    return lines
 
 
 def table(summary: Mapping[str, Any], config: Mapping[str, Any] | None = None,

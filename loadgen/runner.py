@@ -1,10 +1,13 @@
 """One process's share of a run: plan → dispatch on the absolute schedule → records.
 
 Open loop: an item goes out at ``t0 + offset``; the dispatcher prepares the next body while
-it waits, then sends everything already due without yielding, so a late wake-up never
-thins the offered load. Closed loop: N users, each sending its next request as soon as its
-last one ended (plus think time); its "scheduled" time is when it became ready. With a
-concurrency cap on an open loop, the time a request waited for a slot is recorded apart.
+it waits, then sends everything already due without yielding, so a late wake-up delays
+the requests that were due (recorded as schedule lag) instead of shifting the rest of the
+schedule. A client short of CPU still falls behind (``fell_behind``; the rates one process
+kept up with are measured in docs/loadgen.md). Closed loop: N users, each sending its next
+request as soon as its last one ended (plus think time); its "scheduled" time is when it
+became ready. With a concurrency cap on an open loop, the time a request waited for a slot
+is recorded apart.
 
 Multi-turn items: the first turn follows the schedule, later turns go after the previous
 answer (plus think time), with the conversation so far. A failed turn ends its session.

@@ -1,8 +1,11 @@
 """Arrival schedules: absolute send offsets (seconds from time zero), computed up front.
 
-Sending at ``t0 + offset[i]`` (never "sleep one interval after the last send") keeps the
-offered rate exact however late any one send is: a relative sleep drifts (vLLM reached
-183.5 QPS for a 200 QPS target before it switched to an absolute schedule).
+Sending at ``t0 + offset[i]`` (never "sleep one interval after the last send") means a late
+send does not shift the sends after it; a relative sleep adds every late wake-up to all later
+sends, so the rate drifts below the target (vLLM's client had this drift until it switched to
+an absolute schedule: vllm-project/vllm#21104, #21108; not measured here). Whether sends
+keep up is measured per run (``schedule_lag_ms``, ``fell_behind``); the rates one process
+kept up with on a 2-core VM are in docs/loadgen.md.
 
 - ``poisson``: exponential gaps, mean 1/rate (gamma with burstiness 1).
 - ``gamma``: gaps ~ Gamma(shape=burstiness, scale=1/(rate*burstiness)); the gaps' coefficient
