@@ -9,6 +9,7 @@ checker connector and policy options use too, so all three report errors alike.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -38,9 +39,72 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsDiscoveryConfig:
+    """``[pools.<pool>.discovery] kind = "dns"``: every A/AAAA record of ``name`` (a headless
+    Service) is a backend on ``port``, re-resolved every ``interval_s``."""
+
+    name: str
+    port: int
+    interval_s: float = 5.0
+    scheme: str = "http"
+    nameserver: tuple[str, int] | None = None
+    """(address, port) to ask instead of the system's resolver (/etc/resolv.conf)."""
+    timeout_s: float = 2.0
+    """One resolution (A and AAAA) longer than this is a failure: the last set is kept."""
+    max_inflight_tokens: int | None = None
+    """Every discovered backend's token budget (as ``backends[].max_inflight_tokens``)."""
+
+    @property
+    def kind(self) -> str:
+        return "dns"
+
+    @property
+    def source(self) -> str:
+        """The ``source`` label of its metrics and /admin/state entry."""
+        return f"dns:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesDiscoveryConfig:
+    """``[pools.<pool>.discovery] kind = "kubernetes"``: the Ready pods that ``selector``
+    selects in ``namespace``, listed and watched through the API server."""
+
+    namespace: str
+    selector: str
+    port: int | None = None
+    port_name: str | None = None
+    """A container port's name (``spec.containers[].ports[].name``) instead of ``port``."""
+    scheme: str = "http"
+    kubeconfig: str | None = None
+    """A kubeconfig file; None: in-cluster (the pod's service account)."""
+    context: str | None = None
+    """The kubeconfig's context to use (default: its current-context)."""
+    timeout_s: float = 10.0
+    """Connect, and the whole list request."""
+    watch_timeout_s: float = 300.0
+    """Asked of the API server for each watch (``timeoutSeconds``); then it is renewed."""
+    backoff_max_s: float = 30.0
+    """Retries after an error wait 0.5 s, doubling up to this."""
+    max_inflight_tokens: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "kubernetes"
+
+    @property
+    def source(self) -> str:
+        return f"kubernetes:{self.namespace}/{self.selector}"
+
+
+DiscoveryConfig = DnsDiscoveryConfig | KubernetesDiscoveryConfig
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
+    """The static backends (``backends = [...]``); a pool with discovery also has the ones
+    its sources find (lb/backends/discovery/)."""
     policy: str = "round_robin"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     max_inflight_tokens: int | None = None
@@ -57,6 +121,9 @@ class PoolConfig:
     api_key: str | None = None
     """Sent to this pool's backends as ``Authorization: Bearer <api_key>`` (vLLM --api-key),
     unless the client's own Authorization is forwarded (``[auth]``)."""
+    discovery: tuple[DiscoveryConfig, ...] = ()
+    """``[pools.<pool>.discovery]`` (a table, or an array of tables): where more backends
+    come from while pdlb runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,11 +347,13 @@ def _secret(r: Options, name: str) -> str | None:
 
 def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
     r = Options(table, f"pools.{name}", source=source)
+    discovery = _read_discovery(r)
     raw_backends = r.value("backends", list, None)
-    if not raw_backends:
-        raise r.fail("backends", "give at least one backend: backends = [{ url = \"http://...\" }]")
+    if not raw_backends and not discovery:
+        raise r.fail("backends", "give at least one backend: backends = [{ url = \"http://...\" }]"
+                     f" (or a [pools.{name}.discovery] table)")
     backends = []
-    for i, item in enumerate(raw_backends):
+    for i, item in enumerate(raw_backends or ()):
         where = f"pools.{name}.backends[{i}]"
         if isinstance(item, str):  # tolerate the short form backends = ["http://..."]
             item = {"url": item}
@@ -317,9 +386,90 @@ def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
         max_queue=r.integer("max_queue", 1024, minimum=0),
         queue_timeout_s=r.number("queue_timeout_s", 30.0, minimum=0),
         api_key=_secret(r, "api_key"),
+        discovery=discovery,
     )
     r.done()
     return pool
+
+
+def _read_discovery(pool: Options) -> tuple[DiscoveryConfig, ...]:
+    """``discovery = { kind = ... }`` or ``[[pools.<pool>.discovery]]`` (several sources)."""
+    raw = pool.value("discovery", (dict, list), None)
+    if raw is None:
+        return ()
+    tables = [raw] if isinstance(raw, dict) else raw
+    out: list[DiscoveryConfig] = []
+    for i, table in enumerate(tables):
+        where = pool.key("discovery") + ("" if isinstance(raw, dict) else f"[{i}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{pool.source}: {where} = {table!r}: expected a table"
+                              " { kind = \"dns\" | \"kubernetes\", ... }")
+        r = Options(table, where, source=pool.source)
+        kind = r.choice("kind", ("dns", "kubernetes"), "")
+        scheme = r.choice("scheme", ("http", "https"), "http")
+        budget = r.optional_integer("max_inflight_tokens", minimum=1)
+        source: DiscoveryConfig
+        if kind == "dns":
+            name = r.value("name", str, "").strip().rstrip(".")
+            if not name:
+                raise r.fail("name", "give the name to resolve, e.g. vllm-prefill.llm.svc"
+                             ".cluster.local (a headless Service)")
+            port = r.optional_integer("port", minimum=1, maximum=65535)
+            if port is None:
+                raise r.fail("port", "give the backends' port (DNS gives addresses only)")
+            source = DnsDiscoveryConfig(
+                name=name, port=port, interval_s=r.number("interval_s", 5.0, minimum=0.05),
+                scheme=scheme, nameserver=_nameserver(r),
+                timeout_s=r.number("timeout_s", 2.0, minimum=0.01),
+                max_inflight_tokens=budget)
+        else:
+            namespace = r.value("namespace", str, "")
+            selector = r.value("selector", str, "")
+            if not namespace:
+                raise r.fail("namespace", "give the pods' namespace")
+            if not selector.strip():
+                raise r.fail("selector", "give a label selector, e.g. \"llm-d.ai/role=prefill\"")
+            port = r.optional_integer("port", minimum=1, maximum=65535)
+            port_name = r.value("port_name", str, None)
+            if (port is None) == (port_name is None):
+                raise r.fail("port", "give either port (a number) or port_name (a container"
+                             " port's name)", show_value=False)
+            source = KubernetesDiscoveryConfig(
+                namespace=namespace, selector=selector, port=port, port_name=port_name,
+                scheme=scheme, kubeconfig=r.value("kubeconfig", str, None),
+                context=r.value("context", str, None),
+                timeout_s=r.number("timeout_s", 10.0, minimum=0.01),
+                watch_timeout_s=r.number("watch_timeout_s", 300.0, minimum=1),
+                backoff_max_s=r.number("backoff_max_s", 30.0, minimum=0.01),
+                max_inflight_tokens=budget)
+        r.done()
+        if any(other.source == source.source for other in out):
+            raise ConfigError(f"{pool.source}: {where}: the same source is listed twice"
+                              f" ({source.source})")
+        out.append(source)
+    return tuple(out)
+
+
+def _nameserver(r: Options) -> tuple[str, int] | None:
+    """``"10.0.0.10"``, ``"127.0.0.1:5353"`` or ``"[::1]:5353"`` → (address, port)."""
+    text = r.value("nameserver", str, None)
+    if text is None:
+        return None
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else -1
+    elif text.count(":") == 1:
+        host, _, digits = text.partition(":")
+        port = int(digits) if digits.isdigit() else -1
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise r.fail("nameserver", "expected an IP address, optionally with :port") from None
+    if not 0 < port < 65536:
+        raise r.fail("nameserver", "expected a port within 1..65535 after the address")
+    return host, port
 
 
 def parse_config(data: Mapping[str, Any], source: str) -> Config:

@@ -6,13 +6,18 @@ too (the proxy calls :meth:`HealthChecker.report_failure` on a connection failur
 and on a prefill's 429; :meth:`HealthChecker.report_success` on an answer), so a dead
 backend is ejected between two checks rather than after them. A backend must also serve the
 model(s) most backends serve (``GET /v1/models``), else it is kept out of rotation.
+
+A backend added while pdlb runs (a reload, discovery) is *pending*: out of rotation until its
+first check — health and model — passes. It is checked at once, not at the next round.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from lb.backends.poller import BackendPoller
 from lb.backends.pool import Backend
@@ -34,6 +39,42 @@ class HealthChecker(BackendPoller):
         """URLs of backends that serve a different model than the rest."""
         self._served: dict[str, frozenset[str]] = {}
         """What each backend last said it serves (GET /v1/models)."""
+        self._joining: dict[Backend, asyncio.Task[bool]] = {}
+        """The first checks of pending backends, started as soon as they are added."""
+
+    def set_backends(self, backends: Iterable[Backend]) -> None:
+        """Follow a changed backend list: forget what removed URLs served, and check each
+        pending backend now (once the checker runs; before, the first round does)."""
+        super().set_backends(backends)
+        urls = {b.url for b in self.backends}
+        self._served = {url: ids for url, ids in self._served.items() if url in urls}
+        self.mismatched &= urls
+        if self._task is None:
+            return
+        for backend in self.backends:
+            if backend.pending and backend not in self._joining:
+                task = asyncio.create_task(self.visit(backend),
+                                           name=f"pdlb-health-join {backend.url}")
+                self._joining[backend] = task
+                task.add_done_callback(self._joined(backend))
+
+    def _joined(self, backend: Backend) -> Callable[[asyncio.Task[bool]], None]:
+        def forget(_: asyncio.Task[bool]) -> None:
+            self._joining.pop(backend, None)
+        return forget
+
+    async def joined(self, limit_s: float) -> None:
+        """Wait (at most ``limit_s``) for the first checks of the backends pending now."""
+        tasks = list(self._joining.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=limit_s)
+
+    async def stop(self) -> None:
+        for task in list(self._joining.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await super().stop()
 
     async def visit(self, backend: Backend) -> bool:
         try:
@@ -45,7 +86,13 @@ class HealthChecker(BackendPoller):
             ok = False
         if ok and backend.models is None:
             ok = await self._check_models(backend)
-        if ok:
+        if ok and backend.pending:
+            backend.pending = False
+            backend.healthy = True
+            backend.consecutive_failures, backend.consecutive_successes = 0, 1
+            log.info("%s backend %s joins the rotation: its first health check passed",
+                     backend.pool_name, backend.url)
+        elif ok:
             self.report_success(backend)
         else:
             self.report_failure(backend)
@@ -99,7 +146,7 @@ class HealthChecker(BackendPoller):
         backend.consecutive_failures = 0
         backend.consecutive_successes += 1
         restore = self.config.successes_to_restore
-        if not backend.healthy and backend.consecutive_successes >= restore:
+        if not backend.healthy and not backend.pending and backend.consecutive_successes >= restore:
             backend.healthy = True
             log.info("%s backend %s is back in rotation after %d good check(s)",
                      backend.pool_name, backend.url, backend.consecutive_successes)

@@ -38,15 +38,19 @@ class Backend:
     __slots__ = (
         "consecutive_failures", "consecutive_successes", "healthy", "index",
         "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "models",
-        "pool_name", "tokens_since_scrape", "url",
+        "pending", "pool_name", "tokens_since_scrape", "url",
     )
 
-    def __init__(self, url: str, index: int, pool_name: str, max_inflight_tokens: int | None):
+    def __init__(self, url: str, index: int, pool_name: str, max_inflight_tokens: int | None,
+                 *, pending: bool = False):
         self.url = url
         self.index = index
         self.pool_name = pool_name
         self.max_inflight_tokens = max_inflight_tokens
-        self.healthy = True
+        self.pending = pending
+        """Added while pdlb runs (a reload, discovery) and not yet through its first health
+        check (and model check): out of rotation until then."""
+        self.healthy = not pending
         self.inflight_requests = 0
         self.inflight_tokens = 0
         self.load: ScrapedLoad | None = None
@@ -82,6 +86,10 @@ class Pool:
         self.inflight_tokens = 0
         self.has_token_limits = any(b.max_inflight_tokens is not None for b in self.backends)
         self.metrics = metrics
+        self.draining: dict[str, Backend] = {}
+        """Removed backends that still have requests in flight, by URL: if the URL comes
+        back (a flapping DNS answer, a pod that turns Ready again), the same object — and so
+        the same counters — returns, as a pending backend."""
         self.kv: PoolKV | None = None
         """This pool's KV-event index when ``[kv_events]`` is on (set by the app):
         ``cached_tokens(prompt_token_ids)`` → ``{backend URL: cached tokens}`` for the
@@ -115,16 +123,24 @@ class Pool:
             self.metrics.watch(name, doc, labels, read)
 
     def replace_backends(self, config: PoolConfig, policy: Policy) -> tuple[list[str], list[str]]:
-        """Hot reload: adopt a new backend list and policy. Backends kept by URL keep their
-        counters and health (in-flight leases refund them as usual); removed ones stop
-        receiving new requests and finish what they have. Returns (added, removed) URLs."""
+        """Hot reload (and discovery): adopt a new backend list and policy. Backends kept by
+        URL keep their counters and health (in-flight leases refund them as usual); removed
+        ones stop receiving new requests and finish what they have; added ones are pending
+        (out of rotation) until their first health check passes. Returns (added, removed)
+        URLs."""
         current = {b.url: b for b in self.backends}
+        draining = {url: b for url, b in self.draining.items() if b.inflight_requests}
         backends = []
         added = []
         for i, bc in enumerate(config.backends):
             backend = current.pop(bc.url, None)
             if backend is None:
-                backend = Backend(bc.url, i, self.name, bc.max_inflight_tokens)
+                backend = draining.pop(bc.url, None)
+                if backend is None:
+                    backend = Backend(bc.url, i, self.name, bc.max_inflight_tokens, pending=True)
+                else:  # back while it still finishes requests: same counters, checked again
+                    backend.pending, backend.healthy, backend.models = True, False, None
+                    backend.consecutive_successes = 0
                 self._watch_backend(backend)
                 added.append(bc.url)
             backend.index = i
@@ -133,6 +149,9 @@ class Pool:
         for gone in current.values():
             for name, _ in self._BACKEND_GAUGES:
                 self.metrics.unwatch(name, {"pool": self.name, "backend": gone.url})
+            if gone.inflight_requests:
+                draining[gone.url] = gone
+        self.draining = draining
         self.backends = backends
         self.has_token_limits = any(b.max_inflight_tokens is not None for b in backends)
         self.config = config

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from lb.admission import Admission
+from lb.backends.discovery import Discovery
 from lb.backends.kvevents import KVEvents
 from lb.backends.pool import Pool
 from lb.config import Config
@@ -35,9 +36,11 @@ Reloader = Callable[[], Config]
 
 def apply_reload(
     current: Config, new: Config, pools: dict[str, Pool], admission: Admission,
-    rebuild_all: Callable[[], None],
+    rebuild_all: Callable[[], None], discovery: Discovery | None = None,
 ) -> dict[str, Any]:
-    """Validate ``new`` fully, then apply it; raise ConfigError and change nothing on error."""
+    """Validate ``new`` fully, then apply it; raise ConfigError and change nothing on error.
+    With ``discovery``, each pool gets the file's backends plus what its sources found
+    (sources whose table changed start again; the others keep their set)."""
     policies = {}
     for name, pool_config in new.pools.items():
         try:
@@ -45,8 +48,12 @@ def apply_reload(
                                           pool=name)
         except PolicyLoadError as exc:
             raise ConfigError(f"{new.source}: {exc}") from None
+    if discovery is not None:
+        discovery.reconfigure(new.pools)  # the last check that can fail: nothing changed yet
     report: dict[str, Any] = {"pools": {}}
     for name, pool_config in new.pools.items():
+        if discovery is not None:
+            pool_config = discovery.merged(pool_config)
         added, removed = pools[name].replace_backends(pool_config, policies[name])
         report["pools"][name] = {"added": added, "removed": removed,
                                  "backends": [b.url for b in pools[name].backends]}
@@ -77,17 +84,24 @@ def describe_reload(source: str, report: dict[str, Any]) -> str:
 
 
 def state(pools: dict[str, Pool], admission: Admission,
-          kv_events: KVEvents | None = None) -> dict[str, Any]:
+          kv_events: KVEvents | None = None, discovery: Discovery | None = None
+          ) -> dict[str, Any]:
     """Pools, backends and counters; with ``[kv_events]`` on, each backend's event health
-    (subscriber state, counters, blocks in the pool's index)."""
+    (subscriber state, counters, blocks in the pool's index); with discovery, each source's
+    state, last good set and counters, and the removed backends still finishing requests."""
     return {
         "pools": {
             name: {
                 "policy": pool.config.policy,
                 "inflight_requests": pool.inflight_requests,
                 "inflight_tokens": pool.inflight_tokens,
+                **({} if discovery is None or not discovery.runners.get(name) else {
+                    "discovery": discovery.status(name),
+                    "draining": [{"url": b.url, "inflight_requests": b.inflight_requests}
+                                 for b in pool.draining.values() if b.inflight_requests]}),
                 "backends": [
-                    {"url": b.url, "healthy": b.healthy, "inflight_requests": b.inflight_requests,
+                    {"url": b.url, "healthy": b.healthy, "pending": b.pending,
+                     "inflight_requests": b.inflight_requests,
                      "inflight_tokens": b.inflight_tokens,
                      "load": None if b.load is None else {
                          "running": b.load.running, "waiting": b.load.waiting,
@@ -106,7 +120,11 @@ Lookup = Callable[[bytes], Awaitable[dict[str, Any]]]
 
 
 def admin_routes(token: str, reload: Callable[[], dict[str, Any]],
-                 get_state: Callable[[], dict[str, Any]], lookup: Lookup) -> list[web.RouteDef]:
+                 get_state: Callable[[], dict[str, Any]], lookup: Lookup,
+                 joined: Callable[[], Awaitable[None]] | None = None) -> list[web.RouteDef]:
+    """``joined``: awaited after a reload, so that its answer comes once the added backends
+    had their first health check (bounded by the caller)."""
+
     def check(request: web.Request) -> None:
         if not matches(bearer(request.headers.get("Authorization", "")), [token]):
             raise Unauthorized("admin token required: Authorization: Bearer <token>",
@@ -119,6 +137,8 @@ def admin_routes(token: str, reload: Callable[[], dict[str, Any]],
         except ConfigError as exc:
             raise PdlbError(f"reload refused, nothing changed: {exc}", status=400,
                             code="invalid_config") from None
+        if joined is not None:
+            await joined()
         return web.Response(body=orjson.dumps(report), content_type="application/json")
 
     async def show_state(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from lb.admission import Admission
+from lb.backends.discovery import Discovery
 from lb.backends.health import HealthChecker
 from lb.backends.kvevents import KVEvents
 from lb.backends.pool import Pool
@@ -55,6 +56,8 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 KV_EVENTS: web.AppKey[KVEvents | None] = web.AppKey("kv_events")
 """The KV-event subscribers and each pool's block index (None unless ``[kv_events]`` is on);
 each pool's index is also ``pool.kv`` for the request path."""
+DISCOVERY = web.AppKey("discovery", Discovery)
+"""Each pool's discovery sources (none unless a pool has a ``discovery`` table)."""
 """Set when pdlb stops taking new work (SIGTERM/SIGINT): /health/ready answers 503."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -240,6 +243,13 @@ def auto_budgets(pools: dict[str, Pool], admission: Admission) -> None:
             admission.set_limit(name, sum(c for c in capacities if c) or None)
 
 
+def _first_answer_s(config: Config) -> float:
+    """How long start-up waits for the discovery sources' first answers (each source's own
+    timeout, plus a second for a Kubernetes list's pages)."""
+    limits = [d.timeout_s + 1.0 for pool in config.pools.values() for d in pool.discovery]
+    return max(limits, default=0.0)
+
+
 def create_app(config: Config, reloader: Reloader | None = None) -> web.Application:
     """Build the pdlb application from a validated config (raises ConfigError at start-up).
 
@@ -298,18 +308,24 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         if kv_events is not None:
             kv_events.follow({name: pool.backends for name, pool in pools.items()})
 
+    discovery = Discovery(pools, rebuild_all)  # builds each source: ConfigError at start-up
+    app[DISCOVERY] = discovery
+    metrics.registry.register(discovery.collector())
+
     def reload() -> dict[str, Any]:
         if reloader is None:
             raise ConfigError("this pdlb was started without a config file; nothing to reload")
         new = reloader()
-        report = apply_reload(current[0], new, pools, admission, rebuild_all)
+        report = apply_reload(current[0], new, pools, admission, rebuild_all, discovery)
         current[0] = new
         return report
 
     app[RELOAD] = reload
     if config.admin.enabled and config.admin.token:
-        admin = admin_routes(config.admin.token, reload, lambda: state(pools, admission, kv_events),
-                             proxy.kv.lookup)
+        admin = admin_routes(config.admin.token, reload,
+                             lambda: state(pools, admission, kv_events, discovery),
+                             proxy.kv.lookup,
+                             lambda: checker.joined(2 * config.health.timeout_s))
         if config.admin.port is None:
             app.router.add_routes(admin)
         else:
@@ -320,6 +336,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
+        # Each source's first answer before the first health round, so that it checks them.
+        await discovery.start(_first_answer_s(config))
         if isinstance(connector, ConnectorStartup):
             try:
                 await connector.start(
@@ -327,6 +345,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                     [BackendRef.of(b.url) for b in pools["decode"].backends],
                     lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
             except BaseException:
+                await discovery.stop()
                 await upstream.close()  # the caller reports the error (pdlb serve: exit 2)
                 raise
         # /health, then /v1/models: two calls, each within timeout_s.
@@ -336,6 +355,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         if kv_events is not None:
             kv_events.follow({name: pool.backends for name, pool in pools.items()})
         yield
+        await discovery.stop()
         if kv_events is not None:
             await kv_events.stop()
         await scraper.stop()

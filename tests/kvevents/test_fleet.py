@@ -186,6 +186,8 @@ async def test_reload_follows_added_and_removed_backends(tmp_path: Any) -> None:
                 write(p2.url, d.url)
                 report = runner.app[RELOAD]()
                 assert report["pools"]["prefill"]["added"] == [p2.url]
+                added = runner.app[POOLS]["prefill"].backends[0]
+                await until(lambda: added.healthy, "the added backend's first health check")
                 await go_live(http, url, events, "prefill", p2.url)
             assert ("prefill", p1.url) not in events.subscribers
             assert not events.index("prefill").known(p1.url)

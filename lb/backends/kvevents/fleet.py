@@ -131,7 +131,7 @@ class KVEvents:
             for pool, backends in self._followed.items():
                 for b in backends:
                     key = (pool, b.url)
-                    if not b.healthy and key not in self._ejected:
+                    if not b.healthy and not b.pending and key not in self._ejected:
                         self._ejected.add(key)
                         log.info("kv events of %s: ejected, its %d blocks dropped", b.url,
                                  self.index(pool).blocks(b.url))
