@@ -10,9 +10,10 @@ already; a generated Kubernetes client would bring a large dependency for two GE
   each carrying the object's new ``resourceVersion``.
 
 A watch that ends (the server's ``timeoutSeconds``, a proxy's idle cut) is resumed from the
-last resourceVersion seen; one the server answers with 410 Gone (that version is too old)
-starts again from a list. Any other failure is a :class:`DiscoveryError`: the runner keeps
-the last good set and backs off; the next try resumes the watch where it stopped.
+last resourceVersion seen (watches start at least a second apart); one the server answers
+with 410 Gone (that version is too old) starts again from a list. Any other failure is a
+:class:`DiscoveryError`: the runner keeps the last good set and backs off; the next try
+resumes the watch where it stopped.
 
 A pod is a backend when it is Ready (``status.conditions`` Ready=True), has an IP
 (``status.podIP``) and is not being deleted (``metadata.deletionTimestamp``); its port is
@@ -21,6 +22,7 @@ the configured number, or the container port of the configured name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -36,9 +38,9 @@ from lb.backends.discovery.source import DiscoveryError, Source
 from lb.config import KubernetesDiscoveryConfig
 
 PAGE = 500
-QUICK_END_S = 1.0
-"""A watch that ends sooner than this without one event counts as a failure (backoff),
-so a server that closes every watch at once is not asked in a tight loop."""
+WATCH_GAP_S = 1.0
+"""Watches start at least this far apart, so that a server (or a proxy) that closes each
+one at once, or answers 410 to each, is not asked in a tight loop."""
 
 
 class _Gone(Exception):
@@ -105,12 +107,14 @@ class KubernetesSource(Source):
             if self.resource_version is None:
                 await self._list()
                 yield self.urls()
+            started = time.monotonic()
             try:
                 async with contextlib.aclosing(self._watch()) as changes:
                     async for _ in changes:
                         yield self.urls()
             except _Gone:
                 self.resource_version = None  # too old to resume: list again
+            await asyncio.sleep(max(0.0, started + WATCH_GAP_S - time.monotonic()))
 
     async def _list(self) -> None:
         params = {"labelSelector": self.config.selector, "limit": str(PAGE)}
@@ -144,8 +148,8 @@ class KubernetesSource(Source):
                                         sock_read=self.config.watch_timeout_s
                                         + self.config.timeout_s)
         self.watches += 1
-        started, events = time.monotonic(), 0
         async with self._get(params, timeout) as response:
+            yield None  # the watch is open: the source answers (a runner's failure streak ends)
             pending = bytearray()
             while True:
                 try:
@@ -158,12 +162,8 @@ class KubernetesSource(Source):
                 while (end := pending.find(b"\n")) >= 0:
                     line = bytes(pending[:end])
                     del pending[:end + 1]
-                    if line.strip():
-                        events += 1
-                        if self._apply(line):
-                            yield None
-        if events == 0 and time.monotonic() - started < QUICK_END_S:
-            raise DiscoveryError("the pod watch ended at once, without an event")
+                    if line.strip() and self._apply(line):
+                        yield None
 
     def _apply(self, line: bytes) -> bool:
         """One watch event; True when the pods changed."""

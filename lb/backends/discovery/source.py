@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger("pdlb.discovery")
@@ -57,7 +57,8 @@ class Runner:
     """Runs one source for one pool, remembering its last good set."""
 
     def __init__(self, pool: str, label: str, kind: str, source: Source,
-                 on_change: Callable[[Runner], None]) -> None:
+                 on_change: Callable[[Runner], None],
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.pool = pool
         self.label = label
         """The ``source`` label of its metrics (``dns:NAME``, ``kubernetes:NS/SELECTOR``)."""
@@ -75,6 +76,7 @@ class Runner:
         self.answered = asyncio.Event()
         """Set once the source has answered or failed for the first time."""
         self._task: asyncio.Task[None] | None = None
+        self._sleep = sleep  # the wait between tries (the tests record it)
 
     def start(self) -> None:
         if self._task is None:
@@ -114,7 +116,7 @@ class Runner:
             except Exception as exc:  # a bug in a source: said with its traceback, and retried
                 log.exception("%s pool: discovery %s raised", self.pool, self.label)
                 self._failed(f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
             wait = min(wait * 2, self.source.backoff_max_s)
 
     def _answered(self, urls: frozenset[str]) -> None:
