@@ -2,11 +2,13 @@
 
 ``POST /admin/reload`` (and SIGHUP) re-reads backends.toml and applies what can change without
 dropping a request: each pool's backends (kept ones keep their counters and health, removed
-ones finish their in-flight requests), policy and options, backend keys, and the admission
-budgets. Anything else (listen address, timeouts, connector, tokenizer) needs a restart, and
-the reload answer lists what it ignored. ``GET /admin/state`` shows pools, backends and
-counters. ``POST /admin/kv/lookup`` (with ``[kv_events]`` on) answers, for a completion or chat
-body, the prompt's token count and what each backend's own KV events say it holds of it — the
+ones finish their in-flight requests, added ones join after their first health check, which
+the HTTP answer waits for), policy and options, backend keys, the admission budgets, and the
+pools' discovery tables (discovered backends merge with the file's). Anything else (listen
+address, timeouts, connector, tokenizer) needs a restart, and the reload answer lists what
+it ignored. ``GET /admin/state`` shows pools, backends, counters and discovery sources.
+``POST /admin/kv/lookup`` (with ``[kv_events]`` on) answers, for a completion or chat body,
+the prompt's token count and what each backend's own KV events say it holds of it — the
 numbers ``kv_aware`` routes by.
 """
 
