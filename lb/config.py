@@ -410,8 +410,8 @@ def _read_discovery(pool: Options) -> tuple[DiscoveryConfig, ...]:
         budget = r.optional_integer("max_inflight_tokens", minimum=1)
         source: DiscoveryConfig
         if kind == "dns":
-            name = r.value("name", str, "").strip().rstrip(".")
-            if not name:
+            name = r.value("name", str, "").strip()  # a trailing dot: absolute, no search list
+            if not name.rstrip("."):
                 raise r.fail("name", "give the name to resolve, e.g. vllm-prefill.llm.svc"
                              ".cluster.local (a headless Service)")
             port = r.optional_integer("port", minimum=1, maximum=65535)

@@ -37,7 +37,7 @@ def test_dns_and_kubernetes_tables() -> None:
     config = parse({"discovery": {"kind": "dns", "name": "vllm.llm.svc.cluster.local.",
                                   "port": 8000}})
     assert config.prefill.backends == ()
-    assert config.prefill.discovery == (DnsDiscoveryConfig(name="vllm.llm.svc.cluster.local",
+    assert config.prefill.discovery == (DnsDiscoveryConfig(name="vllm.llm.svc.cluster.local.",
                                                            port=8000),)
     both = parse({"backends": ["http://10.0.0.1:8000"], "discovery": [
         {"kind": "dns", "name": "a.test", "port": 1, "interval_s": 1, "scheme": "https",
@@ -150,3 +150,27 @@ async def test_pending_backends_join_after_their_first_check_only() -> None:
         assert new.healthy and not new.pending and new.models == frozenset({"m"})
     finally:
         await checker.stop()
+
+
+def test_a_reload_whose_discovery_cannot_start_changes_nothing(tmp_path: Path) -> None:
+    """A reload that adds a source pdlb cannot build (an unreadable kubeconfig) is refused
+    whole: backends, sources and the static part stay as they were."""
+    from lb.admission import Admission
+    from lb.backends.discovery import Discovery
+    from lb.serve.admin import apply_reload
+
+    old = parse({"backends": ["http://10.0.0.1:1"],
+                 "discovery": {"kind": "dns", "name": "a.test", "port": 1}})
+    pools = {name: Pool(pc, build_policy(pc.policy, {}, pool=name), Metrics())
+             for name, pc in old.pools.items()}
+    discovery = Discovery(pools, lambda: None)
+    before = dict(discovery.runners["prefill"])
+    new = parse({"backends": ["http://10.0.0.2:1"], "discovery": [
+        {"kind": "dns", "name": "a.test", "port": 1},
+        {"kind": "kubernetes", "namespace": "n", "selector": "a=b", "port": 1,
+         "kubeconfig": str(tmp_path / "missing")}]})
+    with pytest.raises(ConfigError, match="cannot read the kubeconfig"):
+        apply_reload(old, new, pools, Admission(old.pools, Metrics()), lambda: None, discovery)
+    assert [b.url for b in pools["prefill"].backends] == ["http://10.0.0.1:1"]
+    assert discovery.runners["prefill"] == before
+    assert discovery.static["prefill"] is old.prefill
