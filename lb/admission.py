@@ -10,22 +10,68 @@ Waiting is FIFO across stages (a small request never overtakes a big one, so not
 bounded by the blocking stage's ``max_queue`` (beyond it: 429 at once) and by its
 ``queue_timeout_s`` (then: 503). Both answers carry Retry-After and name the stage. A request
 larger than a stage's whole budget can never be admitted and gets 413 immediately.
+
+Shared budgets (``[cluster]``): a :class:`BudgetStore` (lb/backends/cluster.py, on Redis)
+holds every replica's reservations, and the budgets are global. While the store answers, a
+request is admitted by one atomic reservation there; one that finds a stage full waits
+(bounded by the same ``max_queue`` / ``queue_timeout_s``) and retries when this replica
+releases tokens or every ``poll_ms``, whichever comes first — so across replicas the wait is
+not strictly FIFO. While the store does not answer, admission runs on this replica's own
+accounting with each budget divided by the configured replica count, and the store is told
+this replica's whole holdings when it answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Protocol
 
 from lb.config import PoolConfig
 from lb.errors import Overloaded, PayloadTooLarge
 from lb.metrics import Metrics
 
 STAGES = ("prefill", "decode")
+
+
+class StoreUnavailable(Exception):
+    """The shared budget store did not answer (in time); admission goes on locally."""
+
+
+class BudgetStore(Protocol):
+    """Where the stages' budgets are shared with other replicas (lb/backends/cluster.py)."""
+
+    @property
+    def shared(self) -> bool:
+        """True while the store answers and holds this replica's reservations."""
+        ...
+
+    @property
+    def replicas(self) -> int:
+        """How many replicas share the budgets (the local share is budget / replicas)."""
+        ...
+
+    @property
+    def poll_s(self) -> float:
+        """How often a request waiting for other replicas' tokens asks again."""
+        ...
+
+    def follow(self, held: Callable[[], Mapping[str, int]]) -> None:
+        """What this replica holds per stage, for the store to rebuild its share from."""
+
+    async def reserve(self, need: Mapping[str, int],
+                      limits: Mapping[str, int | None]) -> str | None:
+        """Reserve ``need`` atomically if every stage's global sum stays within its limit:
+        None when reserved, else the first full stage. Raises :class:`StoreUnavailable`."""
+        ...
+
+    def adjust(self, deltas: Mapping[str, int]) -> None:
+        """Add (or, negative, give back) tokens outside :meth:`reserve`; never blocks."""
 
 
 @dataclass(slots=True)
@@ -63,17 +109,23 @@ class Ticket:
         """Correct a stage's charge (e.g. the prefill's real prompt_tokens); may exceed budget
         briefly — the estimate was wrong, the tokens are already on the backend."""
         if stage in self._held:
-            self._admission._stages[stage].admitted += tokens - self._held[stage]
+            delta = tokens - self._held[stage]
+            self._admission._stages[stage].admitted += delta
             self._held[stage] = tokens
+            self._admission._tell_store({stage: delta})
             self._admission._wake()
 
     def release(self, stage: str | None = None) -> None:
         """Release one stage's share, or everything still held (idempotent)."""
         stages = [stage] if stage is not None else list(self._held)
+        given: dict[str, int] = {}
         for name in stages:
             tokens = self._held.pop(name, None)
             if tokens is not None:
                 self._admission._stages[name].admitted -= tokens
+                given[name] = -tokens
+        if given:
+            self._admission._tell_store(given)
         self._admission._wake()
 
     def __enter__(self) -> Ticket:
@@ -86,7 +138,8 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, pools: Mapping[str, PoolConfig], metrics: Metrics) -> None:
+    def __init__(self, pools: Mapping[str, PoolConfig], metrics: Metrics,
+                 store: BudgetStore | None = None) -> None:
         self._stages = {
             name: _Stage(name, pools[name].max_inflight_tokens, pools[name].max_queue,
                          pools[name].queue_timeout_s)
@@ -104,6 +157,11 @@ class Admission:
                           " unlimited).", {"stage": name},
                           lambda s=stage: -1 if s.limit is None else s.limit)  # type: ignore[misc]
         self._wait_hist = {n: metrics.queue_wait.labels(stage=n) for n in STAGES}
+        self._store = store
+        self._released = asyncio.Event()
+        """Set (and replaced) whenever this replica gives tokens back: shared waiters retry."""
+        if store is not None:
+            store.follow(lambda: {n: s.admitted for n, s in self._stages.items()})
 
     def set_limit(self, stage: str, limit: int | None) -> None:
         """A new budget for one stage (from scraped KV capacity); waiters re-check."""
@@ -128,10 +186,22 @@ class Admission:
         return self._stages[stage].admitted
 
     def _blocking(self, need: dict[str, int]) -> str | None:
+        divisor = 1 if self._store is None else self._store.replicas
         for name, tokens in need.items():
-            if not self._stages[name].fits(tokens):
+            stage = self._stages[name]
+            if divisor > 1 and stage.limit is not None:  # this replica's share
+                if stage.admitted + tokens > max(1, stage.limit // divisor):
+                    return name
+            elif not stage.fits(tokens):
                 return name
         return None
+
+    def _tell_store(self, deltas: dict[str, int]) -> None:
+        if self._store is not None:
+            self._store.adjust(deltas)
+        if any(d < 0 for d in deltas.values()):
+            self._released.set()
+            self._released = asyncio.Event()
 
     def _take(self, need: dict[str, int]) -> None:
         for name, tokens in need.items():
@@ -171,6 +241,75 @@ class Admission:
                     f" {limit} (max_inflight_tokens); shorten the prompt or max_tokens",
                     code="request_too_large",
                 )
+        store = self._store
+        while True:
+            if store is not None and store.shared:
+                try:
+                    return await self._admit_shared(store, need)
+                except StoreUnavailable:
+                    pass  # the store said so (metric, one log line): this replica's share
+            ticket = await self._admit_local(need)
+            if store is None or not store.shared:
+                if store is not None:
+                    store.adjust(need)  # kept for when the store answers again
+                return ticket
+            # The store came back while this request waited locally: ask it instead.
+            for name, tokens in need.items():
+                self._stages[name].admitted -= tokens
+            self._wake()
+
+    async def _admit_shared(self, store: BudgetStore, need: dict[str, int]) -> Ticket:
+        """One atomic reservation in the store; a full stage waits (bounded) and retries."""
+        limits = {name: s.limit for name, s in self._stages.items()}
+        blocked = await self._reserve(store, need, limits)
+        if blocked is None:
+            return self._shared_ticket(need)
+        stage = self._stages[blocked]
+        if stage.waiting >= stage.max_queue:
+            raise self._reject(blocked, "queue_full", 429,
+                               f"{blocked} stage saturated and its wait queue is full"
+                               f" ({stage.max_queue}); retry later")
+        stage.waiting += 1
+        started = time.monotonic()
+        deadline = started + stage.queue_timeout_s
+        poll_s = store.poll_s
+        try:
+            while blocked is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._reject(
+                        blocked, "queue_timeout", 503,
+                        f"{blocked} stage saturated: no room within"
+                        f" {stage.queue_timeout_s:g} s; retry later")
+                released = self._released
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(released.wait(), min(poll_s, left))
+                limits = {name: s.limit for name, s in self._stages.items()}
+                blocked = await self._reserve(store, need, limits)
+        finally:
+            stage.waiting -= 1
+        self._wait_hist[stage.name].observe(time.monotonic() - started)
+        return self._shared_ticket(need)
+
+    async def _reserve(self, store: BudgetStore, need: dict[str, int],
+                       limits: dict[str, int | None]) -> str | None:
+        """The store's answer; if this request is cancelled meanwhile, a reservation that
+        went through is given back."""
+        call = asyncio.ensure_future(store.reserve(need, limits))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            def undo(done: asyncio.Future[str | None]) -> None:
+                if not done.cancelled() and done.exception() is None and done.result() is None:
+                    store.adjust({name: -tokens for name, tokens in need.items()})
+            call.add_done_callback(undo)
+            raise
+
+    def _shared_ticket(self, need: dict[str, int]) -> Ticket:
+        self._take(need)  # this replica's view; the store already counts it
+        return Ticket(self, need)
+
+    async def _admit_local(self, need: dict[str, int]) -> Ticket:
         blocked = None if self._queue else self._blocking(need)
         if blocked is None and not self._queue:
             self._take(need)

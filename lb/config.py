@@ -291,6 +291,31 @@ class KVEventsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: N pdlb replicas share their admission budgets through Redis
+    (lb/backends/cluster.py; ``pdlb[cluster]``). Off while ``redis_url`` is unset."""
+
+    redis_url: str | None = None
+    """``redis://host:port/db`` (``rediss://`` or ``tls = true`` for TLS)."""
+    password: str | None = None
+    """Read from the environment variable ``password_env`` names (never from the file)."""
+    tls: bool = False
+    replicas: int = 1
+    """How many replicas share the budgets: while Redis is unreachable each one admits
+    ``max_inflight_tokens / replicas`` on its own."""
+    name: str = "pdlb"
+    """The cluster's name in Redis keys (``pdlb:{<name>}:...``): two fleets, one Redis."""
+    lease_ttl_s: float = 10.0
+    """A replica's reservations expire this long after its last refresh (kill -9)."""
+    timeout_ms: float = 100.0
+    """One Redis call longer than this counts as Redis down: local accounting until it
+    answers again."""
+    poll_ms: float = 20.0
+    """A request waiting for another replica's tokens retries this often (and at once
+    when this replica releases some)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     pools: Mapping[str, PoolConfig]
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -304,6 +329,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = "<flags>"
 
     @property
@@ -606,6 +632,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         raise tr.fail("endpoint", "expected an OTLP/HTTP URL, e.g. http://127.0.0.1:4318/v1/traces")
     tr.done()
     kv_events = _read_kv_events(root.sub("kv_events"), pools)
+    cluster = _read_cluster(root.sub("cluster"))
     root.done()
     return Config(
         pools=pools,
@@ -620,8 +647,36 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         log=log_config,
         tracing=tracing,
         kv_events=kv_events,
+        cluster=cluster,
         source=source,
     )
+
+
+def _read_cluster(r: Options) -> ClusterConfig:
+    url = r.value("redis_url", str, None)
+    if url is not None and not url.startswith(("redis://", "rediss://")):
+        raise r.fail("redis_url", "expected redis://host:port/db or rediss://host:port/db")
+    password_env = r.value("password_env", str, None)
+    password = None
+    if password_env is not None:
+        password = os.environ.get(password_env)
+        if not password:
+            raise r.fail("password_env", "that environment variable is unset or empty")
+    name = r.value("name", str, "pdlb")
+    if not name or any(c in name for c in "{}: "):
+        raise r.fail("name", "expected a non-empty name without { } : or spaces")
+    config = ClusterConfig(
+        redis_url=url,
+        password=password,
+        tls=r.value("tls", bool, False),
+        replicas=r.integer("replicas", 1, minimum=1),
+        name=name,
+        lease_ttl_s=r.number("lease_ttl_s", 10.0, minimum=0.5),
+        timeout_ms=r.number("timeout_ms", 100.0, minimum=1.0),
+        poll_ms=r.number("poll_ms", 20.0, minimum=1.0),
+    )
+    r.done()
+    return config
 
 
 def _endpoint_list(r: Options, name: str) -> list[str | None]:

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from lb.admission import Admission
+from lb.backends.cluster import RedisBudgets
 from lb.backends.discovery import Discovery
 from lb.backends.health import HealthChecker
 from lb.backends.kvevents import KVEvents
@@ -269,7 +270,9 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                                 decode=[b.url for b in config.decode.backends])
     upstream = Upstream(config.server.timeouts, fast=config.server.fast_stream)
     tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
-    admission = Admission(config.pools, metrics)
+    budgets = (RedisBudgets(config.cluster, metrics) if config.cluster.redis_url is not None
+               else None)
+    admission = Admission(config.pools, metrics, budgets)
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
     tracing = make_tracing(config.tracing)
@@ -335,6 +338,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
             app[ADMIN_APP] = admin_app
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        if budgets is not None:
+            await budgets.start()  # bounded by [cluster] timeout_ms; Redis down is no error
         await upstream.start()
         # Each source's first answer before the first health round, so that it checks them.
         await discovery.start(_first_answer_s(config))
@@ -346,7 +351,9 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                     lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
             except BaseException:
                 await discovery.stop()
-                await upstream.close()  # the caller reports the error (pdlb serve: exit 2)
+                await upstream.close()
+                if budgets is not None:
+                    await budgets.stop()  # the caller reports the error (pdlb serve: exit 2)
                 raise
         # /health, then /v1/models: two calls, each within timeout_s.
         await checker.first_round(2 * config.health.timeout_s)
@@ -361,6 +368,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await scraper.stop()
         await checker.stop()
         await upstream.close()
+        if budgets is not None:
+            await budgets.stop()
         if tracing.enabled:  # the last spans out (the SDK's thread; bounded by its timeout)
             await asyncio.to_thread(tracing.shutdown)
 
