@@ -313,6 +313,10 @@ class ClusterConfig:
     poll_ms: float = 20.0
     """A request waiting for another replica's tokens retries this often (and at once
     when this replica releases some)."""
+    share_loads: bool = True
+    """Policies see every replica's in-flight numbers per backend (lb/backends/shared_loads.py)."""
+    load_interval_ms: float = 100.0
+    """How often those numbers are published and read (one Redis call per replica)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,6 +678,8 @@ def _read_cluster(r: Options) -> ClusterConfig:
         lease_ttl_s=r.number("lease_ttl_s", 10.0, minimum=0.5),
         timeout_ms=r.number("timeout_ms", 100.0, minimum=1.0),
         poll_ms=r.number("poll_ms", 20.0, minimum=1.0),
+        share_loads=r.value("share_loads", bool, True),
+        load_interval_ms=r.number("load_interval_ms", 100.0, minimum=5.0),
     )
     r.done()
     return config

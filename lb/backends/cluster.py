@@ -177,6 +177,15 @@ class RedisBudgets:
         if self._state == _UP and self._pending and self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
+    @property
+    def client(self) -> Any:
+        """The redis-py asyncio client (None before :meth:`start`)."""
+        return self._client
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -38,7 +38,8 @@ class Backend:
     __slots__ = (
         "consecutive_failures", "consecutive_successes", "healthy", "index",
         "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "models",
-        "pending", "pool_name", "tokens_since_scrape", "url",
+        "others_requests", "others_tokens", "pending", "pool_name", "tokens_since_scrape",
+        "url",
     )
 
     def __init__(self, url: str, index: int, pool_name: str, max_inflight_tokens: int | None,
@@ -59,6 +60,10 @@ class Backend:
         """The model ids it serves (from /v1/models once healthy); None until known."""
         self.consecutive_failures = 0
         self.consecutive_successes = 0
+        self.others_requests = 0
+        self.others_tokens = 0
+        """What the other pdlb replicas have in flight here (``[cluster] share_loads``; as
+        last read from Redis, lb/backends/shared_loads.py); 0 without a cluster."""
 
     def usable(self) -> bool:
         if not self.healthy:
@@ -68,6 +73,51 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"Backend({self.pool_name}:{self.url})"
+
+
+class GlobalView:
+    """A backend as a policy sees it in a cluster: in-flight numbers are this replica's
+    plus the other replicas' last published ones (per-backend budgets count them too)."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    @property
+    def index(self) -> int:
+        return self.backend.index
+
+    @property
+    def healthy(self) -> bool:
+        return self.backend.healthy
+
+    @property
+    def inflight_requests(self) -> int:
+        return self.backend.inflight_requests + self.backend.others_requests
+
+    @property
+    def inflight_tokens(self) -> int:
+        return self.backend.inflight_tokens + self.backend.others_tokens
+
+    @property
+    def tokens_since_scrape(self) -> int:
+        return self.backend.tokens_since_scrape
+
+    @property
+    def load(self) -> ScrapedLoad | None:
+        return self.backend.load
+
+    def usable(self) -> bool:
+        limit = self.backend.max_inflight_tokens
+        return self.backend.healthy and (limit is None or self.inflight_tokens < limit)
+
+    def __repr__(self) -> str:
+        return f"GlobalView({self.backend!r})"
 
 
 class Pool:
@@ -96,6 +146,8 @@ class Pool:
         backends whose events are live and fresh (absent = unknown)."""
         self.wants_cached_tokens = wants_cached_tokens(policy)
         self.direct: DirectDecode | None = policy if isinstance(policy, DirectDecode) else None
+        self.global_view = False
+        """``[cluster] share_loads``: policies see :class:`GlobalView` s of the backends."""
         self._register_metrics(metrics)
 
     def _register_metrics(self, metrics: Metrics) -> None:
@@ -168,6 +220,10 @@ class Pool:
         """Ask the policy for a backend among the usable ones (minus ``exclude``), through
         :func:`policies.choose.choose`, as ``policies.testing.simulate`` does."""
         try:
+            if self.global_view:
+                views = [GlobalView(b) for b in self.backends]
+                return choose(self.policy, request, views,
+                              [v for v in views if v.backend in exclude]).backend
             return choose(self.policy, request, self.backends, exclude)
         except NoCandidate:
             reason = "no healthy backend" if not self.has_usable_backend() else (
@@ -182,6 +238,10 @@ class Pool:
         (no prefill hop), or None. Never raises: no usable backend is simply None."""
         if self.direct is None:
             return None
+        if self.global_view:
+            views = [v for v in map(GlobalView, self.backends) if v.usable()]
+            chosen = self.direct.pick_direct(request, views) if views else None
+            return next((v.backend for v in views if v is chosen), None)
         candidates = [b for b in self.backends if b.usable()]
         if not candidates:
             return None

@@ -22,6 +22,7 @@ from lb.backends.health import HealthChecker
 from lb.backends.kvevents import KVEvents
 from lb.backends.pool import Pool
 from lb.backends.scrape import LoadScraper
+from lb.backends.shared_loads import SharedLoads
 from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import BackendRef, ConnectorStartup
@@ -278,6 +279,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     tracing = make_tracing(config.tracing)
     proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker,
                   tracing)
+    loads = (SharedLoads(budgets, pools, config.cluster.load_interval_ms / 1000)
+             if budgets is not None and config.cluster.share_loads else None)
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
                           config.scrape.timeout_s, lambda: auto_budgets(pools, admission))
 
@@ -359,6 +362,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await checker.first_round(2 * config.health.timeout_s)
         checker.start(first_after_s=config.health.interval_s)  # the first round just ran
         scraper.start()
+        if loads is not None:
+            loads.start()
         if kv_events is not None:
             kv_events.follow({name: pool.backends for name, pool in pools.items()})
         yield
@@ -366,6 +371,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         if kv_events is not None:
             await kv_events.stop()
         await scraper.stop()
+        if loads is not None:
+            await loads.stop()
         await checker.stop()
         await upstream.close()
         if budgets is not None:
