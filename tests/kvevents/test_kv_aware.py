@@ -259,3 +259,81 @@ def _route_fields(ids: list[int]) -> dict[str, Any]:
     return {"request_id": "r", "leg": "prefill", "endpoint": "completions", "model": MODEL,
             "prompt_tokens": len(ids), "max_tokens": 2, "session_key": None,
             "prompt_token_ids": ids}
+
+
+async def test_two_pdlb_processes_see_the_same_cached_tokens(tmp_path: Any) -> None:
+    """Two real pdlb processes (each its own PYTHONHASHSEED) subscribed to one emulator
+    fleet: for every prompt, /admin/kv/lookup gives the same numbers in both — the index's
+    keys are pdlb's own hash of the token ids, the same in every process."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    async with emulator("prefill", free_port()) as p1, emulator("prefill", free_port()) as p2, \
+            emulator("decode", None) as d:
+        cfg = tmp_path / "backends.toml"
+        cfg.write_text(f'[pools.prefill]\nbackends = ["{p1.url}", "{p2.url}"]\n'
+                       'policy = "kv_aware"\n'
+                       f'[pools.decode]\nbackends = ["{d.url}"]\n'
+                       '[tokenizer]\nkind = "emulator"\n[kv_events]\nenabled = true\n'
+                       '[admin]\nenabled = true\ntoken = "t"\n'
+                       '[health]\ninterval_s = 0.2\ntimeout_s = 0.5\n')
+        procs, urls = [], []
+        try:
+            for seed in ("1", "2"):
+                proc = subprocess.Popen(  # noqa: ASYNC220 - started once, read in a thread
+                    [sys.executable, "-m", "lb.cli", "serve", "--config", str(cfg),
+                     "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+                procs.append(proc)
+                assert proc.stdout is not None
+                line = await asyncio.to_thread(proc.stdout.readline)
+                found = re.search(r"listening on (http://\S+)", line)
+                assert found, line
+                urls.append(found.group(1))
+            auth = {"Authorization": "Bearer t"}
+            prefixes = [prompt(60 + i) for i in range(4)]
+            async with aiohttp.ClientSession(headers=auth) as http:
+                for url in urls:  # the ZMQ slow joiner: until both processes hear both
+                    for i in range(200):
+                        await complete(http, url, [9, 200 + i] * BS)
+                        async with http.get(url + "/admin/state") as r:
+                            state = await r.json()
+                        live = [b["kv_events"]["state"] == "live"
+                                for b in state["pools"]["prefill"]["backends"]]
+                        if all(live):
+                            break
+                        await asyncio.sleep(0.05)
+                    else:
+                        raise AssertionError(f"{url} never heard both prefills")
+                for i, prefix in enumerate(prefixes):
+                    await complete(http, (p1.url, p2.url)[i % 2], prefix)
+
+                async def lookups() -> list[list[Any]]:
+                    out = []
+                    for url in urls:
+                        answers = []
+                        for prefix in prefixes:
+                            async with http.post(url + "/admin/kv/lookup",
+                                                 json={"model": MODEL, "prompt": prefix}) as r:
+                                assert r.status == 200
+                                answers.append((await r.json())["pools"]["prefill"])
+                        out.append(answers)
+                    return out
+
+                for _ in range(100):
+                    a, b = await lookups()
+                    if a == b and all(max(x.values()) == 20 * BS for x in a):
+                        break
+                    await asyncio.sleep(0.05)
+                assert a == b
+                assert [max(x, key=lambda u: x[u] or 0) for x in a] == \
+                    [(p1.url, p2.url)[i % 2] for i in range(len(prefixes))]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(10)
+                if proc.stdout is not None:
+                    proc.stdout.close()
