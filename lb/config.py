@@ -317,6 +317,11 @@ class ClusterConfig:
     """Policies see every replica's in-flight numbers per backend (lb/backends/shared_loads.py)."""
     load_interval_ms: float = 100.0
     """How often those numbers are published and read (one Redis call per replica)."""
+    share_sessions: bool = True
+    """Session-keyed policies (session_affinity) follow a session's backend across replicas
+    (lb/backends/shared_sessions.py)."""
+    session_ttl_s: float = 3600.0
+    """A shared session is forgotten this long after its last new backend."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,6 +685,8 @@ def _read_cluster(r: Options) -> ClusterConfig:
         poll_ms=r.number("poll_ms", 20.0, minimum=1.0),
         share_loads=r.value("share_loads", bool, True),
         load_interval_ms=r.number("load_interval_ms", 100.0, minimum=5.0),
+        share_sessions=r.value("share_sessions", bool, True),
+        session_ttl_s=r.number("session_ttl_s", 3600.0, minimum=1.0),
     )
     r.done()
     return config

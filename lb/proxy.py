@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from lb.admission import Admission, Ticket
 from lb.backends.health import HealthChecker
 from lb.backends.pool import Backend, Pool
+from lb.backends.shared_sessions import SharedSessions
 from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import Connector, Dispatch, HandshakeMode, PrefillResult, RequestView
@@ -51,7 +52,7 @@ from lb.stream.answer import PendingPrefill
 from lb.stream.port import ClientSide
 from lb.tokens import PromptTokenizer
 from lb.tracing import OFF, Tracing
-from policies.base import Leg, RouteRequest
+from policies.base import Leg, RouteRequest, SessionKeyed
 
 log = logging.getLogger("pdlb.proxy")
 
@@ -71,9 +72,12 @@ class Proxy:
         metrics: Metrics,
         health: HealthChecker,
         tracing: Tracing = OFF,
+        sessions: SharedSessions | None = None,
     ) -> None:
         self.config = config
         self.tracing = tracing
+        self.sessions = sessions
+        """``[cluster] share_sessions``: each session's backends, shared by the replicas."""
         self.prefill_pool = pools["prefill"]
         self.decode_pool = pools["decode"]
         self.admission = admission
@@ -155,10 +159,18 @@ class Proxy:
         prefill_need = 0 if direct else prompt_tokens
         record.prompt_tokens = prompt_tokens
         queued = time.monotonic()
-        with self.tracing.stage("pdlb.admission"):
-            ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
+        lookup = self._session_lookup(route)  # overlaps admission's round trip
+        try:
+            with self.tracing.stage("pdlb.admission"):
+                ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
+        except BaseException:
+            if lookup is not None:
+                lookup.cancel()
+            raise
         record.queue_s = time.monotonic() - queued
         with ticket:
+            if lookup is not None:
+                route = dataclasses.replace(route, shared_session=await lookup)
             if direct:
                 ticket.release("prefill")
                 self._direct.inc()
@@ -362,7 +374,22 @@ class Proxy:
         if backend is None:
             backend = pool.pick(route)
         self.kv.picked(pool, route, backend)
+        if self.sessions is not None and isinstance(pool.policy, SessionKeyed):
+            key = pool.policy.session_key(route)
+            if key and route.shared_session.get(pool.name) != backend.url:
+                self.sessions.put(key, pool.name, backend.url)
         return backend
+
+    def _session_lookup(self, route: RouteRequest) -> asyncio.Task[dict[str, str]] | None:
+        """``[cluster] share_sessions``: start reading the session's shared backends."""
+        if self.sessions is None:
+            return None
+        for pool in (self.prefill_pool, self.decode_pool):
+            if isinstance(pool.policy, SessionKeyed):
+                key = pool.policy.session_key(route)
+                if key:
+                    return asyncio.ensure_future(self.sessions.get(key))
+        return None
 
     @property
     def _want_prefix(self) -> bool:

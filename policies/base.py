@@ -114,6 +114,11 @@ class RouteRequest:
     a backend absent is unknown (route it by an approximate signal). None when the pool has
     no event index or the request has no token ids; computed only for a policy with
     ``wants_cached_tokens = True``."""
+    shared_session: Mapping[str, str] = field(default_factory=dict)
+    """``[cluster]`` with a session-keyed policy: per pool (``prefill``, ``decode``), the
+    backend URL this request's session was last routed to by any replica (lb/backends/
+    shared_sessions.py); empty without a cluster, for a new session, or when Redis did not
+    answer in time."""
 
 
 @runtime_checkable
@@ -160,6 +165,15 @@ def wants_cached_tokens(policy: object) -> bool:
     """A policy's optional ``wants_cached_tokens`` attribute (default False): True asks pdlb
     to fill :attr:`RouteRequest.cached_tokens` from the pool's KV-event index."""
     return bool(getattr(policy, "wants_cached_tokens", False))
+
+
+@runtime_checkable
+class SessionKeyed(Protocol):
+    """Optional: a policy whose choice follows a session key. With ``[cluster]``, pdlb
+    shares each session's backend across replicas and hands it back in
+    :attr:`RouteRequest.shared_session`."""
+
+    def session_key(self, request: RouteRequest) -> str | None: ...
 
 
 @runtime_checkable

@@ -9,6 +9,9 @@ candidates) and still a candidate. Otherwise the session moves to the least-load
 (which from then on holds its newest turns). Requests without a key go to the least-loaded
 backend.
 
+With ``[cluster]``, a session's backend is shared by the replicas (the newest choice of any
+replica wins; :attr:`RouteRequest.shared_session`).
+
 Options:
 
 * ``header`` (str, default unset): read the key from this request header instead.
@@ -69,17 +72,24 @@ class SessionAffinity:
             return least_loaded(candidates, self._turn)
         sessions = self._sessions
         index = sessions.get(key)
+        shared = request.shared_session.get(request.leg)
+        if shared is not None:  # another replica routed it last ([cluster]): follow that
+            index = next((b.index for b in candidates if b.url == shared), index)
         if index is not None:
             limit = load_limit(request, candidates, self.load_factor, self.load_slack_tokens)
             for backend in candidates:
                 if backend.index == index:
                     if backend.inflight_tokens <= limit:
-                        sessions.move_to_end(key)
+                        self._remember(key, index)
                         return backend
                     break
         chosen = least_loaded(candidates, self._turn)
-        sessions[key] = chosen.index
+        self._remember(key, chosen.index)
+        return chosen
+
+    def _remember(self, key: str, index: int) -> None:
+        sessions = self._sessions
+        sessions[key] = index
         sessions.move_to_end(key)
         if len(sessions) > self.max_sessions:
             sessions.popitem(last=False)
-        return chosen

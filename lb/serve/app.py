@@ -23,6 +23,7 @@ from lb.backends.kvevents import KVEvents
 from lb.backends.pool import Pool
 from lb.backends.scrape import LoadScraper
 from lb.backends.shared_loads import SharedLoads
+from lb.backends.shared_sessions import SharedSessions
 from lb.backends.upstream import Upstream
 from lb.config import Config
 from lb.connectors.base import BackendRef, ConnectorStartup
@@ -277,8 +278,10 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
     tracing = make_tracing(config.tracing)
+    sessions = (SharedSessions(budgets, config.cluster.session_ttl_s)
+                if budgets is not None and config.cluster.share_sessions else None)
     proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker,
-                  tracing)
+                  tracing, sessions)
     loads = (SharedLoads(budgets, pools, config.cluster.load_interval_ms / 1000)
              if budgets is not None and config.cluster.share_loads else None)
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
@@ -373,6 +376,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await scraper.stop()
         if loads is not None:
             await loads.stop()
+        if sessions is not None:
+            await sessions.stop()
         await checker.stop()
         await upstream.close()
         if budgets is not None:
