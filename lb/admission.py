@@ -14,11 +14,12 @@ larger than a stage's whole budget can never be admitted and gets 413 immediatel
 Shared budgets (``[cluster]``): a :class:`BudgetStore` (lb/backends/cluster.py, on Redis)
 holds every replica's reservations, and the budgets are global. While the store answers, a
 request is admitted by one atomic reservation there; one that finds a stage full waits
-(bounded by the same ``max_queue`` / ``queue_timeout_s``) and retries when this replica
-releases tokens or every ``poll_ms``, whichever comes first — so across replicas the wait is
-not strictly FIFO. While the store does not answer, admission runs on this replica's own
-accounting with each budget divided by the configured replica count, and the store is told
-this replica's whole holdings when it answers again.
+(bounded by the same ``max_queue`` / ``queue_timeout_s``), FIFO on this replica: the head of
+the line retries when this replica releases tokens or every ``poll_ms``, whichever comes
+first; across replicas the lines are not ordered with each other. While the store does not
+answer, admission runs on this replica's own accounting with each budget divided by the
+configured replica count, and the store is told this replica's whole holdings when it
+answers again.
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ class Admission:
         self._store = store
         self._released = asyncio.Event()
         """Set (and replaced) whenever this replica gives tokens back: shared waiters retry."""
+        self._shared_turn = asyncio.Lock()
+        """Held by the head of this replica's line for the shared budget (asyncio's lock
+        is FIFO)."""
+        self._shared_blocked: str | None = None
+        """The stage the head of that line last found full."""
         if store is not None:
             store.follow(lambda: {n: s.admitted for n, s in self._stages.items()})
 
@@ -259,37 +265,45 @@ class Admission:
             self._wake()
 
     async def _admit_shared(self, store: BudgetStore, need: dict[str, int]) -> Ticket:
-        """One atomic reservation in the store; a full stage waits (bounded) and retries."""
-        limits = {name: s.limit for name, s in self._stages.items()}
-        blocked = await self._reserve(store, need, limits)
-        if blocked is None:
-            return self._shared_ticket(need)
-        stage = self._stages[blocked]
+        """One atomic reservation in the store. A request that finds a stage full waits its
+        turn (FIFO on this replica, bounded by ``max_queue`` and ``queue_timeout_s``): only
+        the head of the line asks the store again, when this replica releases tokens or
+        every ``poll_s`` — one call per replica per interval, however many wait."""
+        turn = self._shared_turn
+        blocked: str | None = self._shared_blocked
+        if not turn.locked():  # nobody waiting here: try at once
+            blocked = await self._reserve(store, need, self._limits())
+            if blocked is None:
+                return self._shared_ticket(need)
+        stage = self._stages[blocked or "decode"]
         if stage.waiting >= stage.max_queue:
-            raise self._reject(blocked, "queue_full", 429,
-                               f"{blocked} stage saturated and its wait queue is full"
+            raise self._reject(stage.name, "queue_full", 429,
+                               f"{stage.name} stage saturated and its wait queue is full"
                                f" ({stage.max_queue}); retry later")
         stage.waiting += 1
         started = time.monotonic()
-        deadline = started + stage.queue_timeout_s
-        poll_s = store.poll_s
         try:
-            while blocked is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._reject(
-                        blocked, "queue_timeout", 503,
-                        f"{blocked} stage saturated: no room within"
-                        f" {stage.queue_timeout_s:g} s; retry later")
-                released = self._released
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(released.wait(), min(poll_s, left))
-                limits = {name: s.limit for name, s in self._stages.items()}
-                blocked = await self._reserve(store, need, limits)
+            async with asyncio.timeout(stage.queue_timeout_s), turn:
+                while True:
+                    blocked = await self._reserve(store, need, self._limits())
+                    if blocked is None:
+                        break
+                    self._shared_blocked = blocked
+                    released = self._released
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(released.wait(), store.poll_s)
+        except TimeoutError:
+            raise self._reject(
+                stage.name, "queue_timeout", 503,
+                f"{stage.name} stage saturated: no room within"
+                f" {stage.queue_timeout_s:g} s; retry later") from None
         finally:
             stage.waiting -= 1
         self._wait_hist[stage.name].observe(time.monotonic() - started)
         return self._shared_ticket(need)
+
+    def _limits(self) -> dict[str, int | None]:
+        return {name: s.limit for name, s in self._stages.items()}
 
     async def _reserve(self, store: BudgetStore, need: dict[str, int],
                        limits: dict[str, int | None]) -> str | None:

@@ -311,8 +311,8 @@ class ClusterConfig:
     """One Redis call longer than this counts as Redis down: local accounting until it
     answers again."""
     poll_ms: float = 20.0
-    """A request waiting for another replica's tokens retries this often (and at once
-    when this replica releases some)."""
+    """The head of this replica's line for the shared budget asks again this often (and
+    at once when this replica releases tokens)."""
     share_loads: bool = True
     """Policies see every replica's in-flight numbers per backend (lb/backends/shared_loads.py)."""
     load_interval_ms: float = 100.0

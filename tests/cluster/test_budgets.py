@@ -129,3 +129,33 @@ async def test_redis_down_local_share_then_shared_again(tmp_path: Any) -> None:
     finally:
         await sa.stop()
         server.stop()
+
+
+async def test_shared_waiters_keep_their_order(redis_server: RedisServer) -> None:
+    """On one replica, a small request that would fit does not overtake a bigger one
+    already waiting for the shared budget (FIFO, as without a cluster); both are admitted,
+    in order, once the other replica releases."""
+    a, sa, _ = replica(redis_server.url)
+    b, sb, _ = replica(redis_server.url)
+    await sa.start()
+    await sb.start()
+    try:
+        held = await a.admit(0, 900)
+        order: list[str] = []
+
+        async def wait(name: str, tokens: int) -> None:
+            ticket = await b.admit(0, tokens)
+            order.append(name)
+            ticket.release()
+
+        big = asyncio.ensure_future(wait("big", 200))
+        await asyncio.sleep(0.05)
+        small = asyncio.ensure_future(wait("small", 50))  # 900 + 50 fits, but waits its turn
+        await asyncio.sleep(0.1)
+        assert order == []
+        held.release()
+        await asyncio.wait_for(asyncio.gather(big, small), 1)
+        assert order == ["big", "small"]
+    finally:
+        await sa.stop()
+        await sb.stop()
