@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 import orjson
@@ -92,6 +92,15 @@ class _Http1Stream:
     def close(self) -> None:
         self._closed = True
         self._response.close()
+
+
+class WholeAnswer(NamedTuple):
+    """A backend's answer read whole, whatever its status (the pass-through routes)."""
+
+    status: int
+    content_type: str
+    """The ``Content-Type`` header as sent ("" when absent)."""
+    body: bytes
 
 
 async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> BackendHTTPError:
@@ -212,3 +221,17 @@ class Upstream:
             async with asyncio.timeout(timeout_s):
                 async with self.session.get(url) as resp:
                     return resp.status, await resp.text()
+
+    async def request_whole(
+        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str], *,
+        timeout_s: float, what: str,
+    ) -> WholeAnswer:
+        """One request whose answer is read whole and returned as it came, error statuses
+        included (the pass-through routes hand a backend's 4xx to the client untouched);
+        only transport failures raise (lb.errors, within ``timeout_s`` in all)."""
+        with translate_errors(what):
+            async with asyncio.timeout(timeout_s):
+                async with self.session.request(method, url, data=body,
+                                                headers=headers) as resp:
+                    return WholeAnswer(resp.status, resp.headers.get("Content-Type", ""),
+                                       await resp.read())

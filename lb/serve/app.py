@@ -35,7 +35,8 @@ from lb.request import Endpoint
 from lb.serve.admin import Reloader, admin_routes, apply_reload, state
 from lb.serve.aiohttpside import AiohttpSide
 from lb.serve.guard import ErrorAnswer, Guard, error_answer, internal_error
-from lb.serve.routes import COMPLETION_PATHS, ROUTES
+from lb.serve.passthrough import PassThrough
+from lb.serve.routes import GUARDED_PATHS, ROUTES
 from lb.serve.workers import Siblings, merge_metrics
 from lb.tokens import PromptTokenizer, make_counter
 from lb.tracing import make_tracing
@@ -83,12 +84,12 @@ def _error_response(answer: ErrorAnswer) -> web.Response:
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The guard's access check for every route but the completions (their handler runs
-    the whole guard, as the fast front does), and every failure as an OpenAI-shaped JSON
-    error with the right status."""
+    """The guard's access check for every route but the completions and the pass-through
+    routes (their handlers run the whole guard, as the fast front does), and every failure
+    as an OpenAI-shaped JSON error with the right status."""
     guard = request.app[GUARD]
     try:
-        if request.method != "POST" or request.path not in COMPLETION_PATHS:
+        if request.method != "POST" or request.path not in GUARDED_PATHS:
             guard.check_access(request.path, request.headers.get("Authorization"))
         return await handler(request)
     except PdlbError as exc:
@@ -296,6 +297,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         metrics.registry.register(kv_events.collector())
 
     guard = Guard(config, proxy, metrics)
+    passthrough = PassThrough(config, pools, upstream, checker, metrics, guard)
     app = web.Application(middlewares=[guard_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[GUARD] = guard
@@ -388,11 +390,12 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     app.cleanup_ctx.append(resources)
     handlers: dict[str, Handler] = {"models": models, "health": health,
                                     "health_live": health_live, "health_ready": health_ready,
-                                    "metrics": metrics_endpoint}
+                                    "metrics": metrics_endpoint, "version": passthrough.version}
     for route in ROUTES:
         if route.access == "admin":
             continue  # admin_routes(), above, when the admin API is on
         handler = (_completion_handler(route.endpoint) if route.endpoint is not None
+                   else passthrough.handler(route) if route.pool is not None
                    else handlers[route.name])
         if route.method == "GET":
             app.router.add_get(route.path, handler)  # and HEAD

@@ -5,7 +5,9 @@ Both fronts read it: aiohttp's app registers its handlers from :data:`ROUTES`
 :data:`COMPLETION_PATHS` (lb/serve/requesthead.py), and the guard (lb/serve/guard.py)
 decides access by :func:`access`. The completion paths themselves come from
 ``lb.request.ENDPOINT_PATHS``, below the serve wing, because the proxy sends the same paths
-to the backends.
+to the backends. The pass-through routes (a ``pool``: one backend of that pool answers,
+lb/serve/passthrough.py) are vLLM's own paths, forwarded as they are; docs/api.md says why
+each route is served the way it is.
 """
 
 from __future__ import annotations
@@ -32,12 +34,33 @@ class Route:
     access: Access
     endpoint: Endpoint | None = None
     """For a completion route: the proxy's endpoint and the ``endpoint`` metric label."""
+    pool: str | None = None
+    """For a pass-through route: the pool one of whose backends answers it (no PD hop);
+    ``name`` is its ``endpoint`` metric label."""
+
+
+def _passthrough(path: str, name: str, pool: str) -> Route:
+    return Route("POST", path, name, "key", pool=pool)
 
 
 ROUTES: tuple[Route, ...] = (
     *(Route("POST", path, endpoint, "key", endpoint)
       for endpoint, path in ENDPOINT_PATHS.items()),
     Route("GET", "/v1/models", "models", "key"),
+    # Same tokenizer on every backend: the prefill pool's, whose work is shortest.
+    _passthrough("/tokenize", "tokenize", "prefill"),
+    _passthrough("/detokenize", "detokenize", "prefill"),
+    # Pooling models produce no KV for a later decode: served whole where requests end.
+    _passthrough("/v1/embeddings", "embeddings", "decode"),
+    _passthrough("/v2/embed", "embeddings", "decode"),
+    _passthrough("/pooling", "pooling", "decode"),
+    _passthrough("/classify", "classify", "decode"),
+    _passthrough("/score", "score", "decode"),
+    _passthrough("/v1/score", "score", "decode"),
+    _passthrough("/rerank", "rerank", "decode"),
+    _passthrough("/v1/rerank", "rerank", "decode"),
+    _passthrough("/v2/rerank", "rerank", "decode"),
+    Route("GET", "/version", "version", "key"),
     Route("GET", "/health", "health", "public"),
     Route("GET", "/health/live", "health_live", "public"),
     Route("GET", "/health/ready", "health_ready", "public"),
@@ -50,6 +73,11 @@ ROUTES: tuple[Route, ...] = (
 COMPLETION_PATHS: Mapping[str, Endpoint] = {
     r.path: r.endpoint for r in ROUTES if r.endpoint is not None}
 """Path → endpoint of the routes served by the proxy (``POST``)."""
+
+GUARDED_PATHS: frozenset[str] = frozenset(
+    [*COMPLETION_PATHS, *(r.path for r in ROUTES if r.pool is not None)])
+"""The ``POST`` routes whose handler runs the guard's checks itself (and counts their
+refusals): the completions and the pass-through routes."""
 
 _ACCESS: Mapping[str, Access] = {r.path: r.access for r in ROUTES}
 

@@ -1,0 +1,217 @@
+"""The pass-through routes: vLLM's other POST routes, answered by one backend of one pool.
+
+``/tokenize``, ``/detokenize``, ``/v1/embeddings``, ``/pooling``, ``/score``, ``/rerank``...
+(the route table, lb/serve/routes.py, names each one's pool) have nothing to disaggregate:
+no KV is produced for a later decode, so there is no prefill → decode hop. pdlb forwards the
+client's body untouched to one usable backend of the route's pool — the one with the fewest
+requests in flight, ties taken in turn — and hands its answer back as it came: status
+(a 4xx is the backend judging the request: passed through as is), ``Content-Type`` and body.
+
+Around it, the same guard as a completion request (lb/serve/guard.py): client API keys,
+``Content-Type`` and ``Content-Encoding`` checks, the body size limit (413) and body timeout
+(408), errors as OpenAI-shaped JSON (backend unreachable: 502, no usable backend in the pool:
+503, too slow: 504), ``pdlb_requests{endpoint,status}`` with the route's name as
+``endpoint``, the backend's in-flight count while it works (a lease of no tokens), and one
+access line. A backend that cannot be reached is reported to the health checker and the
+request goes to another usable backend of the pool, once (nothing reached the first).
+
+``GET /version`` is pdlb's own: its version and each backend's ``/version`` answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from lb.accesslog import CLIENT_DISCONNECT, AccessLog, RequestRecord
+from lb.backends.health import HealthChecker
+from lb.backends.pool import Backend, Pool
+from lb.backends.upstream import Upstream, WholeAnswer
+from lb.config import Config
+from lb.errors import BackendConnectError, BackendUnavailable, PdlbError
+from lb.legs import FORWARDED_HEADERS
+from lb.metrics import Metrics, pdlb_version
+from lb.serve.aiohttpside import AiohttpSide
+from lb.serve.guard import Guard, error_answer, internal_error
+from lb.serve.routes import Route
+
+log = logging.getLogger("pdlb.passthrough")
+
+_ATTEMPTS = 2
+"""A backend that cannot be reached got nothing: the request goes to one more."""
+
+
+class PassThrough:
+    """The handlers of the pass-through routes and of ``GET /version``."""
+
+    def __init__(self, config: Config, pools: Mapping[str, Pool], upstream: Upstream,
+                 health: HealthChecker, metrics: Metrics, guard: Guard) -> None:
+        self._config = config
+        self._pools = pools
+        self._upstream = upstream
+        self._health = health
+        self._metrics = metrics
+        self._guard = guard
+        self._access = AccessLog(config.log.access, config.log.format)
+        self._turn = itertools.count()
+
+    # -- a pass-through route
+    def handler(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """The aiohttp handler of ``route`` (a route with a ``pool``)."""
+        assert route.pool is not None
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._serve(request, route)
+
+        return handle
+
+    async def _serve(self, request: web.Request, route: Route) -> web.StreamResponse:
+        client = AiohttpSide(request, self._guard)
+        record = client.record = RequestRecord(time.monotonic())
+        record.request_id = client.headers.get("x-request-id") or f"pdlb-{uuid.uuid4().hex}"
+        try:
+            try:
+                self._guard.check_completion(client.headers)
+                body = await client.body()
+                response = await self._forward(route, body, client.headers, record)
+            except PdlbError as exc:
+                if exc.status >= 500:
+                    log.warning("POST %s -> %d: %s", route.path, exc.status, exc.message)
+                record.reason = exc.code
+                response = _error_response(exc)
+            except Exception:
+                log.exception("unhandled error on POST %s", route.path)
+                record.reason = "internal_error"
+                response = _error_response(internal_error())
+        except asyncio.CancelledError:
+            self._metrics.client_disconnects.labels(phase="before_response").inc()
+            record.reason = CLIENT_DISCONNECT
+            self._finish(client, record, route, 499)
+            raise
+        self._finish(client, record, route, response.status)
+        return response
+
+    def _finish(self, client: AiohttpSide, record: RequestRecord, route: Route,
+                status: int) -> None:
+        self._metrics.requests.labels(endpoint=route.name, status=str(status)).inc()
+        if self._access.enabled:
+            self._access.emit(record, client=client.peer(), endpoint=route.name,
+                              status=status)
+
+    async def _forward(self, route: Route, body: bytes, client: Mapping[str, str],
+                       record: RequestRecord) -> web.Response:
+        assert route.pool is not None and record.request_id is not None
+        pool = self._pools[route.pool]
+        headers = self._headers(pool, client, record.request_id)
+        tried: list[Backend] = []
+        while True:
+            try:
+                backend = self._pick(pool, tried)
+            except BackendUnavailable:
+                if not tried:
+                    raise
+                raise BackendConnectError(  # the first could not be reached; no other left
+                    f"{route.pool} pool: {tried[-1].url} could not be reached and no other"
+                    " backend is usable", code="backend_unreachable") from None
+            tried.append(backend)
+            if route.pool == "prefill":
+                record.prefill_backend = backend.url
+            else:
+                record.decode_backend = backend.url
+            try:
+                answer = await self._call(pool, backend, route.path, body, headers)
+                break
+            except BackendConnectError:
+                if len(tried) >= _ATTEMPTS:
+                    raise
+        out = {"X-Request-Id": record.request_id}
+        if answer.content_type:
+            out["Content-Type"] = answer.content_type
+        return web.Response(body=answer.body, status=answer.status, headers=out)
+
+    async def _call(self, pool: Pool, backend: Backend, path: str, body: bytes,
+                    headers: Mapping[str, str]) -> WholeAnswer:
+        """One attempt on ``backend``, charged to its in-flight count; health reported."""
+        with pool.lease(backend, 0):
+            try:
+                answer = await self._upstream.request_whole(
+                    "POST", backend.url + path, body, headers,
+                    timeout_s=self._config.server.timeouts.prefill_s,
+                    what=f"POST {backend.url}{path}")
+            except PdlbError as exc:
+                self._metrics.upstream_errors.labels(
+                    pool=pool.name, backend=backend.url, kind=exc.code or "error").inc()
+                if isinstance(exc, BackendConnectError):
+                    self._health.report_failure(backend)
+                raise
+        if answer.status >= 500:
+            self._health.report_failure(backend)
+        else:
+            self._health.report_success(backend)
+        return answer
+
+    def _pick(self, pool: Pool, exclude: list[Backend]) -> Backend:
+        """The usable backend with the fewest requests in flight; ties in turn."""
+        candidates = [b for b in pool.backends if b.usable() and b not in exclude]
+        if not candidates:
+            reason = ("no healthy backend" if not pool.has_usable_backend()
+                      else "every usable backend is excluded or at its token budget")
+            raise BackendUnavailable(f"{pool.name} pool: {reason}",
+                                     code=f"{pool.name}_unavailable")
+        start = next(self._turn) % len(candidates)
+        turned = candidates[start:] + candidates[:start]
+        return min(turned, key=lambda b: b.inflight_requests)
+
+    def _headers(self, pool: Pool, client: Mapping[str, str], request_id: str
+                 ) -> dict[str, str]:
+        """As a completion leg's (lb/legs.py ``Legs.headers``): the request id, the client
+        headers a backend may need, the backend's key or the client's; answers uncompressed
+        (pdlb hands the body on as it came, without its encoding header)."""
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
+                   "Accept-Encoding": "identity"}
+        for name in FORWARDED_HEADERS:
+            value = client.get(name)
+            if value is not None:
+                headers[name] = value
+        if self._config.auth.forward_client_authorization and "authorization" in client:
+            headers["Authorization"] = client["authorization"]
+        elif pool.config.api_key:
+            headers["Authorization"] = f"Bearer {pool.config.api_key}"
+        return headers
+
+    # -- GET /version
+    async def version(self, request: web.Request) -> web.Response:
+        """``{"version": pdlb's, "backends": {url: its /version answer, or {"error": ...}}}``
+        — every listed backend of every pool, asked at once (health's ``timeout_s``)."""
+        urls = list(dict.fromkeys(b.url for pool in self._pools.values()
+                                  for b in pool.backends))
+        timeout = self._config.health.timeout_s
+
+        async def ask(url: str) -> Any:
+            try:
+                return await self._upstream.get_json(url + "/version", timeout_s=timeout)
+            except PdlbError as exc:
+                return {"error": exc.message}
+            except orjson.JSONDecodeError:
+                return {"error": f"GET {url}/version: not JSON"}
+
+        answers = await asyncio.gather(*(ask(url) for url in urls))
+        payload = {"version": pdlb_version(), "backends": dict(zip(urls, answers, strict=True))}
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+def _error_response(exc: PdlbError) -> web.Response:
+    answer = error_answer(exc)
+    response = web.Response(body=answer.body, status=answer.status,
+                            content_type="application/json", headers=answer.headers or None)
+    if answer.close:
+        response.force_close()
+    return response
