@@ -9,6 +9,7 @@ score, rerank...) come from the small fake below, which records who received wha
 from __future__ import annotations
 
 import array
+import asyncio
 import base64
 import contextlib
 import logging
@@ -50,6 +51,8 @@ def pooling_fake(name: str, seen: list[dict[str, Any]]) -> web.Application:
             return web.json_response({"error": {"message": "JSON decode error",
                                                 "type": "BadRequestError", "param": None,
                                                 "code": 400}}, status=400)
+        if isinstance(body, dict) and "sleep_s" in body:
+            await asyncio.sleep(body["sleep_s"])
         if request.path != "/v1/embeddings":
             return web.json_response({"object": "list", "server": name, "path": request.path,
                                       "echo": body})
@@ -328,3 +331,21 @@ async def test_access_line_per_pass_through_request(start_pdlb, caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.name == "pdlb.access"]
     assert "request_id=line-1" in line and "endpoint=tokenize" in line
     assert "status=200" in line and p.url in line
+
+
+async def test_a_client_gone_mid_call_is_499_and_frees_the_backend(start_pdlb):
+    async with pooling_pair() as (p, d, seen):
+        url, _ = await start_pdlb(make_config([p], [d]))
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await http.post(url + "/rerank", json={"sleep_s": 2})
+        for _ in range(100):
+            async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+                text = await r.text()
+            if 'pdlb_requests_total{endpoint="rerank",status="499"} 1.0' in text:
+                break
+            await asyncio.sleep(0.02)
+        assert 'pdlb_requests_total{endpoint="rerank",status="499"} 1.0' in text
+        assert [s["path"] for s in seen] == ["/rerank"]
+        # the fixture checks every in-flight counter is back to zero

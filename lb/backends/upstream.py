@@ -1,7 +1,8 @@
 """Talking to backends: the one facade over pdlb's two HTTP clients.
 
 pdlb calls a backend two ways: a POST whose JSON answer is read whole (prefill, non-streamed
-decode, health, models) and a POST whose body is relayed as it arrives (the streamed decode).
+decode, health, models) and a POST whose body is relayed as it arrives (the streamed decode);
+the pass-through routes (lb/serve/passthrough.py) also take an answer whole, any status.
 Both go through :class:`Upstream`, which picks the client — pdlb's own HTTP/1.1 client
 (lb/backends/http1.py, relaying inside the socket callbacks) for plain ``http://`` backends
 when ``[server] fast_stream`` is on, aiohttp's otherwise — and translates every transport
