@@ -36,7 +36,8 @@ class RedisServer:
     """One redis-server process; :meth:`stop` and :meth:`start` again keep the port (an
     outage and a return), with no persistence: a restarted Redis is empty."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.extra = list(extra)
         self.binary = redis_binary()
         self.port = free_port()
         self.workdir = workdir
@@ -49,14 +50,15 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
+             *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.02)

@@ -159,3 +159,56 @@ async def test_shared_waiters_keep_their_order(redis_server: RedisServer) -> Non
     finally:
         await sa.stop()
         await sb.stop()
+
+
+async def test_redis_slow_is_redis_down(tmp_path: Any) -> None:
+    """Redis frozen (SIGSTOP): an admission answers within about timeout_ms on the local
+    share instead of hanging; thawed (SIGCONT): shared again within the retry interval."""
+    import os
+    import signal
+    import time
+
+    server = RedisServer(tmp_path)
+    server.start()
+    a, sa, metrics = replica(server.url, timeout_ms=100.0)
+    await sa.start()
+    try:
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        ticket = await a.admit(0, 100)
+        took = time.monotonic() - started
+        assert took < 0.5, took
+        assert not sa.shared
+        assert "pdlb_cluster_fallback_total 1.0" in metrics.render().decode()
+        os.kill(server.proc.pid, signal.SIGCONT)
+        for _ in range(100):
+            if sa.shared:
+                break
+            await asyncio.sleep(0.05)
+        assert sa.shared
+        ticket.release()
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        await sa.stop()
+        server.stop()
+
+
+async def test_password(tmp_path: Any) -> None:
+    """A Redis that requires a password: the right one shares the budget; a wrong one is
+    Redis down (local share, no error at start-up)."""
+    server = RedisServer(tmp_path, "--requirepass", "s3cret")
+    server.start()
+    good, sgood, _ = replica(server.url, password="s3cret")
+    bad, sbad, _ = replica(server.url, password="wrong")
+    await sgood.start()
+    await sbad.start()
+    try:
+        assert sgood.shared and not sbad.shared
+        (await good.admit(0, 100)).release()
+        (await bad.admit(0, 100)).release()
+    finally:
+        await sgood.stop()
+        await sbad.stop()
+        server.stop()
