@@ -300,6 +300,8 @@ class ClusterConfig:
     password: str | None = None
     """Read from the environment variable ``password_env`` names (never from the file)."""
     tls: bool = False
+    tls_ca_file: str | None = None
+    """CA certificates (PEM) that Redis's certificate must chain to; unset: the system's."""
     replicas: int = 1
     """How many replicas share the budgets: while Redis is unreachable each one admits
     ``max_inflight_tokens / replicas`` on its own."""
@@ -678,6 +680,7 @@ def _read_cluster(r: Options) -> ClusterConfig:
         redis_url=url,
         password=password,
         tls=r.value("tls", bool, False),
+        tls_ca_file=r.value("tls_ca_file", str, None),
         replicas=r.integer("replicas", 1, minimum=1),
         name=name,
         lease_ttl_s=r.number("lease_ttl_s", 10.0, minimum=0.5),

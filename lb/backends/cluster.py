@@ -199,10 +199,14 @@ class RedisBudgets:
         url = self.config.redis_url or ""
         if self.config.tls and url.startswith("redis://"):
             url = "rediss://" + url.removeprefix("redis://")
+        tls: dict[str, Any] = {}
+        if url.startswith("rediss://") and self.config.tls_ca_file is not None:
+            tls["ssl_ca_certs"] = self.config.tls_ca_file
         self._client = aioredis.Redis.from_url(
             url, password=self.config.password, socket_timeout=self._timeout_s,
             socket_connect_timeout=self._timeout_s, retry_on_timeout=False,
-            health_check_interval=0, retry=Retry(NoBackoff(), 0))  # one try: ours to time
+            health_check_interval=0, retry=Retry(NoBackoff(), 0),  # one try: ours to time
+            **tls)
         for name, source in (("reserve", _RESERVE), ("adjust", _ADJUST),
                              ("refresh", _REFRESH), ("rewrite", _REWRITE)):
             self._scripts[name] = self._client.register_script(source)
