@@ -31,17 +31,21 @@ def make_certs(d: Path) -> None:
         "-CAcreateserial", "-out", "srv.pem", "-days", "1", "-extfile", "ext")
 
 
+def start_tls_redis(d: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [redis_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "srv.pem", "--tls-key-file", "srv.key",
+         "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no", "--save", "",
+         "--appendonly", "no", "--dir", str(d)],
+        cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 async def test_tls_with_the_servers_ca(tmp_path: Path) -> None:
     """With tls_ca_file the budgets are shared over TLS; without it, the replica falls
     back to its local share (no error, no hang)."""
     make_certs(tmp_path)
     port = free_port()
-    proc = subprocess.Popen(
-        [redis_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", "srv.pem", "--tls-key-file", "srv.key",
-         "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_tls_redis(tmp_path, port)
     url = f"redis://127.0.0.1:{port}/0"
     try:
         good = RedisBudgets(ClusterConfig(redis_url=url, tls=True, timeout_ms=500.0,
