@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from lb.admission import Admission
+from lb.backends.cluster import RedisBudgets
 from lb.backends.discovery import Discovery
 from lb.backends.kvevents import KVEvents
 from lb.backends.pool import Pool
@@ -86,11 +87,13 @@ def describe_reload(source: str, report: dict[str, Any]) -> str:
 
 
 def state(pools: dict[str, Pool], admission: Admission,
-          kv_events: KVEvents | None = None, discovery: Discovery | None = None
-          ) -> dict[str, Any]:
+          kv_events: KVEvents | None = None, discovery: Discovery | None = None,
+          cluster: RedisBudgets | None = None) -> dict[str, Any]:
     """Pools, backends and counters; with ``[kv_events]`` on, each backend's event health
     (subscriber state, counters, blocks in the pool's index); with discovery, each source's
-    state, last good set and counters, and the removed backends still finishing requests."""
+    state, last good set and counters, and the removed backends still finishing requests;
+    with ``[cluster]``, this replica's name, whether Redis answers, the global use the last
+    reservation saw, and the other replicas' in-flight numbers per backend."""
     return {
         "pools": {
             name: {
@@ -105,6 +108,9 @@ def state(pools: dict[str, Pool], admission: Admission,
                     {"url": b.url, "healthy": b.healthy, "pending": b.pending,
                      "inflight_requests": b.inflight_requests,
                      "inflight_tokens": b.inflight_tokens,
+                     **({} if cluster is None else {
+                         "others_inflight_requests": b.others_requests,
+                         "others_inflight_tokens": b.others_tokens}),
                      "load": None if b.load is None else {
                          "running": b.load.running, "waiting": b.load.waiting,
                          "kv_usage": b.load.kv_usage},
@@ -115,6 +121,9 @@ def state(pools: dict[str, Pool], admission: Admission,
             for name, pool in pools.items()
         },
         "admission": {stage: admission.admitted_tokens(stage) for stage in ("prefill", "decode")},
+        **({} if cluster is None else {"cluster": {
+            "replica": cluster.replica, "redis_up": cluster.shared,
+            "global_admitted_tokens": dict(cluster.global_used)}}),
     }
 
 

@@ -334,7 +334,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     app[RELOAD] = reload
     if config.admin.enabled and config.admin.token:
         admin = admin_routes(config.admin.token, reload,
-                             lambda: state(pools, admission, kv_events, discovery),
+                             lambda: state(pools, admission, kv_events, discovery, budgets),
                              proxy.kv.lookup,
                              lambda: checker.joined(2 * config.health.timeout_s))
         if config.admin.port is None:

@@ -54,3 +54,26 @@ async def test_a_session_follows_its_backend_across_replicas(
             second = {s: await send(url_b, s) for s in first}
         await redis.aclose()
         assert second == first
+
+
+async def test_admin_state_shows_the_cluster(redis_server: RedisServer, start_pdlb: Any
+                                             ) -> None:
+    """/admin/state: this replica's name, Redis up, the global use the last reservation
+    saw, and the other replicas' numbers per backend."""
+    async with emulator("prefill") as p, emulator("decode") as d:
+        config = make_config([p.url], [d.url], admin={"enabled": True, "token": "t"},
+                             pools={"decode": {"max_inflight_tokens": 10_000}},
+                             cluster={"redis_url": redis_server.url})
+        url, _ = await start_pdlb(config)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url + "/v1/completions", json={
+                    "model": "emulated-model", "prompt": "hi", "max_tokens": 2}) as r:
+                assert r.status == 200
+            async with http.get(url + "/admin/state",
+                                headers={"Authorization": "Bearer t"}) as r:
+                state = await r.json()
+        cluster = state["cluster"]
+        assert cluster["redis_up"] is True and cluster["replica"]
+        assert cluster["global_admitted_tokens"]["decode"] > 0
+        backend = state["pools"]["decode"]["backends"][0]
+        assert backend["others_inflight_tokens"] == 0
