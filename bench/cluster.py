@@ -16,6 +16,11 @@ over-admit, against one pdlb with no cluster.
    requests flooding every replica: the largest sampled sum of the replicas'
    ``pdlb_admitted_tokens{stage="decode"}`` minus the budget (one request = 2,000).
 
+4. ``--balance``: 1 prefill + 2 decode emulators (real time), 3 replicas with least_tokens
+   on decode, flooded by 24 clients with mixed sizes (max_tokens 50 or 1,000): the mean
+   imbalance |a - b| / (a + b) of the two decode backends' in-flight tokens (summed over the
+   replicas, sampled every 50 ms), with ``share_loads`` off, and on at 100 ms and 10 ms.
+
 Every process shares this machine's cores with the others (2 cores here): the end-to-end
 numbers include that contention; compare rows of one run, not across machines.
 """
@@ -125,12 +130,13 @@ async def micro(url: str, n: int, others: int) -> dict[str, float]:
 
 
 def pdlb_config(prefill: str, decode: str, redis_url: str | None, replicas: int,
-                budget: int) -> str:
+                budget: int, cluster_extra: str = "") -> str:
+    decodes = ", ".join(f'"{u}"' for u in decode.split(","))
     text = f"""
 [pools.prefill]
 backends = ["{prefill}"]
 [pools.decode]
-backends = ["{decode}"]
+backends = [{decodes}]
 max_inflight_tokens = {budget}
 max_queue = 1000
 queue_timeout_s = 60
@@ -138,7 +144,8 @@ queue_timeout_s = 60
 access = false
 """
     if redis_url is not None:
-        text += f'[cluster]\nredis_url = "{redis_url}"\nreplicas = {replicas}\n'
+        text += (f'[cluster]\nredis_url = "{redis_url}"\nreplicas = {replicas}\n'
+                 + cluster_extra)
     return text
 
 
@@ -233,6 +240,57 @@ async def end_to_end(args: argparse.Namespace, redis_url: str, workdir: Path) ->
                   f" {peak:>13} {peak - 20_000:>12}")
 
 
+INFLIGHT = re.compile(rb'^pdlb_backend_inflight_tokens\{backend="([^"]+)",pool="decode"\}'
+                      rb' ([0-9.e+-]+)$', re.M)
+
+
+async def balance(args: argparse.Namespace, redis_url: str, workdir: Path) -> None:
+    print("\n4. balance of 2 decode backends under 3 replicas (least_tokens), mixed sizes")
+    print(f"{'share_loads':<22} {'mean imbalance':>15} {'samples':>8}")
+    async with EmulatorCluster(prefill=1, decode=2, mode="subprocess", seed=4) as emus, \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        for label, extra in [("off", "share_loads = false\n"),
+                             ("on, 100 ms", "load_interval_ms = 100\n"),
+                             ("on, 10 ms", "load_interval_ms = 10\n")]:
+            config = workdir / f"balance-{len(extra)}.toml"
+            config.write_text(pdlb_config(emus.prefill_urls[0], ",".join(emus.decode_urls),
+                                          redis_url, 3, 10**9, extra))
+            async with fleet(config, 3) as urls:
+                stop = asyncio.Event()
+                ratios: list[float] = []
+
+                async def sample(urls: list[str] = urls, ratios: list[float] = ratios,
+                                 stop: asyncio.Event = stop) -> None:
+                    while not stop.is_set():
+                        per: dict[bytes, float] = {}
+                        for url in urls:
+                            async with http.get(url + "/metrics") as resp:
+                                for m in INFLIGHT.finditer(await resp.read()):
+                                    per[m.group(1)] = per.get(m.group(1), 0) + float(m.group(2))
+                        if len(per) == 2 and sum(per.values()) > 0:
+                            a, b = per.values()
+                            ratios.append(abs(a - b) / (a + b))
+                        await asyncio.sleep(0.05)
+
+                sampler = asyncio.ensure_future(sample())
+                until = time.monotonic() + args.seconds
+
+                async def client(i: int, urls: list[str] = urls, until: float = until) -> None:
+                    n = 0
+                    while time.monotonic() < until:
+                        n += 1
+                        body = {"model": "emulated-model", "prompt": [10 + i, 20 + n],
+                                "max_tokens": 1000 if (i * 7 + n) % 5 == 0 else 50,
+                                "ignore_eos": True}
+                        async with http.post(urls[i % 3] + "/v1/completions", json=body) as r:
+                            await r.read()
+
+                await asyncio.gather(*(client(i) for i in range(24)))
+                stop.set()
+                await sampler
+            print(f"{label:<22} {statistics.mean(ratios):>15.3f} {len(ratios):>8}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", default="1,2,4")
@@ -242,8 +300,12 @@ async def main() -> None:
                         help="the fast emulators' speed-up (high: pdlb's own cost shows)")
     parser.add_argument("--n", type=int, default=2000, help="admissions per micro row")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--balance", action="store_true", help="run section 4 only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as url:
+        if args.balance:
+            await balance(args, url, Path(tmp))
+            return
         print("1. admission micro (in process, loopback redis-server)")
         print(f"{'live leases':>11} {'local p50/p99 us':>17} {'redis p50/p99 us':>17}"
               f" {'loads round p50 us':>19}")

@@ -315,8 +315,10 @@ class ClusterConfig:
     poll_ms: float = 20.0
     """The head of this replica's line for the shared budget asks again this often (and
     at once when this replica releases tokens)."""
-    share_loads: bool = True
-    """Policies see every replica's in-flight numbers per backend (lb/backends/shared_loads.py)."""
+    share_loads: bool = False
+    """Policies see every replica's in-flight numbers per backend (lb/backends/shared_loads.py).
+    Off by default: measured, it made least_tokens balance worse (bench/cluster.py
+    --balance: the replicas herd onto the backend the shared numbers show lightest)."""
     load_interval_ms: float = 100.0
     """How often those numbers are published and read (one Redis call per replica)."""
     share_sessions: bool = True
@@ -686,7 +688,7 @@ def _read_cluster(r: Options) -> ClusterConfig:
         lease_ttl_s=r.number("lease_ttl_s", 10.0, minimum=0.5),
         timeout_ms=r.number("timeout_ms", 100.0, minimum=1.0),
         poll_ms=r.number("poll_ms", 20.0, minimum=1.0),
-        share_loads=r.value("share_loads", bool, True),
+        share_loads=r.value("share_loads", bool, False),
         load_interval_ms=r.number("load_interval_ms", 100.0, minimum=5.0),
         share_sessions=r.value("share_sessions", bool, True),
         session_ttl_s=r.number("session_ttl_s", 3600.0, minimum=1.0),

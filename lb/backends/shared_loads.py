@@ -13,7 +13,10 @@ call per interval per replica and nothing on the request path, and are at most o
 (plus a round trip) old — a burst that arrives at several replicas within one interval is
 spread by each replica's own exact counts only. While Redis does not answer, the other
 replicas' numbers are forgotten (each replica routes on its own counts, as without a
-cluster).
+cluster). Measured (bench/cluster.py --balance), least_tokens balanced two decode backends
+worse with these numbers than without — each replica balancing its own requests already
+balances the sum, and the stale shared numbers make the replicas herd — so ``share_loads``
+is off by default.
 """
 
 from __future__ import annotations
