@@ -203,8 +203,9 @@ class Admission:
         return None
 
     def _tell_store(self, deltas: dict[str, int]) -> None:
-        if self._store is not None:
-            self._store.adjust(deltas)
+        if self._store is None:
+            return  # no shared budget: no shared waiters to wake, nothing to tell
+        self._store.adjust(deltas)
         if any(d < 0 for d in deltas.values()):
             self._released.set()
             self._released = asyncio.Event()
