@@ -1,4 +1,4 @@
-"""``pdlb serve --workers N``: several processes on one port, budgets split between them."""
+"""``pdlb serve --workers N``: several processes on one port."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_share_divides_budgets():
+    """With [cluster] (Redis shares the budgets; each worker falls back to its part); without
+    it the token budgets stay whole: tests/test_worker_budgets.py."""
     cfg = make_config(["http://a:1"], ["http://b:1"],
                       pools={"decode": {"max_inflight_tokens": 1001, "max_queue": 10}},
-                      server={"port": 0, "max_concurrent_requests": 7})
+                      server={"port": 0, "max_concurrent_requests": 7},
+                      cluster={"redis_url": "redis://127.0.0.1:1"})
     part = share(cfg, 2)
     assert part.decode.max_inflight_tokens == 501 and part.decode.max_queue == 5
     assert part.server.max_concurrent_requests == 4

@@ -16,10 +16,12 @@ import orjson
 from aiohttp import web
 
 from lb.admission import Admission
+from lb.backends import local_budgets
 from lb.backends.cluster import RedisBudgets
 from lb.backends.discovery import Discovery
 from lb.backends.health import HealthChecker
 from lb.backends.kvevents import KVEvents
+from lb.backends.local_budgets import WorkerBudgets
 from lb.backends.pool import Pool
 from lb.backends.scrape import LoadScraper
 from lb.backends.shared_loads import SharedLoads
@@ -275,7 +277,12 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
     budgets = (RedisBudgets(config.cluster, metrics) if config.cluster.redis_url is not None
                else None)
-    admission = Admission(config.pools, metrics, budgets)
+    siblings = Siblings.from_env()
+    # --workers N without [cluster]: the workers share the budgets through one file, which
+    # the parent made (missing: an error at start-up, never a worker alone on the whole).
+    worker_budgets = (WorkerBudgets(siblings.folder / local_budgets.FILE_NAME, siblings.index)
+                      if budgets is None and siblings is not None else None)
+    admission = Admission(config.pools, metrics, budgets or worker_budgets)
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
     tracing = make_tracing(config.tracing)
@@ -348,6 +355,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     async def resources(app: web.Application) -> AsyncIterator[None]:
         if budgets is not None:
             await budgets.start()  # bounded by [cluster] timeout_ms; Redis down is no error
+        if worker_budgets is not None:
+            await worker_budgets.start()
         await upstream.start()
         # Each source's first answer before the first health round, so that it checks them.
         await discovery.start(_first_answer_s(config))
@@ -362,6 +371,9 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                 await upstream.close()
                 if budgets is not None:
                     await budgets.stop()  # the caller reports the error (pdlb serve: exit 2)
+                if worker_budgets is not None:
+                    await worker_budgets.stop()
+                    worker_budgets.close()
                 raise
         # /health, then /v1/models: two calls, each within timeout_s.
         await checker.first_round(2 * config.health.timeout_s)
@@ -384,6 +396,9 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await upstream.close()
         if budgets is not None:
             await budgets.stop()
+        if worker_budgets is not None:
+            await worker_budgets.stop()
+            worker_budgets.close()
         if tracing.enabled:  # the last spans out (the SDK's thread; bounded by its timeout)
             await asyncio.to_thread(tracing.shutdown)
 

@@ -1,4 +1,4 @@
-"""``pdlb serve --workers N``: N independent pdlb processes sharing one port (SO_REUSEPORT).
+"""``pdlb serve --workers N``: N pdlb processes sharing one port (SO_REUSEPORT).
 
 pdlb's hot path is one event loop, so one process uses at most one core. With ``--workers N``
 the kernel spreads incoming connections over N processes bound to the same port. What that
@@ -7,8 +7,19 @@ means, honestly:
 * each worker keeps its own in-flight counters, health state and policy state — routing in
   one worker does not see requests in flight in the others (a policy's view is 1/N of the
   traffic, which averages out for load-based policies but weakens prefix/session affinity);
-* admission budgets (``max_inflight_tokens``, ``max_queue``, ``max_concurrent_requests``)
-  are divided by N per worker, so the whole stays within the configured totals;
+* the pools' token budgets (``max_inflight_tokens``, also ``"auto"``) are one set for all
+  workers. Without ``[cluster]``, the parent makes a file in the workers' folder with one
+  slot per worker (lb/backends/local_budgets.py): each worker writes its own holdings
+  there, and an admission sums the slots and reserves under an exclusive ``flock`` (held
+  for microseconds); a slot whose heartbeat is older than 2 s (a worker that died or
+  stalled) is ignored, and the parent zeroes the slot of a worker that exited. A request
+  waiting for tokens another worker frees asks again every 5 ms. With ``[cluster]``
+  nothing changed: each worker gets budget / N in its config, as before, and shares that
+  through Redis;
+* what each worker enforces on its own is divided by N, so the whole stays within the
+  configured totals: the wait queues (``max_queue`` — each worker has its own line, FIFO
+  within it, not across workers), ``max_concurrent_requests``, and the per-backend
+  ``max_inflight_tokens`` (checked against the worker's own in-flight counters);
 * ``/metrics`` answers for every worker in one scrape: each worker also serves its own
   metrics on a private loopback port (announced in a folder the parent makes,
   ``PDLB_WORKERS_DIR``), and the worker that takes the scrape reads its siblings' and
@@ -30,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -37,6 +49,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from lb.backends import local_budgets
 from lb.config import Config
 
 WORKERS_DIR_ENV = "PDLB_WORKERS_DIR"
@@ -101,17 +114,24 @@ def merge_metrics(texts: Mapping[int, str]) -> bytes:
 
 
 def share(config: Config, workers: int) -> Config:
-    """The per-worker config: budgets divided by ``workers`` (rounded up, at least 1)."""
+    """The per-worker config: what each worker enforces on its own divided by ``workers``
+    (rounded up, at least 1). Without ``[cluster]`` the pools' ``max_inflight_tokens`` stay
+    whole: the workers share them through one file (lb/backends/local_budgets.py). With
+    ``[cluster]`` they are divided as before (Redis shares them; the division is what each
+    worker falls back to)."""
 
     def part(value: int | None) -> int | None:
         return None if value is None else max(1, -(-value // workers))
 
+    local_store = config.cluster.redis_url is None and workers > 1
     pools = {}
     for name, pool in config.pools.items():
         backends = tuple(dataclasses.replace(b, max_inflight_tokens=part(b.max_inflight_tokens))
                          for b in pool.backends)
         pools[name] = dataclasses.replace(
-            pool, backends=backends, max_inflight_tokens=part(pool.max_inflight_tokens),
+            pool, backends=backends,
+            max_inflight_tokens=(pool.max_inflight_tokens if local_store
+                                 else part(pool.max_inflight_tokens)),
             max_queue=part(pool.max_queue) or 0,
         )
     server = dataclasses.replace(
@@ -152,6 +172,8 @@ def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
     base = [sys.executable, "-m", "lb.cli", "serve", *argv, "--port", str(port),
             "--worker-share", str(workers), "--reuse-port"]
     folder = tempfile.TemporaryDirectory(prefix="pdlb-workers-")
+    budgets = Path(folder.name) / local_budgets.FILE_NAME
+    local_budgets.create(budgets, workers)
     children = [subprocess.Popen(base, stdout=subprocess.PIPE, text=True,
                                  preexec_fn=_die_with_parent,
                                  env={**os.environ, WORKERS_DIR_ENV: folder.name,
@@ -183,7 +205,14 @@ def run_workers(argv: Sequence[str], config: Config, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    codes = [child.wait() for child in children]
+    codes: dict[int, int] = {}
+    while len(codes) < len(children):  # in whatever order they exit
+        for index, child in enumerate(children):
+            if index not in codes and (code := child.poll()) is not None:
+                codes[index] = code
+                local_budgets.clear_slot(budgets, index)  # its tokens are back at once
+        if len(codes) < len(children):
+            time.sleep(0.1)
     folder.cleanup()
-    return max(codes, key=abs) if any(codes) else 0
+    return max(codes.values(), key=abs) if any(codes.values()) else 0
 
