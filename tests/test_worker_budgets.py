@@ -138,7 +138,7 @@ def test_share_keeps_the_token_budgets_whole_without_cluster() -> None:
     clustered = make_config(["http://a:1"], ["http://b:1"],
                             pools={"decode": {"max_inflight_tokens": 1001}},
                             cluster={"redis_url": "redis://127.0.0.1:1"})
-    assert share(clustered, 2).decode.max_inflight_tokens == 501  # Redis path: unchanged
+    assert share(clustered, 2).decode.max_inflight_tokens == 1001  # shared through Redis
 
 
 def _admitted(text: str) -> tuple[int, int]:

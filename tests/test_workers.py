@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from lb.serve.workers import share
 from tests.conftest import make_config
@@ -15,15 +16,17 @@ from tests.fake_vllm import FakeBehaviour, make_fake, run_app
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_share_divides_budgets():
-    """With [cluster] (Redis shares the budgets; each worker falls back to its part); without
-    it the token budgets stay whole: tests/test_worker_budgets.py."""
+@pytest.mark.parametrize("cluster", [{}, {"redis_url": "redis://127.0.0.1:1"}])
+def test_share_divides_what_each_worker_enforces_alone(cluster):
+    """Queues and concurrency are per worker: divided. The pools' token budgets are shared
+    (Redis with [cluster], else the workers' file: tests/test_worker_budgets.py): whole, or
+    the shared total would be budget / workers."""
     cfg = make_config(["http://a:1"], ["http://b:1"],
                       pools={"decode": {"max_inflight_tokens": 1001, "max_queue": 10}},
                       server={"port": 0, "max_concurrent_requests": 7},
-                      cluster={"redis_url": "redis://127.0.0.1:1"})
+                      **({"cluster": cluster} if cluster else {}))
     part = share(cfg, 2)
-    assert part.decode.max_inflight_tokens == 501 and part.decode.max_queue == 5
+    assert part.decode.max_inflight_tokens == 1001 and part.decode.max_queue == 5
     assert part.server.max_concurrent_requests == 4
     assert part.prefill.max_inflight_tokens is None
     assert share(cfg, 1) == cfg

@@ -13,9 +13,9 @@ means, honestly:
   there, and an admission sums the slots and reserves under an exclusive ``flock`` (held
   for microseconds); a slot whose heartbeat is older than 2 s (a worker that died or
   stalled) is ignored, and the parent zeroes the slot of a worker that exited. A request
-  waiting for tokens another worker frees asks again every 5 ms. With ``[cluster]``
-  nothing changed: each worker gets budget / N in its config, as before, and shares that
-  through Redis;
+  waiting for tokens another worker frees asks again every 5 ms. With ``[cluster]`` the
+  workers are replicas like any other and share the whole budget through Redis (count
+  them in ``[cluster] replicas`` for the fallback share while Redis is down);
 * what each worker enforces on its own is divided by N, so the whole stays within the
   configured totals: the wait queues (``max_queue`` — each worker has its own line, FIFO
   within it, not across workers), ``max_concurrent_requests``, and the per-backend
@@ -115,23 +115,21 @@ def merge_metrics(texts: Mapping[int, str]) -> bytes:
 
 def share(config: Config, workers: int) -> Config:
     """The per-worker config: what each worker enforces on its own divided by ``workers``
-    (rounded up, at least 1). Without ``[cluster]`` the pools' ``max_inflight_tokens`` stay
-    whole: the workers share them through one file (lb/backends/local_budgets.py). With
-    ``[cluster]`` they are divided as before (Redis shares them; the division is what each
-    worker falls back to)."""
+    (rounded up, at least 1). The pools' ``max_inflight_tokens`` stay whole: the workers
+    share them — through Redis with ``[cluster]`` (whose fallback share while Redis is down
+    is ``budget / [cluster] replicas``, counting every worker), else through one file
+    (lb/backends/local_budgets.py). Dividing them here as well would make the shared total
+    ``budget / workers``."""
 
     def part(value: int | None) -> int | None:
         return None if value is None else max(1, -(-value // workers))
 
-    local_store = config.cluster.redis_url is None and workers > 1
     pools = {}
     for name, pool in config.pools.items():
         backends = tuple(dataclasses.replace(b, max_inflight_tokens=part(b.max_inflight_tokens))
                          for b in pool.backends)
         pools[name] = dataclasses.replace(
             pool, backends=backends,
-            max_inflight_tokens=(pool.max_inflight_tokens if local_store
-                                 else part(pool.max_inflight_tokens)),
             max_queue=part(pool.max_queue) or 0,
         )
     server = dataclasses.replace(
