@@ -149,22 +149,8 @@ class Legs:
         self, pool: Pool, client: Mapping[str, str], request_id: str,
         extra: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
-        """A leg's request headers: the request id, the client headers a backend may need,
-        the connector's (over same-named ones), and the backend's key or the client's."""
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-        for name in FORWARDED_HEADERS:
-            value = client.get(name)
-            if value is not None:
-                headers[name] = value
-        for name, value in (extra or {}).items():
-            for old in [k for k in headers if k.lower() == name.lower()]:
-                del headers[old]
-            headers[name] = value
-        if self.config.auth.forward_client_authorization and "authorization" in client:
-            headers["Authorization"] = client["authorization"]
-        elif pool.config.api_key:
-            headers["Authorization"] = f"Bearer {pool.config.api_key}"
-        return headers
+        """A leg's request headers: see :func:`backend_headers`."""
+        return backend_headers(self.config, pool, client, request_id, extra)
 
     def ref(self, backend: Backend) -> BackendRef:
         """The connectors' view of a backend (one per URL, built once)."""
@@ -172,6 +158,27 @@ class Legs:
         if ref is None:
             ref = self._refs[backend.url] = BackendRef.of(backend.url)
         return ref
+
+
+def backend_headers(config: Config, pool: Pool, client: Mapping[str, str], request_id: str,
+                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Headers of a call to one of ``pool``'s backends (a leg, or a pass-through route): the
+    request id, the client headers a backend may need, ``extra`` (a connector's, over
+    same-named ones), and the backend's key or the client's."""
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    for name in FORWARDED_HEADERS:
+        value = client.get(name)
+        if value is not None:
+            headers[name] = value
+    for name, value in (extra or {}).items():
+        for old in [k for k in headers if k.lower() == name.lower()]:
+            del headers[old]
+        headers[name] = value
+    if config.auth.forward_client_authorization and "authorization" in client:
+        headers["Authorization"] = client["authorization"]
+    elif pool.config.api_key:
+        headers["Authorization"] = f"Bearer {pool.config.api_key}"
+    return headers
 
 
 def view(request: ProxyRequest) -> RequestView:

@@ -37,7 +37,7 @@ from lb.backends.pool import Backend, Pool
 from lb.backends.upstream import Upstream, WholeAnswer
 from lb.config import Config
 from lb.errors import BackendConnectError, BackendUnavailable, PdlbError
-from lb.legs import FORWARDED_HEADERS
+from lb.legs import backend_headers
 from lb.metrics import Metrics, pdlb_version
 from lb.serve.aiohttpside import AiohttpSide
 from lb.serve.guard import Guard, error_answer, internal_error
@@ -172,20 +172,11 @@ class PassThrough:
 
     def _headers(self, pool: Pool, client: Mapping[str, str], request_id: str
                  ) -> dict[str, str]:
-        """As a completion leg's (lb/legs.py ``Legs.headers``): the request id, the client
-        headers a backend may need, the backend's key or the client's; answers uncompressed
-        (pdlb hands the body on as it came, without its encoding header)."""
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
-                   "Accept-Encoding": "identity"}
-        for name in FORWARDED_HEADERS:
-            value = client.get(name)
-            if value is not None:
-                headers[name] = value
-        if self._config.auth.forward_client_authorization and "authorization" in client:
-            headers["Authorization"] = client["authorization"]
-        elif pool.config.api_key:
-            headers["Authorization"] = f"Bearer {pool.config.api_key}"
-        return headers
+        """A completion leg's headers (:func:`lb.legs.backend_headers`), asking for an
+        uncompressed answer: pdlb hands the body on as it came, without its encoding
+        header."""
+        return backend_headers(self._config, pool, client, request_id,
+                               {"Accept-Encoding": "identity"})
 
     # -- GET /version
     async def version(self, request: web.Request) -> web.Response:
