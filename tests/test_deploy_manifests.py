@@ -44,6 +44,7 @@ from lb.config import Config, load_config, override, parse_config
 from lb.serve.app import create_app
 from lb.serve.routes import ROUTES
 from lb.tools.launch_vllm.plan import LaunchConfig, plan_servers
+from tests.conftest import vllm_python
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -683,17 +684,6 @@ def test_vllm_flags_are_the_ones_launch_vllm_plans(tmp_path: Path) -> None:
         shared = same
 
 
-def _vllm_python() -> Path | None:
-    if os.environ.get("PDLB_VLLM_ENV"):
-        env = Path(os.environ["PDLB_VLLM_ENV"])
-    elif os.environ.get("PDLB_VLLM_PYTHON"):
-        env = Path(os.environ["PDLB_VLLM_PYTHON"]).parent.parent
-    else:
-        env = REPO / ".venv-vllm"
-    python = env / "bin" / "python"
-    return python if python.is_file() else None
-
-
 VLLM_PARSE = """
 import json, sys
 try:
@@ -720,7 +710,7 @@ print(json.dumps(out))
 def test_vllm_flags_parse_with_vllms_own_parser() -> None:
     """The StatefulSets' ``vllm serve`` arguments through vLLM's own argument parser (the
     CPU build pdlb tests with; the image is the GPU build of the same release)."""
-    python = _vllm_python()
+    python = vllm_python()
     if python is None:
         pytest.skip("no vLLM environment (scripts/vllm-cpu-env, or set PDLB_VLLM_ENV)")
     sets = statefulsets()

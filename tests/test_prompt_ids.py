@@ -40,6 +40,7 @@ from lb.prompt_ids import (
     tokenize_request,
 )
 from lb.tokens import TiktokenCounter, make_counter
+from tests.conftest import vllm_python
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / ".cache" / "tiny-llama"
@@ -234,17 +235,6 @@ print(json.dumps(out))
 '''
 
 
-def _vllm_python() -> Path | None:
-    if os.environ.get("PDLB_VLLM_ENV"):
-        env = Path(os.environ["PDLB_VLLM_ENV"])
-    elif os.environ.get("PDLB_VLLM_PYTHON"):
-        env = Path(os.environ["PDLB_VLLM_PYTHON"]).parent.parent
-    else:
-        env = REPO / ".venv-vllm"
-    python = env / "bin" / "python"
-    return python if python.is_file() else None
-
-
 def _simple_messages() -> list[dict[str, Any]]:
     return [{"role": "system", "content": "  You are terse. "},
             {"role": "user", "content": "Hello there, the cat runs 42 times."}]
@@ -300,7 +290,7 @@ def _vllm_cases(model_dir: Path, tiny_template: str) -> list[tuple[str, dict[str
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, template_files: dict[str, str]) -> dict[str, Any]:
     """transformers' and vLLM's answers for this module's cases, computed once."""
-    python = _vllm_python()
+    python = vllm_python()
     if python is None:
         pytest.skip("no vLLM virtualenv (.venv-vllm; scripts/vllm-cpu-env) for transformers")
     tiny_template = (model_dir / "chat_template.jinja").read_text()

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,8 @@ from pathlib import Path
 import pytest
 
 from lb.tools.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backends_toml
+from tests.conftest import vllm_env_dir
+from tests.vllm.pdlb_process import running_pdlb
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny"
@@ -76,12 +76,7 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def vllm_env() -> Path:
     """The vLLM venv folder (has bin/vllm and bin/python)."""
-    if os.environ.get("PDLB_VLLM_ENV"):
-        env = Path(os.environ["PDLB_VLLM_ENV"])
-    elif os.environ.get("PDLB_VLLM_PYTHON"):
-        env = Path(os.environ["PDLB_VLLM_PYTHON"]).parent.parent
-    else:
-        env = REPO / ".venv-vllm"
+    env = vllm_env_dir()
     if not (env / "bin" / "vllm").is_file() or not (env / "bin" / "python").is_file():
         _unavailable(f"no vLLM environment at {env}")
     if not (env / ENV_STAMP).is_file():
@@ -156,29 +151,5 @@ def pdlb_url(vllm_pair: VllmPool, tiny_model: Path, tmp_path_factory) -> Iterato
         + f'\n[tokenizer]\nkind = "hf"\npath = "{tiny_model / "tokenizer.json"}"\n'
         + "\n[health]\ninterval_s = 0.5\n"
     )
-    log = (folder / "pdlb.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lb.cli", "serve", "--config", str(config), "--port", "0",
-         "--log-level", "info"],
-        stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"pdlb listening on (http://\S+)", line)
-        if not match:
-            proc.kill()
-            log.flush()
-            pytest.fail(f"pdlb did not start: {line!r}\n{(folder / 'pdlb.log').read_text()}",
-                        pytrace=False)
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        log.close()
+    with running_pdlb(config, folder / "pdlb.log", "--log-level", "info") as url:
+        yield url

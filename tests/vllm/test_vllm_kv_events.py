@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -46,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from lb.tools.launch_vllm import VllmPool, backends_toml
+from tests.vllm.pdlb_process import running_pdlb
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -170,22 +168,9 @@ def pdlb(vllm_pair: VllmPool, tiny_model: Path, tmp_path_factory,
         + "\n[health]\ninterval_s = 0.5\n"
     )
     log_path = folder / "pdlb.log"
-    log = log_path.open("w")
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lb.cli", "serve", "--config", str(config), "--port", "0",
-         "--log-level", "info"],
-        stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"pdlb listening on (http://\S+)", line)
-        if not match:
-            proc.kill()
-            log.flush()
-            pytest.fail(f"pdlb did not start: {line!r}\n{log_path.read_text()}", pytrace=False)
-        p = Pdlb(match.group(1), vllm_pair.prefill_urls[0], vllm_pair.decode_urls[0])
+    with running_pdlb(config, log_path, "--log-level", "info") as url:
+        p = Pdlb(url, vllm_pair.prefill_urls[0], vllm_pair.decode_urls[0])
         # Subscribed (state unknown: no event yet) to both, not still discovering.
         for pool in ("prefill", "decode"):
             wait_for(lambda pool=pool: p.events(pool)["state"] in ("unknown", "live"), 30,
@@ -193,16 +178,6 @@ def pdlb(vllm_pair: VllmPool, tiny_model: Path, tmp_path_factory,
         vllm_timings.append(f"pdlb up and subscribed in {time.monotonic() - started:.1f} s "
                             f"(log {log_path})")
         yield p
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        log.close()
 
 
 @pytest.fixture

@@ -17,9 +17,6 @@ the pair is its own (the conftest's ``vllm_pair`` is NIXL).
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -32,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from lb.tools.launch_vllm import LaunchConfig, VllmLaunchError, VllmPool, backends_toml
+from tests.vllm.pdlb_process import running_pdlb
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(420)]
 
@@ -103,29 +101,8 @@ def pdlb_url(storage_pair: VllmPool, tiny_model: Path,
         + f'\n[tokenizer]\nkind = "hf"\npath = "{tiny_model / "tokenizer.json"}"\n'
         + "\n[health]\ninterval_s = 0.5\n"
     )
-    log = (folder / "pdlb.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lb.cli", "serve", "--config", str(config), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"pdlb listening on (http://\S+)", line)
-        if not match:
-            pytest.fail(f"pdlb did not start: {line!r}\n{(folder / 'pdlb.log').read_text()}",
-                        pytrace=False)
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        log.close()
+    with running_pdlb(config, folder / "pdlb.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
