@@ -14,6 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+PIDS: dict[str, int] = {}
+"""The process id of each running pdlb, by its URL (for a py-spy dump when one stalls)."""
+
 
 @contextlib.contextmanager
 def running_pdlb(config: Path, log_path: Path, *args: str) -> Iterator[str]:
@@ -25,6 +28,7 @@ def running_pdlb(config: Path, log_path: Path, *args: str) -> Iterator[str]:
          *args],
         stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
     )
+    match: re.Match[str] | None = None
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -33,8 +37,10 @@ def running_pdlb(config: Path, log_path: Path, *args: str) -> Iterator[str]:
             proc.kill()
             log.flush()
             pytest.fail(f"pdlb did not start: {line!r}\n{log_path.read_text()}", pytrace=False)
+        PIDS[match.group(1)] = proc.pid
         yield match.group(1)
     finally:
+        PIDS.pop(match.group(1) if match else "", None)
         proc.terminate()
         try:
             proc.wait(timeout=15)

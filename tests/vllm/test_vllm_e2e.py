@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -31,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from lb.tools.launch_vllm import VllmPool
+from tests.vllm.pdlb_process import PIDS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(420)]
 
@@ -43,6 +47,43 @@ CPU_BLOCK = 128  # vLLM's CPU attention backend caches whole blocks of 128 token
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def watched_scrape(url: str, timings: list[str], what: str) -> dict[
+        tuple[str, frozenset[tuple[str, str]]], float]:
+    """:func:`scrape` with a minute's patience; a stall over 3 s is reported in the session's
+    timings with a py-spy dump of pdlb's threads taken while it stalls (once seen in CI: pdlb's
+    /metrics silent for over 10 s while it relayed a fast stream to a client that did not
+    read — never reproduced here, so the evidence is collected where it happens)."""
+    dumps: list[str] = []
+    pid = PIDS.get(url)
+    started = time.monotonic()
+
+    def dump_when_stalled() -> None:
+        spy = Path(sys.executable).parent / "py-spy"
+        if not done.wait(3.0) and pid is not None and spy.is_file():
+            proc = subprocess.run([str(spy), "dump", "--pid", str(pid)],
+                                  capture_output=True, text=True, timeout=30, check=False)
+            dumps.append(proc.stdout or proc.stderr)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=dump_when_stalled, daemon=True)
+    watcher.start()
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=60) as resp:
+            text = resp.read().decode()
+    finally:
+        done.set()
+        watcher.join()
+    took = time.monotonic() - started
+    if took > 3.0:
+        timings.append(f"{what}: pdlb's /metrics took {took:.1f} s; py-spy dump meanwhile:\n"
+                       + "\n".join(dumps))
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -272,7 +313,8 @@ def test_vllm_errors_pass_through(client, max_model_len):
     assert info.value.status_code == 400
 
 
-def test_client_disconnect_frees_both_servers(client, pair, pdlb_url, max_model_len):
+def test_client_disconnect_frees_both_servers(client, pair, pdlb_url, max_model_len,
+                                              vllm_timings):
     """Closing a stream mid-way aborts the decode request; nothing stays running anywhere."""
     prefill, decode = pair
     # Nearly the whole context as answer: 80 s or more of decoding on a 2-core box (~400
@@ -289,8 +331,10 @@ def test_client_disconnect_frees_both_servers(client, pair, pdlb_url, max_model_
     first = next(iter(stream))
     # The moment of the disconnect, read in one scrape each: the decode runs the request
     # (vLLM sets the gauge from the same engine step whose output this chunk carries) and
-    # pdlb is relaying it. Then disconnect at once.
-    decode_then, pdlb_then = scrape(decode), scrape(pdlb_url)
+    # pdlb is relaying it (its decode gauge stays 1 as long as this stream is open, so a slow
+    # answer does not change what it says). Then disconnect at once.
+    decode_then = scrape(decode)
+    pdlb_then = watched_scrape(pdlb_url, vllm_timings, "at the disconnect")
     stream.close()
     assert first.choices and first.choices[0].finish_reason is None
     assert _sample(decode_then, "vllm:num_requests_running") == 1, decode_then
