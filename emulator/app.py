@@ -42,8 +42,10 @@ from emulator.protocol import (
     GenRequest,
     Kind,
     StreamChunks,
+    bad_request,
     completion_response,
     error_body,
+    lora_modules,
     model_list,
     parse_request,
     prompt_tokens_details,
@@ -60,6 +62,8 @@ TOKENIZER: web.AppKey[Tokenizer] = web.AppKey("tokenizer", Tokenizer)
 RECENT: web.AppKey[deque[dict[str, Any]]] = web.AppKey("recent")
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 PUBLISHER: web.AppKey[Publisher | None] = web.AppKey("kv_events_publisher")
+ADAPTERS: web.AppKey[dict[str, str]] = web.AppKey("lora_adapters")
+"""The LoRA adapters served now ({name: path}): --lora-modules, then runtime loads."""
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
@@ -76,10 +80,13 @@ def create_app(config: EmulatorConfig) -> web.Application:
     app[ENGINE] = engine
     app[TOKENIZER] = tokenizer
     app[RECENT] = deque(maxlen=config.recent_requests_max)
+    app[ADAPTERS] = lora_modules(config)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/load_lora_adapter", _load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", _unload_lora_adapter)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_post("/tokenize", _tokenize)
@@ -220,7 +227,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         await asyncio.sleep(faults.extra_latency_ms / 1000.0)
     header_id = request.headers.get("X-Request-Id")
     try:
-        req = parse_request(kind, body, header_id, app[TOKENIZER], config)
+        req = parse_request(kind, body, header_id, app[TOKENIZER], config, app[ADAPTERS])
         req.dp_rank = _dp_rank(request, config)
     except APIError as exc:
         return _error(exc)
@@ -366,7 +373,38 @@ async def _models(request: web.Request) -> web.Response:
     denied = _unauthorized(request)
     if denied is not None:
         return denied
-    return _json(model_list(request.app[CONFIG], int(time.time())))
+    return _json(model_list(request.app[CONFIG], int(time.time()), request.app[ADAPTERS]))
+
+
+async def _load_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's runtime LoRA loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING): {lora_name, lora_path}."""
+    try:
+        body = await _read_json(request)
+    except APIError as exc:
+        return _error(exc)
+    name = body.get("lora_name") if isinstance(body, dict) else None
+    path = body.get("lora_path") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+        return _error(bad_request("Both 'lora_name' and 'lora_path' must be provided."))
+    adapters = request.app[ADAPTERS]
+    if name in adapters:
+        return _error(bad_request(f"The lora adapter '{name}' has already been loaded."))
+    adapters[name] = path
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def _unload_lora_adapter(request: web.Request) -> web.Response:
+    try:
+        body = await _read_json(request)
+    except APIError as exc:
+        return _error(exc)
+    name = body.get("lora_name") if isinstance(body, dict) else None
+    adapters = request.app[ADAPTERS]
+    if not isinstance(name, str) or name not in adapters:
+        return _error(APIError(404, "NotFoundError",
+                               f"The lora adapter '{name}' cannot be found.", "lora_name"))
+    del adapters[name]
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -40,6 +40,12 @@ class EmulatorConfig:
         ROLES,
     )
     model: str = _f("emulated-model", "Served model name (/v1/models, `model` checks).")
+    lora_modules: str = _f(
+        "",
+        "LoRA adapters served beside the model, like vLLM's --lora-modules: comma-separated "
+        "name or name=path. Listed in /v1/models with parent = the model; more can be loaded "
+        "and unloaded at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter).",
+    )
     seed: int = _f(0, "Seed of the deterministic output text and of the fault dice.")
     time_scale: float = _f(
         1.0, "Speed-up over real time: 10 runs the performance model ten times faster."

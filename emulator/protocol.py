@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -207,6 +208,7 @@ def parse_request(
     header_request_id: str | None,
     tokenizer: Tokenizer,
     config: EmulatorConfig,
+    adapters: Mapping[str, str] | None = None,
 ) -> GenRequest:
     """Validate a /v1/completions or /v1/chat/completions body; raise APIError if bad."""
     if not isinstance(body, dict):
@@ -281,7 +283,7 @@ def parse_request(
         except ChatFormatError as exc:
             raise bad_request(str(exc), "messages") from None
 
-    if model and model != config.model:
+    if model and model != config.model and model not in (adapters or {}):
         raise APIError(
             404, "NotFoundError",
             f"The model `{model}` does not exist. Valid aliases: {config.model}.", "model",
@@ -334,7 +336,7 @@ def parse_request(
         engine_request_id = f"{response_id}-{suffix}"
     return GenRequest(
         kind=kind,
-        model=config.model,
+        model=model if model and model in (adapters or {}) else config.model,
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
         min_tokens=min_tokens,
@@ -623,7 +625,28 @@ class StreamChunks:
         return chunk
 
 
-def model_list(config: EmulatorConfig, created: int) -> dict[str, Any]:
+def lora_modules(config: EmulatorConfig) -> dict[str, str]:
+    """``--lora-modules a,b=/path`` → {name: path} (a bare name's path is /adapters/<name>)."""
+    out: dict[str, str] = {}
+    for item in config.lora_modules.split(","):
+        name, _, path = item.strip().partition("=")
+        if name:
+            out[name] = path or f"/adapters/{name}"
+    return out
+
+
+def model_list(config: EmulatorConfig, created: int,
+               adapters: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """vLLM's /v1/models: the base model, then each LoRA adapter (root = its path, parent =
+    the base model), as vLLM's OpenAIServingModels.show_available_models lists them."""
+    listing = _model_list(config, created)
+    for name, path in (adapters or {}).items():
+        card = dict(listing["data"][0], id=name, root=path, parent=config.model)
+        listing["data"].append(card)
+    return listing
+
+
+def _model_list(config: EmulatorConfig, created: int) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [

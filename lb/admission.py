@@ -146,18 +146,22 @@ class Admission:
                          pools[name].queue_timeout_s)
             for name in STAGES
         }
+        self._labels = {name: pools[name].name for name in STAGES}
+        """Each stage's ``stage`` label: its pool's name (``<model>/prefill`` for a
+        ``[models]`` model's admission)."""
         self._queue: deque[_Waiter] = deque()
         self._auto = any(pools[name].auto_budget for name in STAGES)
         self._metrics = metrics
         for name, stage in self._stages.items():
+            label = self._labels[name]
             metrics.watch("pdlb_admission_queue_depth", "Requests waiting for a stage's budget.",
-                          {"stage": name}, lambda s=stage: s.waiting)  # type: ignore[misc]
+                          {"stage": label}, lambda s=stage: s.waiting)  # type: ignore[misc]
             metrics.watch("pdlb_admitted_tokens", "Tokens admitted and not yet released, per"
-                          " stage.", {"stage": name}, lambda s=stage: s.admitted)  # type: ignore[misc]
+                          " stage.", {"stage": label}, lambda s=stage: s.admitted)  # type: ignore[misc]
             metrics.watch("pdlb_admission_budget_tokens", "Token budget per stage (-1 ="
-                          " unlimited).", {"stage": name},
+                          " unlimited).", {"stage": label},
                           lambda s=stage: -1 if s.limit is None else s.limit)  # type: ignore[misc]
-        self._wait_hist = {n: metrics.queue_wait.labels(stage=n) for n in STAGES}
+        self._wait_hist = {n: metrics.queue_wait.labels(stage=self._labels[n]) for n in STAGES}
         self._store = store
         self._released = asyncio.Event()
         """Set (and replaced) whenever this replica gives tokens back: shared waiters retry."""
@@ -233,8 +237,8 @@ class Admission:
             head.future.set_result(None)
 
     def _reject(self, stage: str, reason: str, status: int, message: str) -> Overloaded:
-        self._metrics.rejections.labels(stage=stage, reason=reason).inc()
-        return Overloaded(message, stage=stage, reason=reason, status=status,
+        self._metrics.rejections.labels(stage=self._labels[stage], reason=reason).inc()
+        return Overloaded(message, stage=self._labels[stage], reason=reason, status=status,
                           retry_after_s=max(1.0, self._stages[stage].queue_timeout_s / 4))
 
     async def admit(self, prefill_tokens: int, decode_tokens: int) -> Ticket:
@@ -242,7 +246,7 @@ class Admission:
         for name, tokens in need.items():
             limit = self._stages[name].limit
             if limit is not None and tokens > limit:
-                self._metrics.rejections.labels(stage=name, reason="too_large").inc()
+                self._metrics.rejections.labels(stage=self._labels[name], reason="too_large").inc()
                 raise PayloadTooLarge(
                     f"request needs {tokens} {name} tokens but the {name} pool's budget is"
                     f" {limit} (max_inflight_tokens); shorten the prompt or max_tokens",

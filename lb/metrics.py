@@ -224,6 +224,12 @@ class Metrics:
             "pdlb_requests", "Client requests finished, by endpoint and HTTP status.",
             ["endpoint", "status"], registry=r,
         )
+        self.model_requests = Counter(
+            "pdlb_model_requests", "Completion and pass-through requests by the model"
+            " the backends serve (configured, aliased or listed in /v1/models; else \"other\","
+            " \"none\" when the request named none), endpoint and status.",
+            ["model", "endpoint", "status"], registry=r,
+        )
         self.ttft = Histogram(
             "pdlb_ttft_seconds",
             "Time from receiving a request to sending its first response byte (streams:"

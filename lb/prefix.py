@@ -34,12 +34,15 @@ def rendered_prompt(endpoint: str, body: Mapping[str, Any]) -> bytes:
     return b""
 
 
-def prefix_hashes(endpoint: str, body: Mapping[str, Any]) -> tuple[int, ...]:
-    """Cumulative hashes of the prompt's leading blocks (a partial last block is dropped)."""
+def prefix_hashes(endpoint: str, body: Mapping[str, Any],
+                  seed: str | None = None) -> tuple[int, ...]:
+    """Cumulative hashes of the prompt's leading blocks (a partial last block is dropped).
+    ``seed`` (a LoRA adapter's name) starts the chain elsewhere: the same prompt under
+    another adapter has other KV, so it must not look cached where the base model ran."""
     data = rendered_prompt(endpoint, body)
     blocks = min(len(data) // BLOCK_BYTES, MAX_BLOCKS)
     hashes = []
-    value = 0
+    value = 0 if seed is None else zlib.crc32(seed.encode("utf-8", "surrogatepass"))
     view = memoryview(data)
     for i in range(blocks):
         value = zlib.crc32(view[i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES], value)

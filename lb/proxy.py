@@ -59,6 +59,10 @@ log = logging.getLogger("pdlb.proxy")
 # Tokens budgeted for a request that names no max_tokens (vLLM would allow up to the context).
 DEFAULT_ASSUMED_MAX_TOKENS = 1024
 
+Parsed = tuple[bytes, ProxyRequest, str | None]
+"""A request the model router already read: its body, its parsed form (``model`` already
+the served name), and the LoRA adapter it names (None for a base model)."""
+
 
 class Proxy:
     def __init__(
@@ -95,7 +99,10 @@ class Proxy:
         self._direct = metrics.direct_decode
 
     # ----------------------------------------------------------------- the journey
-    async def handle(self, client: ClientSide, endpoint: Endpoint) -> None:
+    async def handle(self, client: ClientSide, endpoint: Endpoint,
+                     parsed: Parsed | None = None) -> None:
+        """Serve one request. ``parsed``: its body and parsed form when the model router
+        (lb/serve/models.py) has read them already to pick this proxy's model group."""
         limit = self.config.server.max_concurrent_requests
         if limit is not None and self.active_requests >= limit:
             self.metrics.rejections.labels(stage="server", reason="too_many_requests").inc()
@@ -104,16 +111,21 @@ class Proxy:
                              retry_after_s=1.0)
         self.active_requests += 1
         try:
-            await self._handle(client, endpoint)
+            await self._handle(client, endpoint, parsed)
         finally:
             self.active_requests -= 1
 
-    async def _handle(self, client: ClientSide, endpoint: Endpoint) -> None:
+    async def _handle(self, client: ClientSide, endpoint: Endpoint,
+                      parsed: Parsed | None) -> None:
         started = time.monotonic()
         deadline = started + self.resilience.retry_budget_s
-        raw = client.whole_body if client.whole_body is not None else await client.body()
         headers = client.headers
-        request = parse_request(raw, endpoint, headers)
+        if parsed is None:
+            raw = client.whole_body if client.whole_body is not None else await client.body()
+            request = parse_request(raw, endpoint, headers)
+            lora = None
+        else:
+            raw, request, lora = parsed
         record = client.record
         record.request_id = request.request_id
         record.model = request.model
@@ -146,9 +158,11 @@ class Proxy:
             request_id=request.request_id, leg="prefill", endpoint=endpoint,
             model=request.model, prompt_tokens=prompt_tokens, max_tokens=max_new,
             session_key=request.session_key,
-            prefix_hashes=prefix_hashes(endpoint, request.body) if self._want_prefix else (),
+            prefix_hashes=(prefix_hashes(endpoint, request.body, seed=lora)
+                           if self._want_prefix else ()),
             headers={k: v for k, v in headers.items() if k != "authorization"},
             prompt_token_ids=ids,
+            lora=lora,
         )
         direct = self._skip_prefill(prompt_tokens)
         holder = None

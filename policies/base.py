@@ -92,6 +92,8 @@ class RouteRequest:
     endpoint: str
     """``completions`` or ``chat``."""
     model: str | None
+    """The model name the backends serve (after pdlb's aliases), or None if the request
+    named none."""
     prompt_tokens: int
     """Counted by pdlb (an estimate until the prefill's usage corrects it)."""
     max_tokens: int
@@ -119,6 +121,9 @@ class RouteRequest:
     backend URL this request's session was last routed to by any replica (lb/backends/
     shared_sessions.py); empty without a cluster, for a new session, or when Redis did not
     answer in time."""
+    lora: str | None = None
+    """The LoRA adapter ``model`` names, or None for a base model: pdlb offers the policy
+    only the backends that list the adapter in their /v1/models."""
 
 
 @runtime_checkable

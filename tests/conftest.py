@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from lb.config import Config, parse_config
-from lb.serve.app import POOLS, PROXY
+from lb.serve.app import POOLS, ROUTER
 from lb.serve.server import start_site
 from tests.rawhttp import Client, bounded
 
@@ -64,9 +64,10 @@ def counters(app: web.Application) -> dict[str, int]:
         for b in pool.backends:
             out[f"{name}.{b.url}.requests"] = b.inflight_requests
             out[f"{name}.{b.url}.tokens"] = b.inflight_tokens
-    admission = app[PROXY].admission
-    for stage in ("prefill", "decode"):
-        out[f"admission.{stage}"] = admission.admitted_tokens(stage)
+    for group in app[ROUTER].groups:
+        admission = group.proxy.admission
+        for stage in ("prefill", "decode"):
+            out[f"admission.{group.name or 'pools'}.{stage}"] = admission.admitted_tokens(stage)
     return out
 
 

@@ -103,7 +103,7 @@ def test_reload_is_one_plain_info_line(caplog, tmp_path) -> None:
     metrics = Metrics()
     pools = {name: Pool(pc, build_policy(pc.policy, pc.policy_options, pool=name), metrics)
              for name, pc in old.pools.items()}
-    apply_reload(old, new, pools, Admission(old.pools, metrics), lambda: None)
+    apply_reload(old, new, pools, [(Admission(old.pools, metrics), {"prefill": "prefill", "decode": "decode"})], lambda: None)
     (record,) = [r for r in caplog.records if r.name == "pdlb.admin"]
     assert record.levelname == "INFO"
     assert record.getMessage() == (

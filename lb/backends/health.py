@@ -5,7 +5,10 @@ back after ``successes_to_restore`` good ones — never removed forever. Real re
 too (the proxy calls :meth:`HealthChecker.report_failure` on a connection failure or a 5xx,
 and on a prefill's 429; :meth:`HealthChecker.report_success` on an answer), so a dead
 backend is ejected between two checks rather than after them. A backend must also serve the
-model(s) most backends serve (``GET /v1/models``), else it is kept out of rotation.
+model(s) most backends of its model group serve (``GET /v1/models``: the base models;
+LoRA adapters, the entries with a ``parent``, may differ per backend and are recorded for
+routing), else it is kept out of rotation. The list is read again every round, so adapters
+loaded or unloaded at run time are followed.
 
 A backend added while pdlb runs (a reload, discovery) is *pending*: out of rotation until its
 first check — health and model — passes. It is checked at once, not at the next round.
@@ -38,7 +41,7 @@ class HealthChecker(BackendPoller):
         self.mismatched: set[str] = set()
         """URLs of backends that serve a different model than the rest."""
         self._served: dict[str, frozenset[str]] = {}
-        """What each backend last said it serves (GET /v1/models)."""
+        """The base models each backend last said it serves (GET /v1/models)."""
         self._joining: dict[Backend, asyncio.Task[bool]] = {}
         """The first checks of pending backends, started as soon as they are added."""
 
@@ -84,7 +87,7 @@ class HealthChecker(BackendPoller):
             ok = status == 200
         except PdlbError:
             ok = False
-        if ok and backend.models is None:
+        if ok:
             ok = await self._check_models(backend)
         if ok and backend.pending:
             backend.pending = False
@@ -107,11 +110,17 @@ class HealthChecker(BackendPoller):
         try:
             answer = await self.upstream.get_json(backend.url + "/v1/models",
                                                   timeout_s=self.config.timeout_s)
-            ids = frozenset(m["id"] for m in answer["data"] if isinstance(m.get("id"), str))
+            cards = [m for m in answer["data"] if isinstance(m.get("id"), str)]
         except (PdlbError, KeyError, TypeError, AttributeError):
             return True  # a server without /v1/models: nothing to compare, not a failure
+        ids = frozenset(m["id"] for m in cards if not m.get("parent"))
+        adapters = frozenset(m["id"] for m in cards if m.get("parent"))
+        if adapters != backend.adapters:
+            log.info("%s backend %s serves LoRA adapters %s", backend.pool_name, backend.url,
+                     ", ".join(sorted(adapters)) or "(none now)")
+            backend.adapters = adapters
         self._served[backend.url] = ids
-        if ids != self._reference():
+        if ids != self._reference(backend.group):
             self._keep_out(backend)
             return False
         backend.models = ids
@@ -120,24 +129,30 @@ class HealthChecker(BackendPoller):
 
     def after_round(self) -> None:
         """Answers came in any order: once all are in, anyone off the majority goes out."""
-        reference = self._reference()
+        references: dict[str, frozenset[str] | None] = {}
         for backend in self.backends:
             ids = self._served.get(backend.url)
-            if ids is not None and ids != reference and backend.url not in self.mismatched:
+            group = backend.group
+            if group not in references:
+                references[group] = self._reference(group)
+            if ids is not None and ids != references[group] \
+                    and backend.url not in self.mismatched:
                 self._keep_out(backend)
 
-    def _reference(self) -> frozenset[str] | None:
-        counts = Counter(self._served[b.url] for b in self.backends if b.url in self._served)
+    def _reference(self, group: str) -> frozenset[str] | None:
+        """What most backends of model group ``group`` serve (ties: the one listed first)."""
+        members = [b for b in self.backends if b.group == group and b.url in self._served]
+        counts = Counter(self._served[b.url] for b in members)
         if not counts:
             return None
         most = max(counts.values())
-        return next(self._served[b.url] for b in self.backends
-                    if b.url in self._served and counts[self._served[b.url]] == most)
+        return next(self._served[b.url] for b in members if counts[self._served[b.url]] == most)
 
     def _keep_out(self, backend: Backend) -> None:
         if backend.url not in self.mismatched:
-            log.error("%s serves %s but most backends serve %s: kept out of rotation", backend,
-                      sorted(self._served[backend.url]), sorted(self._reference() or ()))
+            log.error("%s serves %s but most backends of its model group serve %s: kept out of"
+                      " rotation", backend, sorted(self._served[backend.url]),
+                      sorted(self._reference(backend.group) or ()))
         self.mismatched.add(backend.url)
         backend.models = None  # checked again every round: it may be restarted right
         backend.healthy = False

@@ -36,7 +36,7 @@ class Backend:
     """One vLLM server in a pool. Mutable state lives here; policies see it read-only."""
 
     __slots__ = (
-        "consecutive_failures", "consecutive_successes", "healthy", "index",
+        "adapters", "consecutive_failures", "consecutive_successes", "healthy", "index",
         "inflight_requests", "inflight_tokens", "load", "max_inflight_tokens", "models",
         "others_requests", "others_tokens", "pending", "pool_name", "tokens_since_scrape",
         "url",
@@ -57,7 +57,10 @@ class Backend:
         self.load: ScrapedLoad | None = None
         self.tokens_since_scrape = 0
         self.models: frozenset[str] | None = None
-        """The model ids it serves (from /v1/models once healthy); None until known."""
+        """The base model ids it serves (from /v1/models once healthy); None until known."""
+        self.adapters: frozenset[str] = frozenset()
+        """The LoRA adapters it serves (/v1/models entries with a ``parent``), as of the last
+        health round: a request naming one goes only to backends that list it."""
         self.consecutive_failures = 0
         self.consecutive_successes = 0
         self.others_requests = 0
@@ -70,6 +73,11 @@ class Backend:
             return False
         limit = self.max_inflight_tokens
         return limit is None or self.inflight_tokens < limit
+
+    @property
+    def group(self) -> str:
+        """Its model group: the ``[models]`` name of its pool, "" for the top-level pools."""
+        return self.pool_name.rpartition("/")[0]
 
     def __repr__(self) -> str:
         return f"Backend({self.pool_name}:{self.url})"
@@ -219,6 +227,9 @@ class Pool:
     def pick(self, request: RouteRequest, exclude: Sequence[Backend] = ()) -> Backend:
         """Ask the policy for a backend among the usable ones (minus ``exclude``), through
         :func:`policies.choose.choose`, as ``policies.testing.simulate`` does."""
+        lora = request.lora
+        if lora is not None:
+            exclude = [*exclude, *(b for b in self.backends if lora not in b.adapters)]
         try:
             if self.global_view:
                 views = [GlobalView(b) for b in self.backends]
@@ -227,7 +238,10 @@ class Pool:
             return choose(self.policy, request, self.backends, exclude)
         except NoCandidate:
             reason = "no healthy backend" if not self.has_usable_backend() else (
-                "every usable backend is excluded or at its token budget")
+                f"no usable backend serves the LoRA adapter {lora!r} now"
+                if lora is not None and not any(lora in b.adapters and b.usable()
+                                                for b in self.backends)
+                else "every usable backend is excluded or at its token budget")
             raise BackendUnavailable(f"{self.name} pool: {reason}",
                                      code=f"{self.name}_unavailable") from None
         except NotACandidate as exc:
@@ -238,6 +252,8 @@ class Pool:
         (no prefill hop), or None. Never raises: no usable backend is simply None."""
         if self.direct is None:
             return None
+        if request.lora is not None:
+            return None  # the adapter filter lives in pick(); direct decode is an optimisation
         if self.global_view:
             views = [v for v in map(GlobalView, self.backends) if v.usable()]
             chosen = self.direct.pick_direct(request, views) if views else None

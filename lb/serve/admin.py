@@ -38,12 +38,19 @@ Reloader = Callable[[], Config]
 
 
 def apply_reload(
-    current: Config, new: Config, pools: dict[str, Pool], admission: Admission,
+    current: Config, new: Config, pools: dict[str, Pool],
+    admissions: list[tuple[Admission, dict[str, str]]],
     rebuild_all: Callable[[], None], discovery: Discovery | None = None,
 ) -> dict[str, Any]:
     """Validate ``new`` fully, then apply it; raise ConfigError and change nothing on error.
     With ``discovery``, each pool gets the file's backends plus what its sources found
-    (sources whose table changed start again; the others keep their set)."""
+    (sources whose table changed start again; the others keep their set). ``admissions``:
+    each model group's admission and its stages' pool names. The set of model groups and
+    their names, aliases and connectors are fixed until a restart."""
+    if set(new.pools) != set(current.pools):
+        raise ConfigError(f"{new.source}: the pools would change from {sorted(current.pools)}"
+                          f" to {sorted(new.pools)}; adding or removing models or pools needs"
+                          " a restart")
     policies = {}
     for name, pool_config in new.pools.items():
         try:
@@ -60,11 +67,13 @@ def apply_reload(
         added, removed = pools[name].replace_backends(pool_config, policies[name])
         report["pools"][name] = {"added": added, "removed": removed,
                                  "backends": [b.url for b in pools[name].backends]}
-    admission.reconfigure(new.pools)
+    for admission, names in admissions:
+        admission.reconfigure({stage: new.pools[name] for stage, name in names.items()})
     rebuild_all()
     ignored = [section for section in ("server", "kv_transfer", "tokenizer", "health", "scrape",
                                        "resilience", "auth", "admin", "log", "kv_events",
-                                       "tracing", "cluster")
+                                       "tracing", "cluster", "models", "aliases",
+                                       "default_model")
                if getattr(current, section) != getattr(new, section)]
     report["needs_restart_to_apply"] = ignored
     log.info("%s", describe_reload(new.source, report))

@@ -7,6 +7,7 @@ the app under typed keys; the client session and background tasks live in ``clea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +29,7 @@ from lb.backends.shared_loads import SharedLoads
 from lb.backends.shared_sessions import SharedSessions
 from lb.backends.upstream import Upstream
 from lb.config import Config
-from lb.connectors.base import BackendRef, ConnectorStartup
+from lb.connectors.base import BackendRef, Connector, ConnectorStartup
 from lb.connectors.registry import build_connector
 from lb.errors import ConfigError, InvalidRequest, NotFound, PdlbError
 from lb.metrics import Metrics
@@ -37,6 +38,7 @@ from lb.request import Endpoint
 from lb.serve.admin import Reloader, admin_routes, apply_reload, state
 from lb.serve.aiohttpside import AiohttpSide
 from lb.serve.guard import ErrorAnswer, Guard, error_answer, internal_error
+from lb.serve.models import ModelGroup, ModelRouter
 from lb.serve.passthrough import PassThrough
 from lb.serve.routes import GUARDED_PATHS, ROUTES
 from lb.serve.workers import Siblings, merge_metrics
@@ -51,6 +53,9 @@ METRICS = web.AppKey("metrics", Metrics)
 POOLS = web.AppKey("pools", dict)
 UPSTREAM = web.AppKey("upstream", Upstream)
 PROXY = web.AppKey("proxy", Proxy)
+"""The first model group's proxy (the top-level pools' when configured)."""
+ROUTER = web.AppKey("router", ModelRouter)
+"""Request → model group (lb/serve/models.py): what the fronts call."""
 HEALTH = web.AppKey("health", HealthChecker)
 MODELS_CACHE = web.AppKey("models_cache", list)
 GUARD = web.AppKey("guard", Guard)
@@ -176,14 +181,18 @@ async def health_ready(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    """The union of the models the decode and prefill backends serve (cached 5 s)."""
+    """The union of the models every pool's backends serve, as they list them (``root``,
+    ``parent`` and ``owned_by`` kept: a LoRA adapter's parent is its base model), plus each
+    ``[models]`` name and alias as a card of its own (lb/serve/models.py); cached for one health
+    interval (at most 5 s)."""
     cache: list[Any] = request.app[MODELS_CACHE]
     now = time.monotonic()
-    if cache and now - cache[0] < 5.0:
+    if cache and now - cache[0] < min(5.0, request.app[CONFIG].health.interval_s):
         return _json(200, cache[1])
     upstream = request.app[UPSTREAM]
     pools: dict[str, Pool] = request.app[POOLS]
-    backends = [b for name in ("decode", "prefill") for b in pools[name].backends if b.healthy]
+    backends = sorted((b for pool in pools.values() for b in pool.backends if b.healthy),
+                      key=lambda b: not b.pool_name.endswith("decode"))
     timeout = request.app[CONFIG].health.timeout_s * 2
 
     async def fetch(url: str) -> Any:
@@ -202,7 +211,7 @@ async def models(request: web.Request) -> web.Response:
     if not seen:
         raise PdlbError("no backend answered /v1/models", status=503,
                         code="backends_unavailable")
-    payload = {"object": "list", "data": list(seen.values())}
+    payload = {"object": "list", "data": request.app[ROUTER].listing(seen)}
     cache[:] = [now, payload]
     return _json(200, payload)
 
@@ -256,6 +265,27 @@ def _first_answer_s(config: Config) -> float:
     return max(limits, default=0.0)
 
 
+def group_configs(config: Config) -> list[tuple[str, str | None, Config]]:
+    """(name, served name, the group's own view of the config) per model group: the
+    top-level pools first (name ""), then each ``[models]`` model with its pools under the
+    ``prefill``/``decode`` keys the proxy reads, its own connector and tokenizer when given.
+    The concurrency limit is the router's (lb/serve/models.py), across groups."""
+    server = dataclasses.replace(config.server, max_concurrent_requests=None)
+    out: list[tuple[str, str | None, Config]] = []
+    if config.has_default_pools:
+        out.append(("", None, dataclasses.replace(
+            config, pools={"prefill": config.pools["prefill"],
+                           "decode": config.pools["decode"]}, server=server)))
+    for model in config.models.values():
+        out.append((model.name, model.served_name, dataclasses.replace(
+            config, server=server,
+            pools={"prefill": config.pools[model.prefill_pool],
+                   "decode": config.pools[model.decode_pool]},
+            kv_transfer=model.kv_transfer or config.kv_transfer,
+            tokenizer=model.tokenizer or config.tokenizer)))
+    return out
+
+
 def create_app(config: Config, reloader: Reloader | None = None) -> web.Application:
     """Build the pdlb application from a validated config (raises ConfigError at start-up).
 
@@ -269,31 +299,54 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         except PolicyLoadError as exc:
             raise ConfigError(f"{config.source}: {exc}") from None
         pools[name] = Pool(pool_config, policy, metrics)
-    connector = build_connector(config.kv_transfer.connector, config.kv_transfer.options,
-                                config.source,
-                                prefill=[b.url for b in config.prefill.backends],
-                                decode=[b.url for b in config.decode.backends])
     upstream = Upstream(config.server.timeouts, fast=config.server.fast_stream)
-    tokenizer = PromptTokenizer(make_counter(config.tokenizer), config.tokenizer.offload_chars)
     budgets = (RedisBudgets(config.cluster, metrics) if config.cluster.redis_url is not None
                else None)
     siblings = Siblings.from_env()
+    specs = group_configs(config)
+    if len(specs) > 1 and (budgets is not None or siblings is not None):
+        raise ConfigError(f"{config.source}: several model groups ([models] beside [pools], or"
+                          " more than one [models] table) cannot yet share budgets across"
+                          " replicas ([cluster]) or workers (--workers): run one model group"
+                          " per pdlb deployment, or one pdlb process per host")
     # --workers N without [cluster]: the workers share the budgets through one file, which
     # the parent made (missing: an error at start-up, never a worker alone on the whole).
     worker_budgets = (WorkerBudgets(siblings.folder / local_budgets.FILE_NAME, siblings.index)
                       if budgets is None and siblings is not None else None)
-    admission = Admission(config.pools, metrics, budgets or worker_budgets)
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
     tracing = make_tracing(config.tracing)
     sessions = (SharedSessions(budgets, config.cluster.session_ttl_s)
                 if budgets is not None and config.cluster.share_sessions else None)
-    proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker,
-                  tracing, sessions)
+    groups: list[ModelGroup] = []
+    admissions: list[tuple[Admission, dict[str, str]]] = []
+    connectors: list[tuple[Connector, dict[str, Pool]]] = []
+    for name, served, group_config in specs:
+        group_pools = {leg: pools[p.name] for leg, p in group_config.pools.items()}
+        connector = build_connector(group_config.kv_transfer.connector,
+                                    group_config.kv_transfer.options, config.source,
+                                    prefill=[b.url for b in group_config.prefill.backends],
+                                    decode=[b.url for b in group_config.decode.backends])
+        tokenizer = PromptTokenizer(make_counter(group_config.tokenizer),
+                                    group_config.tokenizer.offload_chars)
+        admission = Admission(group_config.pools, metrics, budgets or worker_budgets)
+        admissions.append((admission, {leg: p.name for leg, p in group_config.pools.items()}))
+        connectors.append((connector, group_pools))
+        proxy = Proxy(group_config, group_pools, admission, upstream, connector, tokenizer,
+                      metrics, checker, tracing, sessions)
+        groups.append(ModelGroup(name, served, group_pools, proxy))
+    router = ModelRouter(config, groups, metrics)
+    proxy = router.proxy
+    admission = proxy.admission
+
+    def all_auto_budgets() -> None:
+        for group_admission, names in admissions:
+            auto_budgets({leg: pools[p] for leg, p in names.items()}, group_admission)
+
     loads = (SharedLoads(budgets, pools, config.cluster.load_interval_ms / 1000)
              if budgets is not None and config.cluster.share_loads else None)
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,
-                          config.scrape.timeout_s, lambda: auto_budgets(pools, admission))
+                          config.scrape.timeout_s, all_auto_budgets)
 
     kv_events = None
     if config.kv_events.enabled:
@@ -303,8 +356,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
             pool.kv = kv_events.pool(name)
         metrics.registry.register(kv_events.collector())
 
-    guard = Guard(config, proxy, metrics)
-    passthrough = PassThrough(config, pools, upstream, checker, metrics, guard)
+    guard = Guard(config, router, metrics)
+    passthrough = PassThrough(config, pools, upstream, checker, metrics, guard, router)
     app = web.Application(middlewares=[guard_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[GUARD] = guard
@@ -313,6 +366,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     app[POOLS] = pools
     app[UPSTREAM] = upstream
     app[PROXY] = proxy
+    app[ROUTER] = router
     app[HEALTH] = checker
     app[MODELS_CACHE] = []
     app[DRAINING] = asyncio.Event()
@@ -334,7 +388,7 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         if reloader is None:
             raise ConfigError("this pdlb was started without a config file; nothing to reload")
         new = reloader()
-        report = apply_reload(current[0], new, pools, admission, rebuild_all, discovery)
+        report = apply_reload(current[0], new, pools, admissions, rebuild_all, discovery)
         current[0] = new
         return report
 
@@ -360,21 +414,23 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         await upstream.start()
         # Each source's first answer before the first health round, so that it checks them.
         await discovery.start(_first_answer_s(config))
-        if isinstance(connector, ConnectorStartup):
-            try:
+        startups = [(c, p) for c, p in connectors if isinstance(c, ConnectorStartup)]
+        try:
+            for connector, group_pools in startups:
+                assert isinstance(connector, ConnectorStartup)
                 await connector.start(
-                    [BackendRef.of(b.url) for b in pools["prefill"].backends],
-                    [BackendRef.of(b.url) for b in pools["decode"].backends],
+                    [BackendRef.of(b.url) for b in group_pools["prefill"].backends],
+                    [BackendRef.of(b.url) for b in group_pools["decode"].backends],
                     lambda url: upstream.get_json(url, timeout_s=config.health.timeout_s))
-            except BaseException:
-                await discovery.stop()
-                await upstream.close()
-                if budgets is not None:
-                    await budgets.stop()  # the caller reports the error (pdlb serve: exit 2)
-                if worker_budgets is not None:
-                    await worker_budgets.stop()
-                    worker_budgets.close()
-                raise
+        except BaseException:
+            await discovery.stop()
+            await upstream.close()
+            if budgets is not None:
+                await budgets.stop()  # the caller reports the error (pdlb serve: exit 2)
+            if worker_budgets is not None:
+                await worker_budgets.stop()
+                worker_budgets.close()
+            raise
         # /health, then /v1/models: two calls, each within timeout_s.
         await checker.first_round(2 * config.health.timeout_s)
         checker.start(first_after_s=config.health.interval_s)  # the first round just ran

@@ -41,9 +41,9 @@ from lb.accesslog import CLIENT_DISCONNECT, AccessLog, RequestRecord
 from lb.config import Config
 from lb.errors import InvalidRequest, PdlbError, Unauthorized
 from lb.metrics import Metrics
-from lb.proxy import Proxy
 from lb.request import ENDPOINT_PATHS, Endpoint
 from lb.serve.auth import bearer, matches
+from lb.serve.models import ModelRouter
 from lb.serve.routes import access
 from lb.stream.port import ClientSide
 from lb.tracing import OFF
@@ -97,7 +97,7 @@ class Guard:
     __slots__ = ("_access", "_api_keys", "_body_timeout_s", "_metrics", "_proxy", "_requests",
                  "_tracing")
 
-    def __init__(self, config: Config, proxy: Proxy, metrics: Metrics) -> None:
+    def __init__(self, config: Config, proxy: ModelRouter, metrics: Metrics) -> None:
         self._api_keys = tuple(config.auth.api_keys)
         self._body_timeout_s = config.server.body_timeout_s
         self._proxy = proxy
@@ -195,6 +195,7 @@ class Guard:
                     client.send_error(error_answer(internal_error()))
                 status = client.status
                 self._requests.labels(endpoint=endpoint, status=str(status)).inc()
+                self._proxy.count(record.model, endpoint, status)
                 self._log(client, record, endpoint,
                           499 if record.reason == CLIENT_DISCONNECT else status)
         finally:

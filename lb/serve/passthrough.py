@@ -41,6 +41,7 @@ from lb.legs import backend_headers
 from lb.metrics import Metrics, pdlb_version
 from lb.serve.aiohttpside import AiohttpSide
 from lb.serve.guard import Guard, error_answer, internal_error
+from lb.serve.models import ModelRouter
 from lb.serve.routes import Route
 
 log = logging.getLogger("pdlb.passthrough")
@@ -53,9 +54,11 @@ class PassThrough:
     """The handlers of the pass-through routes and of ``GET /version``."""
 
     def __init__(self, config: Config, pools: Mapping[str, Pool], upstream: Upstream,
-                 health: HealthChecker, metrics: Metrics, guard: Guard) -> None:
+                 health: HealthChecker, metrics: Metrics, guard: Guard,
+                 router: ModelRouter) -> None:
         self._config = config
         self._pools = pools
+        self._router = router
         self._upstream = upstream
         self._health = health
         self._metrics = metrics
@@ -109,12 +112,16 @@ class PassThrough:
     async def _forward(self, route: Route, body: bytes, client: Mapping[str, str],
                        record: RequestRecord) -> web.Response:
         assert route.pool is not None and record.request_id is not None
-        pool = self._pools[route.pool]
+        pool, body, lora = self._router.pools_for_body(body, route.pool)
         headers = self._headers(pool, client, record.request_id)
         tried: list[Backend] = []
+        if lora is not None:  # only the backends that serve the adapter
+            tried_or_lacking = [b for b in pool.backends if lora not in b.adapters]
+        else:
+            tried_or_lacking = []
         while True:
             try:
-                backend = self._pick(pool, tried)
+                backend = self._pick(pool, tried + tried_or_lacking)
             except BackendUnavailable:
                 if not tried:
                     raise
@@ -122,7 +129,7 @@ class PassThrough:
                     f"{route.pool} pool: {tried[-1].url} could not be reached and no other"
                     " backend is usable", code="backend_unreachable") from None
             tried.append(backend)
-            if route.pool == "prefill":
+            if route.pool == "prefill":  # the leg, in whichever model group
                 record.prefill_backend = backend.url
             else:
                 record.decode_backend = backend.url

@@ -170,7 +170,7 @@ def test_a_reload_whose_discovery_cannot_start_changes_nothing(tmp_path: Path) -
         {"kind": "kubernetes", "namespace": "n", "selector": "a=b", "port": 1,
          "kubeconfig": str(tmp_path / "missing")}]})
     with pytest.raises(ConfigError, match="cannot read the kubeconfig"):
-        apply_reload(old, new, pools, Admission(old.pools, Metrics()), lambda: None, discovery)
+        apply_reload(old, new, pools, [(Admission(old.pools, Metrics()), {"prefill": "prefill", "decode": "decode"})], lambda: None, discovery)
     assert [b.url for b in pools["prefill"].backends] == ["http://10.0.0.1:1"]
     assert discovery.runners["prefill"] == before
     assert discovery.static["prefill"] is old.prefill
