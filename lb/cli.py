@@ -130,8 +130,13 @@ def serve_main(argv: Sequence[str]) -> int:
 
 
 def _in_both_pools(config: Config) -> list[str]:
-    decode = {b.url for b in config.decode.backends}
-    return [b.url for b in config.prefill.backends if b.url in decode]
+    both = []
+    for name, pool in config.pools.items():
+        group, _, leg = name.rpartition("/")
+        if leg == "prefill":
+            decode = {b.url for b in config.pools[f"{group}/decode" if group else "decode"].backends}
+            both += [b.url for b in pool.backends if b.url in decode]
+    return both
 
 
 def _without_workers_flag(argv: list[str]) -> list[str]:

@@ -927,6 +927,9 @@ def override(
     """Apply command-line flags on top of a file: flags win."""
     pools = dict(config.pools)
     for name, urls in (("prefill", prefill), ("decode", decode)):
+        if urls and name not in pools:
+            raise ConfigError(f"--{name}: {config.source} has no [pools.{name}] (only"
+                              " [models]); give the backends in the file")
         if urls:
             backends = tuple(
                 BackendConfig(url=check_backend_url(u, f"--{name}")) for u in urls

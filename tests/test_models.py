@@ -282,3 +282,12 @@ def test_model_config_round_trip():
     assert model.tokenizer.kind == "estimate" and config.default_model == "m"
     assert not config.has_default_pools
     assert orjson.dumps(sorted(config.pools))  # plain names, usable as labels
+
+
+def test_the_example_two_model_config_loads():
+    from pathlib import Path
+
+    from lb.config import load_config
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "two-models.toml")
+    assert sorted(config.models) == ["llama-8b", "qwen-32b"]
+    assert config.aliases == {"gpt-4o-mini": "qwen-32b", "small": "llama-8b"}
