@@ -134,7 +134,8 @@ def _in_both_pools(config: Config) -> list[str]:
     for name, pool in config.pools.items():
         group, _, leg = name.rpartition("/")
         if leg == "prefill":
-            decode = {b.url for b in config.pools[f"{group}/decode" if group else "decode"].backends}
+            partner = config.pools[f"{group}/decode" if group else "decode"]
+            decode = {b.url for b in partner.backends}
             both += [b.url for b in pool.backends if b.url in decode]
     return both
 
