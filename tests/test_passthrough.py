@@ -163,11 +163,17 @@ async def test_chat_tokenize_and_backend_4xx_pass_through(emulated):
     url, p, _ = emulated
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     assert (await post(url + "/tokenize", chat))[2] == (await post(p.url + "/tokenize", chat))[2]
-    for bad in ({"model": "other-model", "prompt": "x"}, {"model": MODEL}):
-        through = await post(url + "/tokenize", bad)
-        direct = await post(p.url + "/tokenize", bad)
-        assert through[0] == direct[0] and through[0] in (400, 404)
-        assert through[2] == direct[2]
+    bad = {"model": MODEL}  # no prompt: the backend's own 400 comes back as is
+    through = await post(url + "/tokenize", bad)
+    direct = await post(p.url + "/tokenize", bad)
+    assert through[0] == direct[0] == 400 and through[2] == direct[2]
+    # a model nobody serves: pdlb's own 404 model_not_found (lb/serve/models.py), the backend
+    # not asked — the same status the backend gives
+    asked = len(tokenize_requests(p))
+    through = await post(url + "/tokenize", {"model": "other-model", "prompt": "x"})
+    direct = await post(p.url + "/tokenize", {"model": "other-model", "prompt": "x"})
+    assert through[0] == direct[0] == 404 and through[2]["error"]["code"] == "model_not_found"
+    assert len(tokenize_requests(p)) == asked + 1  # only the direct one
     # malformed JSON: pdlb does not parse the body; the backend's 400 comes back as is
     through = await post(url + "/tokenize", b"{not json")
     direct = await post(p.url + "/tokenize", b"{not json")
