@@ -1,0 +1,152 @@
+"""The relays of a stream that may migrate (lb/migration.py, docs/migration.md).
+
+:class:`RecordingRelay` is the first leg's: an :class:`~lb.stream.relay.SSERelay` that also
+keeps each piece it lets through — the bytes themselves, already built, appended to a list;
+nothing is parsed unless the stream breaks.
+
+:class:`ResumeRelay` is a continuation's: its chunks go into a stream the client already
+reads, so each event is parsed and rewritten — the first leg's ``id``, ``created``, ``model``
+and choice index; no second role chunk (chat) and no second ``prompt_token_ids``; every usage
+counting the original prompt and all generated tokens once. Only a migrated request pays
+for that parsing, and only on its continuation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from lb.connectors.base import PrefillResult
+from lb.migration import Transcript
+from lb.stream.relay import SSERelay, stitch_usage
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class RecordingRelay(SSERelay):
+    """An SSERelay that keeps what it passed to the client, for a continuation."""
+
+    __slots__ = ("transcript",)
+
+    def __init__(self, prefill: PrefillResult | None, transcript: Transcript) -> None:
+        super().__init__(prefill)
+        self.transcript = transcript
+
+    def feed(self, data: bytes) -> bytes:
+        out = SSERelay.feed(self, data)
+        if out:
+            self.transcript.pieces.append(out)
+        return out
+
+    def flush(self) -> bytes:
+        rest = SSERelay.flush(self)
+        if rest:
+            self.transcript.pieces.append(rest)
+        return rest
+
+
+class ResumeRelay(SSERelay):
+    """A continuation's events, rewritten to continue the client's stream."""
+
+    __slots__ = ("carried", "transcript")
+
+    def __init__(self, transcript: Transcript) -> None:
+        super().__init__(None)
+        self.transcript = transcript
+        self.carried = transcript.generated
+        """Tokens generated before this leg: its prompt holds them, its usage does not."""
+
+    def may_hold_final_usage(self, data: bytes) -> bool:
+        return False  # the usage is the first leg's prefill's and this relay's: no fetch
+
+    def feed(self, data: bytes) -> bytes:
+        return self._rewrite(SSERelay.feed(self, data))
+
+    def flush(self) -> bytes:
+        return self._rewrite(SSERelay.flush(self))
+
+    def _rewrite(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        out: list[bytes] = []
+        pos = 0
+        for match in _EVENT_END.finditer(data):
+            event = self._event(data[pos:match.start()])
+            if event is not None:
+                out.append(event + match.group(0))
+            pos = match.end()
+        if pos < len(data):
+            out.append(data[pos:])
+        return b"".join(out)
+
+    def _event(self, event: bytes) -> bytes | None:
+        """One rewritten event; None to drop it (a second role chunk)."""
+        if not event.startswith(b"data:"):
+            return event
+        try:
+            chunk = orjson.loads(event[5:])
+        except orjson.JSONDecodeError:
+            return event  # [DONE], or something we do not understand: as is
+        if not isinstance(chunk, dict) or "error" in chunk:
+            return event
+        t = self.transcript
+        if t.id is not None:
+            chunk["id"] = t.id
+            chunk["created"] = t.created
+            chunk["model"] = t.model
+        chunk.pop("prompt_token_ids", None)  # the client had the original prompt's already
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices:
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                choice["index"] = t.index
+                if "prompt_token_ids" in choice:
+                    choice["prompt_token_ids"] = None
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    delta.pop("role", None)
+            if t.chat and all(_empty(c) for c in choices) and "usage" not in chunk:
+                return None  # the continuation's role chunk: the client had one
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            chunk["usage"] = self._usage(usage)
+            if choices == []:
+                self.rewrites += 1
+                self.usage = chunk["usage"]
+        t.absorb(chunk)
+        return b"data: " + orjson.dumps(chunk)
+
+    def _usage(self, usage: Mapping[str, Any]) -> dict[str, Any]:
+        """The continuation's usage as the client's: the original prompt, every generated
+        token once, the first prefill's cached tokens (docs/migration.md)."""
+        t = self.transcript
+        completion = (usage.get("completion_tokens") or 0) + self.carried
+        prompt = t.prompt_tokens
+        if prompt is None:
+            prompt = max(0, (usage.get("prompt_tokens") or 0) - self.carried)
+        first = dict(usage)
+        first["completion_tokens"] = completion
+        if t.prefill is not None:
+            first = stitch_usage(first, t.prefill)
+        else:
+            # The continuation's cached figure is its own re-prefill's, not the client's.
+            if "prompt_tokens_details" in first:
+                first["prompt_tokens_details"] = None
+        first["prompt_tokens"] = prompt
+        first["total_tokens"] = prompt + completion
+        return first
+
+
+def _empty(choice: Any) -> bool:
+    """A chat choice that says nothing: no text, tool call, token, logprobs or finish."""
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta") or {}
+    return (not delta.get("content") and not delta.get("tool_calls")
+            and not delta.get("reasoning_content") and not delta.get("reasoning")
+            and not choice.get("finish_reason") and not choice.get("logprobs")
+            and not choice.get("token_ids"))
