@@ -52,10 +52,10 @@ class StreamBroken(Exception):
 class Transcript:
     """One streamed request's answer as the client has it, across its decode legs."""
 
-    __slots__ = ("attempts", "avoid", "broke_at", "chat", "chunks", "created", "finish",
-                 "id", "index", "model", "origin", "pieces", "prefill", "prompt_token_ids",
-                 "prompt_tokens", "reasoning", "refused", "role_sent", "started", "texts",
-                 "token_ids", "tools", "usage_sent")
+    __slots__ = ("attempts", "avoid", "backend_error", "broke_at", "chat", "chunks",
+                 "created", "finish", "id", "index", "model", "origin", "pieces", "prefill",
+                 "prompt_token_ids", "prompt_tokens", "reasoning", "refused", "role_sent",
+                 "started", "texts", "token_ids", "tools", "usage_sent")
 
     def __init__(self, origin: Mapping[str, Any], chat: bool, refused: str | None = None
                  ) -> None:
@@ -72,6 +72,8 @@ class Transcript:
         self.avoid: list[str] = []
         """Decode URLs whose streams broke for this request: continuations avoid them."""
         self.broke_at = 0.0
+        self.backend_error: str | None = None
+        """The message of an error event the decode sent in-band (held back, not relayed)."""
         self.prompt_tokens: int | None = None
         """The original prompt's tokens: pdlb's count, then the first prefill's."""
         self.prefill: PrefillResult | None = None

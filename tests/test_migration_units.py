@@ -189,3 +189,34 @@ def test_a_continuation_without_a_known_prefill_drops_its_own_cached_figure():
     assert out[0]["choices"][0]["prompt_token_ids"] is None
     assert out[1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
                                "prompt_tokens_details": None}
+
+
+def test_an_in_band_error_event_is_held_back_and_breaks_the_stream():
+    """vLLM's error-after-200 (error event, then [DONE]) is not relayed: no [DONE] seen, so
+    the stream breaks and may migrate; the message is kept for the log and a final error."""
+    t = Transcript({"prompt": "p", "max_tokens": 9}, chat=False)
+    relay = RecordingRelay(None, t)
+    error = {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}
+    out = relay.feed(event(text_chunk("a")) + event(text_chunk("b")) + event(error)[:20])
+    out += relay.feed(event(error)[20:] + b"data: [DONE]\n\n")
+    out += relay.feed(event(text_chunk("late"))) + relay.flush()
+    assert out == event(text_chunk("a")) + event(text_chunk("b"))
+    assert not relay.saw_done and t.backend_error == "engine died"
+    t.settle()
+    assert t.text == "ab"
+
+
+def test_a_word_error_in_the_text_is_not_an_error_event():
+    t = Transcript({"prompt": "p"}, chat=False)
+    relay = RecordingRelay(None, t)
+    data = event(text_chunk("error")) + b"data: [DONE]\n\n"
+    assert relay.feed(data) == data and relay.saw_done and t.backend_error is None
+
+
+def test_a_continuations_error_event_is_held_back_too():
+    t = Transcript({"prompt": "p"}, chat=False)
+    recorded(t, event(text_chunk("a")))
+    relay = ResumeRelay(t)
+    out = relay.feed(event(text_chunk("b")) + event({"error": {"message": "again"}})
+                     + b"data: [DONE]\n\n") + relay.flush()
+    assert out.count(b"data: ") == 1 and not relay.saw_done and t.backend_error == "again"

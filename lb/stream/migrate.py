@@ -16,6 +16,7 @@ import dataclasses
 import logging
 
 from lb.config import Config
+from lb.errors import UpstreamError
 from lb.metrics import Metrics
 from lb.migration import StreamBroken, Transcript, continuation, refusal
 from lb.request import ProxyRequest
@@ -68,13 +69,18 @@ class Migrator:
             log.warning("request %s: decode stream broke (%s); not continued: %s",
                         request.request_id, broken, reason)
             self.metrics.migrations.labels(outcome=outcome).inc()
-            await self.answer.fail_stream(client, request, broken.error)
+            error: BaseException = broken.error
+            if t.backend_error is not None:  # the decode's own words, held back until now
+                error = UpstreamError(f"decode stream error: {t.backend_error}",
+                                      code="backend_stream_error")
+            await self.answer.fail_stream(client, request, error)
             return None
         t.attempts += 1
         self.metrics.migration_tokens.inc(t.generated)
         log.info("request %s: decode %s broke (%s) after %d tokens; continuing elsewhere"
-                 " (attempt %d)", request.request_id, broken.backend, broken, t.generated,
-                 t.attempts)
+                 " (attempt %d)", request.request_id, broken.backend,
+                 t.backend_error or broken, t.generated, t.attempts)
+        t.backend_error = None
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         return dataclasses.replace(request, body=body,
                                    max_tokens=limit if isinstance(limit, int) else None)

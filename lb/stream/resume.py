@@ -24,38 +24,67 @@ from lb.migration import Transcript
 from lb.stream.relay import SSERelay, stitch_usage
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_ERROR = b'"error"'
 
 
 class RecordingRelay(SSERelay):
-    """An SSERelay that keeps what it passed to the client, for a continuation."""
+    """An SSERelay that keeps what it passed to the client, for a continuation.
 
-    __slots__ = ("transcript",)
+    A decode that reports an error in-band (vLLM's ``data: {"error": ...}`` then ``[DONE]``,
+    its way of failing after the 200) is a broken stream too: the error event and what
+    follows are held back, so the body ends without ``[DONE]`` and the stream migrates. The
+    check is one byte search per piece."""
+
+    __slots__ = ("cut", "transcript")
 
     def __init__(self, prefill: PrefillResult | None, transcript: Transcript) -> None:
         super().__init__(prefill)
         self.transcript = transcript
+        self.cut = False
 
     def feed(self, data: bytes) -> bytes:
+        if self.cut:
+            return b""
         out = SSERelay.feed(self, data)
+        if _ERROR in out:
+            out = self._cut(out)
         if out:
             self.transcript.pieces.append(out)
         return out
 
     def flush(self) -> bytes:
+        if self.cut:
+            return b""
         rest = SSERelay.flush(self)
+        if _ERROR in rest:
+            rest = self._cut(rest)
         if rest:
             self.transcript.pieces.append(rest)
         return rest
+
+    def _cut(self, data: bytes) -> bytes:
+        """The events before the first error event; the rest is dropped."""
+        pos = 0
+        for match in _EVENT_END.finditer(data + b"\n\n"):
+            event = data[pos:match.start()]
+            if _is_error(event):
+                self.cut = True
+                self.saw_done = False
+                self.transcript.backend_error = _error_message(event)
+                return data[:pos]
+            pos = match.end()
+        return data
 
 
 class ResumeRelay(SSERelay):
     """A continuation's events, rewritten to continue the client's stream."""
 
-    __slots__ = ("carried", "transcript")
+    __slots__ = ("carried", "cut", "transcript")
 
     def __init__(self, transcript: Transcript) -> None:
         super().__init__(None)
         self.transcript = transcript
+        self.cut = False
         self.carried = transcript.generated
         """Tokens generated before this leg: its prompt holds them, its usage does not."""
 
@@ -63,10 +92,10 @@ class ResumeRelay(SSERelay):
         return False  # the usage is the first leg's prefill's and this relay's: no fetch
 
     def feed(self, data: bytes) -> bytes:
-        return self._rewrite(SSERelay.feed(self, data))
+        return self._rewrite(SSERelay.feed(self, data)) if not self.cut else b""
 
     def flush(self) -> bytes:
-        return self._rewrite(SSERelay.flush(self))
+        return self._rewrite(SSERelay.flush(self)) if not self.cut else b""
 
     def _rewrite(self, data: bytes) -> bytes:
         if not data:
@@ -75,11 +104,15 @@ class ResumeRelay(SSERelay):
         pos = 0
         for match in _EVENT_END.finditer(data):
             event = self._event(data[pos:match.start()])
+            if self.cut:
+                self.saw_done = False
+                break
             if event is not None:
                 out.append(event + match.group(0))
             pos = match.end()
-        if pos < len(data):
-            out.append(data[pos:])
+        else:
+            if pos < len(data):
+                out.append(data[pos:])
         return b"".join(out)
 
     def _event(self, event: bytes) -> bytes | None:
@@ -90,9 +123,13 @@ class ResumeRelay(SSERelay):
             chunk = orjson.loads(event[5:])
         except orjson.JSONDecodeError:
             return event  # [DONE], or something we do not understand: as is
-        if not isinstance(chunk, dict) or "error" in chunk:
+        if not isinstance(chunk, dict):
             return event
         t = self.transcript
+        if "error" in chunk:  # as on the first leg: a broken stream, maybe continued again
+            self.cut = True
+            t.backend_error = _error_message(event)
+            return None
         if t.id is not None:
             chunk["id"] = t.id
             chunk["created"] = t.created
@@ -150,3 +187,23 @@ def _empty(choice: Any) -> bool:
             and not delta.get("reasoning_content") and not delta.get("reasoning")
             and not choice.get("finish_reason") and not choice.get("logprobs")
             and not choice.get("token_ids"))
+
+
+def _is_error(event: bytes) -> bool:
+    """Whether one SSE event is an error object (parsed only when the bytes say maybe)."""
+    if _ERROR not in event or not event.startswith(b"data:"):
+        return False
+    try:
+        chunk = orjson.loads(event[5:])
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and "error" in chunk
+
+
+def _error_message(event: bytes) -> str:
+    try:
+        error = orjson.loads(event[5:]).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "an error event"
+    message = error.get("message") if isinstance(error, dict) else error
+    return str(message)[:300]
