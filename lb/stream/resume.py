@@ -25,6 +25,7 @@ from lb.stream.relay import SSERelay, stitch_usage
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _ERROR = b'"error"'
+_ERROR_EVENT = b'data: {"error"'
 
 
 class RecordingRelay(SSERelay):
@@ -33,7 +34,7 @@ class RecordingRelay(SSERelay):
     A decode that reports an error in-band (vLLM's ``data: {"error": ...}`` then ``[DONE]``,
     its way of failing after the 200) is a broken stream too: the error event and what
     follows are held back, so the body ends without ``[DONE]`` and the stream migrates. The
-    check is one byte search per piece."""
+    check is a ``startswith`` per piece, and a byte search once ``[DONE]`` came."""
 
     __slots__ = ("cut", "transcript")
 
@@ -46,10 +47,10 @@ class RecordingRelay(SSERelay):
         if self.cut:
             return b""
         out = SSERelay.feed(self, data)
-        if _ERROR in out:
+        # vLLM writes the error event and [DONE] apart: one starts a piece, or [DONE] came.
+        if out.startswith(_ERROR_EVENT) or (self.saw_done and _ERROR in out):
             out = self._cut(out)
-        if out:
-            self.transcript.pieces.append(out)
+        self.transcript.pieces.append(out)
         return out
 
     def flush(self) -> bytes:
