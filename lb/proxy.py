@@ -16,7 +16,10 @@ Retries (``[resilience]``), all within ``retry_budget_s`` of the request's arriv
   decode backend with the same handoff (the prefill still holds the KV); a 5xx or a
   connection lost after the backend had the request: the prefill is redone first, since the
   KV may already have been pulled and freed;
-* after the first byte nothing is retried: the stream ends with an SSE error event + [DONE].
+* after the first byte (streams): the answer is continued in the same client stream by a
+  continuation request run through this whole path again, up to ``migrate_attempts`` times
+  (lb/migration.py, lb/stream/migrate.py, docs/migration.md); when it cannot be, the stream
+  ends with an SSE error event + [DONE].
 """
 
 from __future__ import annotations

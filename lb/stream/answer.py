@@ -3,9 +3,10 @@
 The proxy (lb/proxy.py) decides where a request goes; this module moves the decode's bytes
 once a decode backend has been chosen: a JSON answer with its usage stitched, or the stream —
 relayed by the one loop of lb/stream/pipe.py whichever client lb/backends/upstream.py used —
-with only the final usage event parsed, a stalled or broken stream ended with an in-band error
-event and ``[DONE]``, and the client's departure turned into closing the decode connection
-(which makes vLLM abort the request and free its KV).
+with only the final usage event parsed, a stalled or broken stream either handed to the
+proxy for a continuation (:class:`~lb.migration.StreamBroken`, docs/migration.md) or ended
+with an in-band error event and ``[DONE]``, and the client's departure turned into closing
+the decode connection (which makes vLLM abort the request and free its KV).
 """
 
 from __future__ import annotations
