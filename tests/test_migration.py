@@ -295,3 +295,28 @@ async def test_kill_9_a_decode_mid_stream_and_every_stream_completes(start_pdlb,
         for (endpoint, _), s in zip(jobs, seen, strict=True):
             assert_whole(s, endpoint, 2000, None, usage=True)
         assert await metric(http, url, 'pdlb_migrations_total{outcome="migrated"}') >= 1
+
+
+@pytest.mark.parametrize("connector", ["nixl_push", "p2p_nccl", "sglang", "decode_only"])
+async def test_every_handshake_mode_migrates(connector, start_pdlb, http):
+    """Concurrent (nixl_push, sglang), decode-first (p2p_nccl) and decode-only requests
+    continue the same way as the sequential NIXL path above."""
+    from tests.connectors.kvpd import emulators as kv_emulators
+    from tests.connectors.kvpd import pd_config
+
+    mode = "nixl" if connector == "decode_only" else connector
+    async with kv_emulators(mode, 1, 2, time_scale=50.0) as (ps, ds):
+        extra: dict[str, Any] = {"resilience": {"migrate_attempts": 30}}
+        if connector == "decode_only":
+            extra["resilience"]["direct_decode_below_tokens"] = 10**6
+        url, _ = await start_pdlb(pd_config(mode, ps, ds, **extra))
+        prompts = {e: await prompt_count(http, url, e, body_for(e, 1, False, False))
+                   for e in ("completions", "chat")}
+        for d in ds:
+            await set_faults(http, d.url, drop_after_chunks=4)
+        jobs = [(e, body_for(e, 14, True, ids)) for e in ("completions", "chat")
+                for ids in (False, True)]
+        seen = await asyncio.gather(*(read_stream(http, url, e, b) for e, b in jobs))
+        for (endpoint, _), s in zip(jobs, seen, strict=True):
+            assert_whole(s, endpoint, 14, prompts[endpoint], usage=True)
+        assert await metric(http, url, 'pdlb_migrations_total{outcome="migrated"}') >= 4

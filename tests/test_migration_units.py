@@ -220,3 +220,15 @@ def test_a_continuations_error_event_is_held_back_too():
     out = relay.feed(event(text_chunk("b")) + event({"error": {"message": "again"}})
                      + b"data: [DONE]\n\n") + relay.flush()
     assert out.count(b"data: ") == 1 and not relay.saw_done and t.backend_error == "again"
+
+
+def test_the_emulator_continues_a_final_message_like_the_generation_prompt_plus_text():
+    """continue_final_message renders the prompt an uninterrupted run had, then the text."""
+    from emulator.tokens import Tokenizer
+
+    tok = Tokenizer()
+    messages = [{"role": "user", "content": "hi there"}]
+    first = tok.render_chat(messages)
+    partial = tok.render_chat([*messages, {"role": "assistant", "content": "Hello world"}],
+                              add_generation_prompt=False, continue_final_message=True)
+    assert partial == first + tok.encode("Hello world")

@@ -163,9 +163,14 @@ class ResumeRelay(SSERelay):
         token once, the first prefill's cached tokens (docs/migration.md)."""
         t = self.transcript
         completion = (usage.get("completion_tokens") or 0) + self.carried
-        prompt = t.prompt_tokens
-        if prompt is None:
-            prompt = max(0, (usage.get("prompt_tokens") or 0) - self.carried)
+        if t.prefill is not None and t.prefill.prompt_tokens is not None:
+            prompt = t.prefill.prompt_tokens
+        elif isinstance(usage.get("prompt_tokens"), int):
+            # No prefill counted it (a decode-only first leg): the continuation's prompt is
+            # the original one plus the carried tokens.
+            prompt = max(0, usage["prompt_tokens"] - self.carried)
+        else:
+            prompt = t.prompt_tokens or 0
         first = dict(usage)
         first["completion_tokens"] = completion
         if t.prefill is not None:
