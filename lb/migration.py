@@ -215,6 +215,8 @@ def continuation(endpoint: str, t: Transcript) -> dict[str, Any] | str:
     body = t.origin
     done = t.generated
     out = dict(body)
+    if done == 0:
+        return out  # nothing generated yet (a role chunk at most): the request as it was
     if endpoint == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
@@ -231,6 +233,8 @@ def continuation(endpoint: str, t: Transcript) -> dict[str, Any] | str:
         if out["max_tokens"] < 1:
             return "no tokens left to generate"
     else:
+        if not t.text:  # tokens whose text is held back: an empty message would be closed
+            return "no generated text to continue from"
         messages = list(body["messages"])
         last = messages[-1] if messages else None
         if (body.get("continue_final_message") and isinstance(last, dict)

@@ -232,3 +232,11 @@ def test_the_emulator_continues_a_final_message_like_the_generation_prompt_plus_
     partial = tok.render_chat([*messages, {"role": "assistant", "content": "Hello world"}],
                               add_generation_prompt=False, continue_final_message=True)
     assert partial == first + tok.encode("Hello world")
+
+
+def test_nothing_generated_yet_sends_the_request_as_it_was():
+    """A break right after the role chunk: the original body, not an empty assistant turn."""
+    origin = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+    t = Transcript(origin, chat=True)
+    recorded(t, event(chat_chunk("", role=True)))
+    assert continuation("chat", t) == origin and t.role_sent

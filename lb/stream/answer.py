@@ -107,12 +107,12 @@ class Answer:
         decode = await self.upstream.open_stream(url, body, headers, what=f"decode {url}")
         transcript = request.transcript
         resumed = transcript is not None and transcript.started
-        relay = _relay(prefill, transcript, pending)
+        relay = _relay(prefill, transcript)
         record = client.record
         try:
             record.handoff_s = handoff = time.monotonic() - sent
             self.metrics.handoff.observe(handoff)
-            if transcript is None or not resumed:
+            if not resumed:
                 await client.start_stream({"X-Request-Id": request.request_id})
             if pending is not None:
                 pending.responding.set()
@@ -220,8 +220,7 @@ class Answer:
 _OBJECT = {True: "chat.completion.chunk", False: "text_completion"}
 
 
-def _relay(prefill: PrefillResult | None, transcript: Transcript | None,
-           pending: PendingPrefill | None) -> SSERelay:
+def _relay(prefill: PrefillResult | None, transcript: Transcript | None) -> SSERelay:
     """The leg's relay: plain, recording (a first leg that may migrate), or resuming."""
     if transcript is None or transcript.refused is not None:
         return SSERelay(prefill)
