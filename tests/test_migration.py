@@ -320,3 +320,15 @@ async def test_every_handshake_mode_migrates(connector, start_pdlb, http):
         for (endpoint, _), s in zip(jobs, seen, strict=True):
             assert_whole(s, endpoint, 14, prompts[endpoint], usage=True)
         assert await metric(http, url, 'pdlb_migrations_total{outcome="migrated"}') >= 4
+
+
+async def test_a_decode_that_breaks_before_its_first_event_is_resent_whole(emulators,
+                                                                             start_pdlb, http):
+    """Head sent, then the connection closed: the request goes again, one role chunk."""
+    p, d1, d2 = emulators
+    await set_faults(http, d1.url, drop_after_chunks=0)
+    url, _ = await start_pdlb(make_config([p.url], [d1.url, d2.url], health=NO_EJECT))
+    for endpoint in ("completions", "chat", "completions", "chat"):
+        s = await read_stream(http, url, endpoint, body_for(endpoint, 7, True, True))
+        assert_whole(s, endpoint, 7, None, usage=True)
+    assert await metric(http, url, 'pdlb_migrations_total{outcome="migrated"}') >= 1

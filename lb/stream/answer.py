@@ -114,6 +114,8 @@ class Answer:
             self.metrics.handoff.observe(handoff)
             if not resumed:
                 await client.start_stream({"X-Request-Id": request.request_id})
+                if transcript is not None:
+                    transcript.started = True  # the 200 is committed: a break migrates
             if pending is not None:
                 pending.responding.set()
             pipe = Pipe(decode, relay, pending.settle if pending is not None else None,
@@ -125,9 +127,8 @@ class Answer:
                     assert transcript is not None
                     self.metrics.migration_lost.observe(time.monotonic() - transcript.broke_at)
                     self.metrics.migrations.labels(outcome="migrated").inc()
-                    return
-                if transcript is not None:
-                    transcript.started = True
+                    if record.ttft_s is not None:
+                        return  # else the first leg broke before its first byte
                 record.ttft_s = took = time.monotonic() - started
                 ttft.observe(took)
 

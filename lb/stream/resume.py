@@ -135,19 +135,21 @@ class ResumeRelay(SSERelay):
             chunk["id"] = t.id
             chunk["created"] = t.created
             chunk["model"] = t.model
-        chunk.pop("prompt_token_ids", None)  # the client had the original prompt's already
+        if t.prompt_token_ids is not None:  # the client had the original prompt's already
+            chunk.pop("prompt_token_ids", None)
         choices = chunk.get("choices")
         if isinstance(choices, list) and choices:
             for choice in choices:
                 if not isinstance(choice, dict):
                     continue
                 choice["index"] = t.index
-                if "prompt_token_ids" in choice:
+                if "prompt_token_ids" in choice and t.prompt_token_ids is not None:
                     choice["prompt_token_ids"] = None
                 delta = choice.get("delta")
-                if isinstance(delta, dict):
+                if isinstance(delta, dict) and t.role_sent:
                     delta.pop("role", None)
-            if t.chat and all(_empty(c) for c in choices) and "usage" not in chunk:
+            if t.chat and t.role_sent and "usage" not in chunk \
+                    and all(_empty(c) for c in choices):
                 return None  # the continuation's role chunk: the client had one
         usage = chunk.get("usage")
         if isinstance(usage, dict):
