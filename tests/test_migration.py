@@ -332,3 +332,20 @@ async def test_a_decode_that_breaks_before_its_first_event_is_resent_whole(emula
         s = await read_stream(http, url, endpoint, body_for(endpoint, 7, True, True))
         assert_whole(s, endpoint, 7, None, usage=True)
     assert await metric(http, url, 'pdlb_migrations_total{outcome="migrated"}') >= 1
+
+
+async def test_a_continuation_that_cannot_start_ends_with_the_error_event(emulators,
+                                                                          start_pdlb, http):
+    """The continuation refused on its way in (here: its longer prompt is over
+    max_prompt_tokens): the SSE error event and [DONE], counted as failed."""
+    p, d1, d2 = emulators
+    body = {**body_for("completions", 20, True, True), "prompt": [7] * 50}
+    url, _ = await start_pdlb(make_config(
+        [p.url], [d1.url, d2.url], health=NO_EJECT,
+        server={"port": 0, "max_prompt_tokens": 52}))
+    for d in (d1, d2):
+        await set_faults(http, d.url, drop_after_chunks=5)
+    s = await read_stream(http, url, "completions", body)
+    assert s.tokens == 5 and len(s.errors) == 1 and s.done == 1 and s.after_done == 0
+    assert s.errors[0]["code"] == "prompt_too_long"
+    assert await metric(http, url, 'pdlb_migrations_total{outcome="failed"}') == 1
