@@ -87,22 +87,28 @@ def vllm_metric(url: str, name: str) -> float:
 
 
 class Killer(threading.Thread):
-    """kill -9 the decode that is generating once it generated ``after`` tokens (read from
-    the decodes' own counters, so the client's reading speed does not matter)."""
+    """kill -9 the decode that is generating once its own counter shows ``after`` generated
+    tokens, or once it has been running for ``delay_s`` (whichever first): the decodes'
+    view, so the client's reading speed does not matter."""
 
-    def __init__(self, trio: VllmPool, after: int) -> None:
+    def __init__(self, trio: VllmPool, after: int, delay_s: float) -> None:
         super().__init__(daemon=True)
         self.trio = trio
         self.after = after
+        self.delay_s = delay_s
         self.killed: list[int] = []
         self.stop = threading.Event()
         self.base = [vllm_metric(u, "vllm:generation_tokens_total") for u in trio.decode_urls]
 
     def run(self) -> None:
+        since: dict[int, float] = {}
         while not self.stop.is_set():
             for index, url in enumerate(self.trio.decode_urls):
+                if vllm_metric(url, "vllm:num_requests_running") <= 0:
+                    continue
+                since.setdefault(index, time.monotonic())
                 made = vllm_metric(url, "vllm:generation_tokens_total") - self.base[index]
-                if made >= self.after and vllm_metric(url, "vllm:num_requests_running") > 0:
+                if made >= self.after or time.monotonic() - since[index] >= self.delay_s:
                     self.trio.kill("decode", index)
                     self.killed.append(index)
                     return
@@ -160,8 +166,9 @@ def test_a_killed_decode_continues_greedily_on_the_other(trio: VllmPool, pdlb_ur
             "return_token_ids": True, "stream_options": {"include_usage": True}}
     started = time.monotonic()
     whole = stream(pdlb_url, body)
+    whole_s = time.monotonic() - started
     assert len(whole["token_ids"]) == MAX_TOKENS and whole["done"] == 1
-    killer = Killer(trio, KILL_AFTER)
+    killer = Killer(trio, KILL_AFTER, delay_s=whole_s * KILL_AFTER / MAX_TOKENS)
     killer.start()
     try:
         migrated = stream(pdlb_url, body)
