@@ -2,7 +2,7 @@
 
 One prefill and two decode servers (NixlConnector), pdlb as a subprocess in front. A greedy
 (``temperature: 0``) completion with ``return_token_ids`` is run once uninterrupted, then
-again while the decode serving it is ``kill -9``'ed after some tokens: pdlb continues the
+again while the decode serving it is ``kill -9``'ed after some tokens (~80 s in all): pdlb continues the
 stream on the other decode with the prompt's token ids followed by the generated ones, and
 the client's stream must be one well-formed stream.
 
@@ -13,8 +13,8 @@ run's. (2) can legitimately differ from the first token after the cut onwards: t
 continuation's prefill computes the KV of the generated tokens in one batched pass where the
 first decode computed it one token at a time, and the two float orders of summation may
 flip a greedy argmax between two nearly tied logits (docs/migration.md). On this CPU build
-and tiny model the two have agreed every time they were run; the test says which token
-differs if they ever do not.
+and tiny model the two agreed in every run so far; should they ever not, the failure names
+the first differing token and the cut.
 """
 
 from __future__ import annotations
