@@ -240,3 +240,12 @@ def test_nothing_generated_yet_sends_the_request_as_it_was():
     t = Transcript(origin, chat=True)
     recorded(t, event(chat_chunk("", role=True)))
     assert continuation("chat", t) == origin and t.role_sent
+
+
+def test_a_continuations_last_event_without_its_blank_line_is_rewritten_too():
+    t = Transcript({"prompt": "p"}, chat=False)
+    recorded(t, event(text_chunk("a")))
+    relay = ResumeRelay(t)
+    tail = b"data: " + orjson.dumps({**text_chunk("b", finish="length"), "id": "other"})
+    out = relay.feed(tail) + relay.flush()
+    assert orjson.loads(out.split(b"\n\n")[0][6:])["id"] == "cmpl-1"

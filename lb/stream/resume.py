@@ -96,7 +96,10 @@ class ResumeRelay(SSERelay):
         return self._rewrite(SSERelay.feed(self, data)) if not self.cut else b""
 
     def flush(self) -> bytes:
-        return self._rewrite(SSERelay.flush(self)) if not self.cut else b""
+        if self.cut:
+            return b""
+        rest = SSERelay.flush(self)  # an event the body ended without its blank line
+        return self._rewrite(rest + b"\n\n") if rest.strip() else rest
 
     def _rewrite(self, data: bytes) -> bytes:
         if not data:
