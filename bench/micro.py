@@ -94,6 +94,25 @@ def cases(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], object]]:
     plain = SSERelay(None)  # a decode-only stream: nothing to stitch, [DONE] still noticed
     out["chunk: relay.feed(middle event), no prefill"] = lambda: plain.feed(MIDDLE)
 
+    # Stream migration on ([resilience] migrate_attempts >= 1): the first leg's relay also
+    # keeps each piece it passes (docs/migration.md). A whole 1000-event stream per call,
+    # fresh relay each time, so the kept list grows as in a real stream.
+    from lb.migration import Transcript
+    from lb.stream.resume import RecordingRelay
+
+    def stream_plain() -> None:
+        feed = SSERelay(prefill).feed
+        for _ in range(1000):
+            feed(MIDDLE)
+
+    def stream_recording() -> None:
+        feed = RecordingRelay(prefill, Transcript({}, chat=False)).feed
+        for _ in range(1000):
+            feed(MIDDLE)
+
+    out["stream x1000 events: SSERelay (migration off)"] = stream_plain
+    out["stream x1000 events: RecordingRelay (migration on)"] = stream_recording
+
     try:
         from aiohttp.http_writer import StreamWriter
 

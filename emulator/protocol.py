@@ -276,10 +276,14 @@ def parse_request(
         else:
             max_tokens_field = "max_tokens"
             requested = _get_int(body, "max_tokens", None)
+        add_generation_prompt = _get_bool(body, "add_generation_prompt", True)
+        continue_final = _get_bool(body, "continue_final_message", False)
+        if continue_final and add_generation_prompt:  # vLLM's model validator
+            raise bad_request("Cannot set both `continue_final_message` and "
+                              "`add_generation_prompt` to True.")
         try:
-            prompt_ids = tokenizer.render_chat(
-                body["messages"], _get_bool(body, "add_generation_prompt", True)
-            )
+            prompt_ids = tokenizer.render_chat(body["messages"], add_generation_prompt,
+                                               continue_final)
         except ChatFormatError as exc:
             raise bad_request(str(exc), "messages") from None
 

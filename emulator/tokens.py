@@ -103,8 +103,11 @@ class Tokenizer:
         ids = self.encode(text)
         return [BOS_ID, *ids] if add_bos else ids
 
-    def render_chat(self, messages: object, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the Llama-3-style rendering of OpenAI chat messages."""
+    def render_chat(self, messages: object, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> list[int]:
+        """Token ids of the Llama-3-style rendering of OpenAI chat messages;
+        ``continue_final_message`` (vLLM's): the last message is left open, without its
+        end-of-turn token, for the model to continue it."""
         if not isinstance(messages, list) or not messages:
             raise ChatFormatError("messages must be a non-empty list")
         ids = [BOS_ID]
@@ -119,7 +122,8 @@ class Tokenizer:
             ids.append(END_HEADER_ID)
             ids += self._newlines
             ids += self.encode(_content_text(message.get("content"), i).strip())
-            ids.append(EOT_ID)
+            if not (continue_final_message and i == len(messages) - 1):
+                ids.append(EOT_ID)
         if add_generation_prompt:
             ids.append(START_HEADER_ID)
             ids += self._assistant

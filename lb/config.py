@@ -220,6 +220,9 @@ class ResilienceConfig:
     decode backend computes the prompt itself)."""
     direct_decode_below_tokens: int = 0
     """Prompts shorter than this skip the prefill hop (0 = always disaggregate)."""
+    migrate_attempts: int = 1
+    """Continuations of a stream whose decode broke after the first byte (docs/migration.md);
+    0 = end it with an SSE error event, as before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,6 +644,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         retry_budget_s=rs.number("retry_budget_s", 30.0, minimum=0),
         prefill_fallback=rs.choice("prefill_fallback", ("fail", "decode_only"), "fail"),
         direct_decode_below_tokens=rs.integer("direct_decode_below_tokens", 0, minimum=0),
+        migrate_attempts=rs.integer("migrate_attempts", 1, minimum=0),
     )
     rs.done()
 

@@ -32,6 +32,7 @@ from lb.errors import (
 )
 from lb.kvroute import KVRoute
 from lb.metrics import Metrics
+from lb.migration import StreamBroken
 from lb.request import ProxyRequest, dumps
 from lb.stream.answer import Answer, PendingPrefill
 from lb.stream.port import ClientSide
@@ -132,6 +133,10 @@ class Legs:
                 ok = True
                 self.health.report_success(backend)
                 self.kv.decode_done(route, backend)
+            except StreamBroken as broken:  # after the first byte: the proxy may migrate
+                broken.backend = backend.url
+                self.health.report_failure(backend)
+                raise
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(
                     pool="decode", backend=backend.url, kind=exc.code or "error").inc()

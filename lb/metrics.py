@@ -328,6 +328,20 @@ class Metrics:
             " the prompt (the decode policy's pick_direct, e.g. kv_aware skip_prefill_share).",
             registry=r,
         )
+        self.migrations = Counter(
+            "pdlb_migrations", "Streams whose decode broke after the first byte, by outcome:"
+            " migrated (a continuation reached the client), finished (the answer was complete;"
+            " only its end was sent), refused (a case not continued), exhausted (no attempt"
+            " left), failed (the continuation could not start).", ["outcome"], registry=r,
+        )
+        self.migration_tokens = Counter(
+            "pdlb_migration_regenerated_tokens", "Generated tokens a continuation prefilled"
+            " again (the KV the broken decode held).", registry=r,
+        )
+        self.migration_lost = Histogram(
+            "pdlb_migration_lost_seconds", "Time a migrated stream was silent: from the break"
+            " to the continuation's first byte.", buckets=LATENCY_BUCKETS, registry=r,
+        )
         self._gauges: dict[str, Gauge] = {}
 
     def gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:

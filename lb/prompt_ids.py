@@ -178,7 +178,8 @@ class EmulatorPromptIds:
     def ids(self, endpoint: str, body: Mapping[str, Any]) -> list[int] | None:
         if endpoint == "chat":
             return _guarded(lambda: self._tokenizer.render_chat(
-                body.get("messages"), flag(body, "add_generation_prompt", True)))
+                body.get("messages"), flag(body, "add_generation_prompt", True),
+                flag(body, "continue_final_message", False)))
         if endpoint == "completions":
             return _guarded(lambda: self._completion(body))
         return None

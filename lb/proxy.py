@@ -16,7 +16,10 @@ Retries (``[resilience]``), all within ``retry_budget_s`` of the request's arriv
   decode backend with the same handoff (the prefill still holds the KV); a 5xx or a
   connection lost after the backend had the request: the prefill is redone first, since the
   KV may already have been pulled and freed;
-* after the first byte nothing is retried: the stream ends with an SSE error event + [DONE].
+* after the first byte (streams): the answer is continued in the same client stream by a
+  continuation request run through this whole path again, up to ``migrate_attempts`` times
+  (lb/migration.py, lb/stream/migrate.py, docs/migration.md); when it cannot be, the stream
+  ends with an SSE error event + [DONE].
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ from lb.errors import (
 from lb.kvroute import KVRoute
 from lb.legs import Legs, RedoPrefill, cause, view
 from lb.metrics import Metrics
+from lb.migration import StreamBroken
 from lb.prefix import prefix_hashes
 from lb.request import Endpoint, ProxyRequest, dumps, parse_request
 from lb.stream.answer import PendingPrefill
+from lb.stream.migrate import Migrator
 from lb.stream.port import ClientSide
 from lb.tokens import PromptTokenizer
 from lb.tracing import OFF, Tracing
@@ -95,6 +100,7 @@ class Proxy:
         self.active_requests = 0
         self.kv = KVRoute(config, pools, upstream, metrics)
         self.legs = Legs(config, pools, upstream, connector, metrics, health, self.kv, tracing)
+        self.migration = Migrator(config, self.legs.answer, metrics)
         self._e2e = {e: metrics.e2e.labels(endpoint=e) for e in ("completions", "chat")}
         self._direct = metrics.direct_decode
 
@@ -118,7 +124,6 @@ class Proxy:
     async def _handle(self, client: ClientSide, endpoint: Endpoint,
                       parsed: Parsed | None) -> None:
         started = time.monotonic()
-        deadline = started + self.resilience.retry_budget_s
         headers = client.headers
         if parsed is None:
             raw = client.whole_body if client.whole_body is not None else await client.body()
@@ -130,12 +135,34 @@ class Proxy:
         record.request_id = request.request_id
         record.model = request.model
         self._check_max_tokens(request)
+        if not request.stream or self.resilience.migrate_attempts == 0:
+            return await self._journey(client, request, started, len(raw), lora)
+        leg: ProxyRequest | None = self.migration.begin(request)
+        while leg is not None:  # a stream whose decode breaks may go on elsewhere
+            try:
+                return await self._journey(client, leg, started, len(raw), lora)
+            except StreamBroken as broken:
+                leg = await self.migration.next(client, leg, broken)
+            except PdlbError as exc:
+                if leg.transcript is None or not leg.transcript.started:
+                    raise
+                return await self.migration.failed(client, leg, exc)  # a continuation's
 
+    async def _journey(self, client: ClientSide, request: ProxyRequest, started: float,
+                       raw_size: int, lora: str | None) -> None:
+        """Count, admit, route and serve one request (again for a migrated stream's
+        continuation, whose prompt holds what the client already received); ``lora``: the
+        LoRA adapter it names, whose backends alone may serve it."""
+        resumed = request.transcript is not None and request.transcript.started
+        deadline = (time.monotonic() if resumed else started) + self.resilience.retry_budget_s
+        endpoint = request.endpoint
+        headers = client.headers
+        record = client.record
         ids = None
         with self.tracing.stage("pdlb.tokenize"):
             if self.kv.enabled:
                 t = time.perf_counter()
-                ids = await self.kv.prompt_ids(endpoint, request.body, len(raw))
+                ids = await self.kv.prompt_ids(endpoint, request.body, raw_size)
                 record.tokenize_s = time.perf_counter() - t
             if ids is not None:
                 prompt_tokens = len(ids)  # exact, and shared with routing
@@ -146,6 +173,8 @@ class Proxy:
                 self.metrics.tokenize.observe(took)
             else:
                 prompt_tokens = self.tokenizer.estimate(endpoint, request.body)
+        if request.transcript is not None and not resumed:
+            request.transcript.prompt_tokens = prompt_tokens  # until a prefill says better
         limit = self.config.server.max_prompt_tokens
         if limit is not None and prompt_tokens > limit:
             raise InvalidRequest(
@@ -223,7 +252,7 @@ class Proxy:
         """Prefill, then decode with what it returned. Decode retries before the first byte:
         same handoff when the connector allows it and the decode was never reached; else a
         fresh prefill first (the KV may have been consumed)."""
-        tried: list[Backend] = []
+        tried = self._avoided(request)
         handoff: tuple[PrefillResult, Dispatch] | None = None
         request_view = view(request)
         decode_first = self.connector.mode is HandshakeMode.DECODE_FIRST
@@ -264,7 +293,7 @@ class Proxy:
         """Both legs at once. A leg that fails before the decode's first byte cancels the
         other and the pair is retried with a fresh dispatch; the client leaving cancels both."""
         prefill_tried: list[Backend] = []
-        decode_tried: list[Backend] = []
+        decode_tried = self._avoided(request)
         decode_route = self.kv.for_leg(route, "decode")
         request_view = view(request)
         attempts = max(self.resilience.prefill_attempts, self.resilience.decode_attempts)
@@ -312,7 +341,7 @@ class Proxy:
     ) -> None:
         """No prefill hop: the decode backend computes the prompt itself. ``first``: the
         decode the policy named for it (it holds the prompt), tried first while usable."""
-        tried: list[Backend] = []
+        tried = self._avoided(request)
         body = dumps(request.body)
         headers = self.legs.headers(self.decode_pool, client.headers, request.request_id)
         decode_route = self.kv.for_leg(route, "decode")
@@ -378,6 +407,13 @@ class Proxy:
                 f"max_tokens = {request.max_tokens} exceeds this server's limit of {limit}",
                 param="max_tokens", code="max_tokens_too_large",
             )
+
+    def _avoided(self, request: ProxyRequest) -> list[Backend]:
+        """Decodes a migrating stream broke on: its continuation tries others first."""
+        t = request.transcript
+        if t is None or not t.avoid:
+            return []
+        return [b for b in self.decode_pool.backends if b.url in t.avoid]
 
     def _pick(self, pool: Pool, route: RouteRequest, tried: list[Backend]) -> Backend:
         """A backend not tried yet when there is one, else any usable one."""

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import orjson
 
 from lb.errors import InvalidRequest
+from lb.migration import Transcript
 
 Endpoint = Literal["completions", "chat"]
 
@@ -39,6 +40,8 @@ class ProxyRequest:
     max_tokens: int | None
     model: str | None
     session_key: str | None
+    transcript: Transcript | None = None
+    """Set when a broken stream may be continued (lb/migration.py): what the client got."""
 
     @property
     def path(self) -> str:

@@ -83,8 +83,10 @@ def fast_health() -> dict[str, Any]:
 
 
 async def test_kill_9_a_decode_mid_stream(cluster, start_pdlb, http):
+    # Migration off: this checks the honest ending (tests/test_migration.py the migrating one).
     url, _ = await start_pdlb(make_config(cluster.prefill_urls, cluster.decode_urls,
-                                          health=fast_health()))
+                                          health=fast_health(),
+                                          resilience={"migrate_attempts": 0}))
     body = {"model": "emulated-model", "prompt": "kill test " * 40, "max_tokens": 3000,
             "stream": True}
     tasks = [asyncio.create_task(outcome(http, url, body)) for _ in range(12)]

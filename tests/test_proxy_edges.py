@@ -142,7 +142,7 @@ async def test_prefill_without_kv_params_is_a_clean_502(pair, start_pdlb, http):
 async def test_decode_dies_mid_stream_gives_error_event_then_done(pair, start_pdlb, http):
     p, d, pu, du = pair
     d.drop_after = 2
-    url, _ = await start_pdlb(make_config([pu], [du]))
+    url, _ = await start_pdlb(make_config([pu], [du], resilience={"migrate_attempts": 0}))
     body = {"prompt": "x", "max_tokens": 5, "stream": True}
     async with http.post(url + "/v1/completions", json=body) as r:
         assert r.status == 200

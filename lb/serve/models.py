@@ -23,6 +23,7 @@ pays one dict lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,10 +122,7 @@ class ModelRouter:
         if served is not None and served != asked:
             body = dict(request.body)
             body["model"] = served
-            request = ProxyRequest(endpoint=request.endpoint, body=body,
-                                   request_id=request.request_id, stream=request.stream,
-                                   max_tokens=request.max_tokens, model=served,
-                                   session_key=request.session_key)
+            request = dataclasses.replace(request, body=body, model=served)
         return group, request, lora
 
     def resolve_name(self, asked: str | None) -> tuple[ModelGroup, str | None, str | None]:

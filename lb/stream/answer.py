@@ -3,9 +3,10 @@
 The proxy (lb/proxy.py) decides where a request goes; this module moves the decode's bytes
 once a decode backend has been chosen: a JSON answer with its usage stitched, or the stream —
 relayed by the one loop of lb/stream/pipe.py whichever client lb/backends/upstream.py used —
-with only the final usage event parsed, a stalled or broken stream ended with an in-band error
-event and ``[DONE]``, and the client's departure turned into closing the decode connection
-(which makes vLLM abort the request and free its KV).
+with only the final usage event parsed, a stalled or broken stream either handed to the
+proxy for a continuation (:class:`~lb.migration.StreamBroken`, docs/migration.md) or ended
+with an in-band error event and ``[DONE]``, and the client's departure turned into closing
+the decode connection (which makes vLLM abort the request and free its KV).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 
@@ -23,10 +25,18 @@ from lb.config import Config
 from lb.connectors.base import UNKNOWN_PREFILL, PrefillResult
 from lb.errors import PdlbError, error_payload
 from lb.metrics import Metrics
+from lb.migration import StreamBroken, Transcript
 from lb.request import ProxyRequest
 from lb.stream.pipe import Pipe
 from lb.stream.port import ClientSide
-from lb.stream.relay import DONE_EVENT, SSERelay, rewrite_response_usage, sse_event
+from lb.stream.relay import (
+    DONE_EVENT,
+    SSERelay,
+    rewrite_response_usage,
+    sse_event,
+    stitch_usage,
+)
+from lb.stream.resume import RecordingRelay, ResumeRelay
 
 log = logging.getLogger("pdlb.proxy")
 
@@ -95,12 +105,17 @@ class Answer:
     ) -> None:
         sent = time.monotonic()
         decode = await self.upstream.open_stream(url, body, headers, what=f"decode {url}")
-        relay = SSERelay(prefill)
+        transcript = request.transcript
+        resumed = transcript is not None and transcript.started
+        relay = _relay(prefill, transcript)
         record = client.record
         try:
             record.handoff_s = handoff = time.monotonic() - sent
             self.metrics.handoff.observe(handoff)
-            await client.start_stream({"X-Request-Id": request.request_id})
+            if not resumed:
+                await client.start_stream({"X-Request-Id": request.request_id})
+                if transcript is not None:
+                    transcript.started = True  # the 200 is committed: a break migrates
             if pending is not None:
                 pending.responding.set()
             pipe = Pipe(decode, relay, pending.settle if pending is not None else None,
@@ -108,6 +123,12 @@ class Answer:
             ttft = self._ttft[request.endpoint]
 
             def first_byte() -> None:
+                if resumed:
+                    assert transcript is not None
+                    self.metrics.migration_lost.observe(time.monotonic() - transcript.broke_at)
+                    self.metrics.migrations.labels(outcome="migrated").inc()
+                    if record.ttft_s is not None:
+                        return  # else the first leg broke before its first byte
                 record.ttft_s = took = time.monotonic() - started
                 ttft.observe(took)
 
@@ -121,6 +142,9 @@ class Answer:
                 return
             except (PdlbError, TimeoutError, OSError) as exc:
                 decode.close()  # before telling the client: the backend stops at once
+                if transcript is not None and transcript.started:
+                    self._broken(transcript, pending)
+                    raise StreamBroken(exc) from exc
                 await self._stream_failed(client, request, exc, sent)
                 return
             await self._end_stream(client)
@@ -134,6 +158,39 @@ class Answer:
                 record.usage = relay.usage
         record.decode_s = took = time.monotonic() - sent
         self.metrics.decode.observe(took)
+
+    def _broken(self, transcript: Transcript, pending: PendingPrefill | None) -> None:
+        """The first leg's prefill for the usage (a concurrent one only if it is done)."""
+        transcript.broke_at = time.monotonic()
+        if transcript.attempts == 0 and pending is not None and transcript.prefill is None:
+            task = pending.task
+            if task.done() and not task.cancelled() and task.exception() is None:
+                transcript.prefill = task.result()
+                if transcript.prefill.prompt_tokens is not None:
+                    transcript.prompt_tokens = transcript.prefill.prompt_tokens
+
+    async def fail_stream(self, client: ClientSide, request: ProxyRequest,
+                          exc: BaseException) -> None:
+        """A migrating stream that cannot go on: today's in-band error and [DONE]."""
+        await self._stream_failed(client, request, exc, time.monotonic())
+
+    async def finish_stream(self, client: ClientSide, transcript: Transcript,
+                            include_usage: bool) -> None:
+        """A stream that broke after its last token: the usage it still owed, and [DONE]."""
+        try:
+            async with asyncio.timeout(self.timeouts.idle_s):
+                if include_usage and not transcript.usage_sent:
+                    usage = finished_usage(transcript)
+                    await client.write(sse_event({
+                        "id": transcript.id, "object": _OBJECT[transcript.chat],
+                        "created": transcript.created, "model": transcript.model,
+                        "choices": [], "usage": usage}))
+                    client.record.usage = usage
+                await client.write(DONE_EVENT)
+                await client.end()
+            client.record.delivered = True
+        except (ConnectionResetError, TimeoutError):
+            self.metrics.client_disconnects.labels(phase="stream_end").inc()
 
     async def _end_stream(self, client: ClientSide) -> None:
         """The terminating chunk; a client that left just before it is not an error."""
@@ -159,6 +216,33 @@ class Answer:
             self.metrics.client_disconnects.labels(phase="not_reading").inc()
         client.record.decode_s = took = time.monotonic() - sent
         self.metrics.decode.observe(took)
+
+
+_OBJECT = {True: "chat.completion.chunk", False: "text_completion"}
+
+
+def _relay(prefill: PrefillResult | None, transcript: Transcript | None) -> SSERelay:
+    """The leg's relay: plain, recording (a first leg that may migrate), or resuming."""
+    if transcript is None or transcript.refused is not None:
+        return SSERelay(prefill)
+    if transcript.started:
+        return ResumeRelay(transcript)
+    if prefill is not None:
+        transcript.prefill = prefill
+        if prefill.prompt_tokens is not None:
+            transcript.prompt_tokens = prefill.prompt_tokens
+    return RecordingRelay(prefill, transcript)
+
+
+def finished_usage(t: Transcript) -> dict[str, Any]:
+    """The usage of a stream whose every token reached the client before it broke."""
+    usage: dict[str, Any] = {"prompt_tokens": t.prompt_tokens or 0,
+                             "completion_tokens": t.generated}
+    if t.prefill is not None:
+        usage = stitch_usage(usage, t.prefill)
+    usage["prompt_tokens"] = prompt = t.prompt_tokens or 0
+    usage["total_tokens"] = prompt + t.generated
+    return usage
 
 
 def _describe_stream_failure(exc: BaseException) -> tuple[str, str]:

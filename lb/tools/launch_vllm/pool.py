@@ -132,6 +132,16 @@ class VllmPool:
             raise
         return self._startup_times[new.plan.name]
 
+    def kill(self, role: Role, index: int = 0) -> None:
+        """SIGKILL one server's whole process group, as a crash would (no graceful stop);
+        :meth:`stop` later only reaps it."""
+        running = next((r for r in self._running
+                        if r.plan.role == role and r.plan.index == index), None)
+        if running is None:
+            raise VllmLaunchError(f"no running {role}-{index} to kill")
+        _signal_group(running.proc, signal.SIGKILL)
+        running.proc.wait()
+
     def _spawn(self, plan: ServerPlan) -> _Running:
         plan.log_path.parent.mkdir(parents=True, exist_ok=True)
         Path(plan.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
