@@ -7,6 +7,9 @@ prefills wait instead of piling up finished prefills whose KV leases expire whil
 a decode slot.
 
 Waiting is FIFO across stages (a small request never overtakes a big one, so nothing starves),
+or — with ``[tenants]`` — ordered by priority class, aging and tenants' fair shares
+(lb/tenants/fairqueue.py: same head-of-line rule, and a full line may shed a lower class's
+or an over-share tenant's newest waiter, 429 ``shed``, to make room),
 bounded by the blocking stage's ``max_queue`` (beyond it: 429 at once) and by its
 ``queue_timeout_s`` (then: 503). Both answers carry Retry-After and name the stage. A request
 larger than a stage's whole budget can never be admitted and gets 413 immediately.
@@ -36,6 +39,8 @@ from typing import Protocol
 from lb.config import PoolConfig
 from lb.errors import Overloaded, PayloadTooLarge
 from lb.metrics import Metrics
+from lb.tenants.config import TenancyConfig
+from lb.tenants.fairqueue import FairQueue, Flow
 
 STAGES = ("prefill", "decode")
 
@@ -92,6 +97,7 @@ class _Stage:
 class _Waiter:
     need: dict[str, int]
     blocked_on: str
+    flow: Flow | None = None
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -140,13 +146,15 @@ class Ticket:
 
 class Admission:
     def __init__(self, pools: Mapping[str, PoolConfig], metrics: Metrics,
-                 store: BudgetStore | None = None) -> None:
+                 store: BudgetStore | None = None, tenancy: TenancyConfig | None = None) -> None:
         self._stages = {
             name: _Stage(name, pools[name].max_inflight_tokens, pools[name].max_queue,
                          pools[name].queue_timeout_s)
             for name in STAGES
         }
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_Waiter] | FairQueue[_Waiter] = (
+            FairQueue(len(tenancy.classes), tenancy.aging_s)
+            if tenancy is not None and tenancy.enabled else deque())
         self._auto = any(pools[name].auto_budget for name in STAGES)
         self._metrics = metrics
         for name, stage in self._stages.items():
@@ -237,7 +245,9 @@ class Admission:
         return Overloaded(message, stage=stage, reason=reason, status=status,
                           retry_after_s=max(1.0, self._stages[stage].queue_timeout_s / 4))
 
-    async def admit(self, prefill_tokens: int, decode_tokens: int) -> Ticket:
+    async def admit(self, prefill_tokens: int, decode_tokens: int,
+                    flow: Flow | None = None) -> Ticket:
+        """``flow``: whose request it is (``[tenants]``), for the fair line's order."""
         need = {"prefill": prefill_tokens, "decode": decode_tokens}
         for name, tokens in need.items():
             limit = self._stages[name].limit
@@ -255,7 +265,7 @@ class Admission:
                     return await self._admit_shared(store, need)
                 except StoreUnavailable:
                     pass  # the store said so (metric, one log line): this replica's share
-            ticket = await self._admit_local(need)
+            ticket = await self._admit_local(need, flow)
             if store is None or not store.shared:
                 if store is not None:
                     store.adjust(need)  # kept for when the store answers again
@@ -324,24 +334,29 @@ class Admission:
         self._take(need)  # this replica's view; the store already counts it
         return Ticket(self, need)
 
-    async def _admit_local(self, need: dict[str, int]) -> Ticket:
+    async def _admit_local(self, need: dict[str, int], flow: Flow | None = None) -> Ticket:
         blocked = None if self._queue else self._blocking(need)
         if blocked is None and not self._queue:
             self._take(need)
             return Ticket(self, need)
         blocked = blocked or self._blocking(need) or self._queue[-1].blocked_on
         stage = self._stages[blocked]
-        if stage.waiting >= stage.max_queue:
+        if stage.waiting >= stage.max_queue and not self._shed(stage, flow):
             raise self._reject(blocked, "queue_full", 429,
                                f"{blocked} stage saturated and its wait queue is full"
                                f" ({stage.max_queue}); retry later")
-        waiter = _Waiter(need, blocked)
+        waiter = _Waiter(need, blocked, flow)
         self._queue.append(waiter)
         stage.waiting += 1
+        if flow is not None:
+            self._wake()  # a higher class may fit where the head did not
         started = time.monotonic()
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), stage.queue_timeout_s)
         except BaseException as exc:
+            if waiter.future.done() and not waiter.future.cancelled() and isinstance(
+                    exc, Overloaded) and exc is waiter.future.exception():
+                raise  # shed by a later arrival: already out of the line and uncounted
             if waiter.future.done() and not waiter.future.cancelled():
                 # Admitted at the very moment we gave up: hand the tokens back.
                 Ticket(self, need).release()
@@ -358,3 +373,20 @@ class Admission:
             raise
         self._wait_hist[blocked].observe(time.monotonic() - started)
         return Ticket(self, need)
+
+    def _shed(self, stage: _Stage, flow: Flow | None) -> bool:
+        """Make room in ``stage``'s full line for an arrival of ``flow`` by pushing out
+        the waiter the fair line names (lb/tenants/fairqueue.py); False: nobody."""
+        line = self._queue
+        if flow is None or not isinstance(line, FairQueue):
+            return False
+        victim = line.victim(flow, stage.name)
+        if victim is None:
+            return False
+        line.remove(victim)
+        self._stages[victim.blocked_on].waiting -= 1
+        victim.future.set_exception(self._reject(
+            victim.blocked_on, "shed", 429, f"{victim.blocked_on} stage saturated: this request"
+            " was pushed out of the wait queue by one of a higher priority class or of a"
+            " tenant under its fair share; retry later"))
+        return True

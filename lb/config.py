@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lb.errors import ConfigError
+from lb.tenants.config import TenancyConfig, read_tenancy
 from policies.options import OptionError, Options
 
 POOL_NAMES = ("prefill", "decode")
@@ -343,6 +344,8 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    """``[tenancy]`` + ``[tenants.<name>]`` (lb/tenants/config.py); off with no tenants."""
     source: str = "<flags>"
 
     @property
@@ -646,6 +649,9 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
     tr.done()
     kv_events = _read_kv_events(root.sub("kv_events"), pools)
     cluster = _read_cluster(root.sub("cluster"))
+    tenancy = read_tenancy(root)
+    if auth.api_keys and tenancy.all_keys:  # a tenant's key is a client key too
+        auth = replace(auth, api_keys=auth.api_keys + tenancy.all_keys)
     root.done()
     return Config(
         pools=pools,
@@ -661,6 +667,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         tracing=tracing,
         kv_events=kv_events,
         cluster=cluster,
+        tenancy=tenancy,
         source=source,
     )
 

@@ -50,6 +50,7 @@ from lb.prefix import prefix_hashes
 from lb.request import Endpoint, ProxyRequest, dumps, parse_request
 from lb.stream.answer import PendingPrefill
 from lb.stream.port import ClientSide
+from lb.tenants.gate import Tenants
 from lb.tokens import PromptTokenizer
 from lb.tracing import OFF, Tracing
 from policies.base import Leg, RouteRequest, SessionKeyed
@@ -58,6 +59,7 @@ log = logging.getLogger("pdlb.proxy")
 
 # Tokens budgeted for a request that names no max_tokens (vLLM would allow up to the context).
 DEFAULT_ASSUMED_MAX_TOKENS = 1024
+_NO_TENANTS = contextlib.nullcontext()
 
 
 class Proxy:
@@ -73,10 +75,13 @@ class Proxy:
         health: HealthChecker,
         tracing: Tracing = OFF,
         sessions: SharedSessions | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.config = config
         self.tracing = tracing
         self.sessions = sessions
+        self.tenants = tenants
+        """``[tenants]``: identity, limits and metrics per tenant (lb/tenants/gate.py)."""
         """``[cluster] share_sessions``: each session's backends, shared by the replicas."""
         self.prefill_pool = pools["prefill"]
         self.decode_pool = pools["decode"]
@@ -159,16 +164,21 @@ class Proxy:
         prefill_need = 0 if direct else prompt_tokens
         record.prompt_tokens = prompt_tokens
         queued = time.monotonic()
+        grant = (None if self.tenants is None
+                 else await self.tenants.enter(client, prompt_tokens + max_new))  # 429 over
         lookup = self._session_lookup(route)  # overlaps admission's round trip
         try:
             with self.tracing.stage("pdlb.admission"):
-                ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
-        except BaseException:
+                ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new,
+                                                    None if grant is None else grant.flow)
+        except BaseException as exc:
             if lookup is not None:
                 lookup.cancel()
+            if grant is not None:
+                grant.refused(exc)
             raise
         record.queue_s = time.monotonic() - queued
-        with ticket:
+        with ticket, grant or _NO_TENANTS:
             if lookup is not None:
                 route = dataclasses.replace(route, shared_session=await lookup)
             if direct:

@@ -40,6 +40,7 @@ from lb.serve.guard import ErrorAnswer, Guard, error_answer, internal_error
 from lb.serve.passthrough import PassThrough
 from lb.serve.routes import GUARDED_PATHS, ROUTES
 from lb.serve.workers import Siblings, merge_metrics
+from lb.tenants.gate import Tenants
 from lb.tokens import PromptTokenizer, make_counter
 from lb.tracing import make_tracing
 from policies.registry import PolicyLoadError, build_policy
@@ -282,14 +283,15 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     # the parent made (missing: an error at start-up, never a worker alone on the whole).
     worker_budgets = (WorkerBudgets(siblings.folder / local_budgets.FILE_NAME, siblings.index)
                       if budgets is None and siblings is not None else None)
-    admission = Admission(config.pools, metrics, budgets or worker_budgets)
+    admission = Admission(config.pools, metrics, budgets or worker_budgets, config.tenancy)
+    tenants = Tenants(config.tenancy, metrics, budgets) if config.tenancy.enabled else None
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
     tracing = make_tracing(config.tracing)
     sessions = (SharedSessions(budgets, config.cluster.session_ttl_s)
                 if budgets is not None and config.cluster.share_sessions else None)
     proxy = Proxy(config, pools, admission, upstream, connector, tokenizer, metrics, checker,
-                  tracing, sessions)
+                  tracing, sessions, tenants)
     loads = (SharedLoads(budgets, pools, config.cluster.load_interval_ms / 1000)
              if budgets is not None and config.cluster.share_loads else None)
     scraper = LoadScraper(all_backends, upstream, config.scrape.interval_s,

@@ -84,7 +84,9 @@ class Answer:
         usage = data.get("usage")
         if isinstance(usage, dict):
             record.usage = usage
-        await client.send_json(200, orjson.dumps(data), {"X-Request-Id": request.request_id})
+        extra = client.answer_headers
+        await client.send_json(200, orjson.dumps(data), {"X-Request-Id": request.request_id}
+                               if extra is None else {"X-Request-Id": request.request_id, **extra})
         record.ttft_s = ttft = time.monotonic() - started
         self._ttft[request.endpoint].observe(ttft)
 
@@ -100,7 +102,9 @@ class Answer:
         try:
             record.handoff_s = handoff = time.monotonic() - sent
             self.metrics.handoff.observe(handoff)
-            await client.start_stream({"X-Request-Id": request.request_id})
+            extra = client.answer_headers
+            await client.start_stream({"X-Request-Id": request.request_id} if extra is None
+                                      else {"X-Request-Id": request.request_id, **extra})
             if pending is not None:
                 pending.responding.set()
             pipe = Pipe(decode, relay, pending.settle if pending is not None else None,
