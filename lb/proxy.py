@@ -201,6 +201,7 @@ class Proxy:
                 or self.config.server.max_prompt_tokens is not None
                 or self.resilience.direct_decode_below_tokens > 0
                 or self.admission.has_budget()
+                or self.tenants is not None  # tokens limits count prompt + max_tokens
                 or self.prefill_pool.has_token_limits
                 or self.decode_pool.has_token_limits)
 

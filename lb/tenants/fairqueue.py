@@ -112,7 +112,11 @@ class FairQueue(Generic[W]):
         if index == 0:
             self._head = self._pick()
             return self._head.waiter
-        if index == -1 and self._last is not None:
+        if index == -1:
+            if self._last is None:  # the newest was removed: find the newest left
+                newest = max((line[-1] for lines in self._lines for line in lines.values()),
+                             key=lambda e: e.seq)
+                self._last = newest.waiter
             return self._last
         raise IndexError(index)
 
@@ -192,4 +196,4 @@ class FairQueue(Generic[W]):
             del lines[entry.flow.tenant]
         self._count -= 1
         if self._last is entry.waiter:
-            self._last = line[-1].waiter if line else None
+            self._last = None
