@@ -256,3 +256,16 @@ async def test_identity_key_header_anonymous_and_priority() -> None:
     with pytest.raises(InvalidRequest) as bad:
         t.identify({"x-priority": "urgent"})
     assert bad.value.status == 400 and bad.value.code == "invalid_priority"
+
+
+def test_workers_divide_tenant_limits_unless_redis_holds_them() -> None:
+    """``--workers 3``: each worker enforces a third (rounded up); with [cluster] the whole."""
+    from lb.serve.workers import share
+    c = config({"a": {"requests": 10, "tokens": 1000, "concurrent": 4}, "b": {}})
+    t = share(c, 3).tenancy.tenants
+    assert (t["a"].requests, t["a"].tokens, t["a"].concurrent) == (4, 334, 2)
+    assert t["b"].requests is None
+    clustered = make_config(["http://127.0.0.1:1"], ["http://127.0.0.1:2"],
+                            cluster={"redis_url": "redis://127.0.0.1:1/0"},
+                            tenants={"a": {"requests": 10}})
+    assert share(clustered, 3).tenancy.tenants["a"].requests == 10
