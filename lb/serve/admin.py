@@ -64,7 +64,7 @@ def apply_reload(
     rebuild_all()
     ignored = [section for section in ("server", "kv_transfer", "tokenizer", "health", "scrape",
                                        "resilience", "auth", "admin", "log", "kv_events",
-                                       "tracing", "cluster")
+                                       "tracing", "cluster", "tenancy")
                if getattr(current, section) != getattr(new, section)]
     report["needs_restart_to_apply"] = ignored
     log.info("%s", describe_reload(new.source, report))
