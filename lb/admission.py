@@ -174,6 +174,10 @@ class Admission:
         is FIFO)."""
         self._shared_blocked: str | None = None
         """The stage the head of that line last found full."""
+        self._shared_line: FairQueue[_Waiter] | None = (
+            FairQueue(len(tenancy.classes), tenancy.aging_s)
+            if store is not None and tenancy is not None and tenancy.enabled else None)
+        """With tenants, this replica's line for the shared budget, ordered as the local one."""
         if store is not None:
             store.follow(lambda: {n: s.admitted for n, s in self._stages.items()})
 
@@ -215,8 +219,7 @@ class Admission:
             return  # no shared budget: no shared waiters to wake, nothing to tell
         self._store.adjust(deltas)
         if any(d < 0 for d in deltas.values()):
-            self._released.set()
-            self._released = asyncio.Event()
+            self._kick()
 
     def _take(self, need: dict[str, int]) -> None:
         for name, tokens in need.items():
@@ -262,6 +265,9 @@ class Admission:
         while True:
             if store is not None and store.shared:
                 try:
+                    if self._shared_line is not None and flow is not None:
+                        return await self._admit_shared_fair(store, need, flow,
+                                                             self._shared_line)
                     return await self._admit_shared(store, need)
                 except StoreUnavailable:
                     pass  # the store said so (metric, one log line): this replica's share
@@ -313,6 +319,58 @@ class Admission:
         self._wait_hist[stage.name].observe(time.monotonic() - started)
         return self._shared_ticket(need)
 
+    async def _admit_shared_fair(self, store: BudgetStore, need: dict[str, int], flow: Flow,
+                                 line: FairQueue[_Waiter]) -> Ticket:
+        """:meth:`_admit_shared` with tenants: the line is the fair one (classes, aging,
+        shares; a full one may shed), and only its head asks the store — when this replica
+        releases tokens, when the line changes, or every ``poll_s``."""
+        blocked: str | None = self._shared_blocked
+        if not line:
+            blocked = await self._reserve(store, need, self._limits())
+            if blocked is None:
+                return self._shared_ticket(need)
+        stage = self._stages[blocked or "decode"]
+        if stage.waiting >= stage.max_queue and not self._shed(stage, flow, line):
+            raise self._reject(stage.name, "queue_full", 429,
+                               f"{stage.name} stage saturated and its wait queue is full"
+                               f" ({stage.max_queue}); retry later")
+        waiter = _Waiter(need, stage.name, flow)
+        line.append(waiter)
+        stage.waiting += 1
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(stage.queue_timeout_s):
+                while True:
+                    if waiter.future.done():
+                        waiter.future.result()  # shed by a later arrival: raises its 429
+                    kick = self._released
+                    if line[0] is waiter:
+                        blocked = await self._reserve(store, need, self._limits())
+                        if blocked is None:
+                            break
+                        self._shared_blocked = blocked
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(kick.wait(), store.poll_s)
+            if waiter.future.done():  # shed while its reservation went through: it is in
+                waiter.future.exception()
+        except TimeoutError:
+            raise self._reject(
+                stage.name, "queue_timeout", 503,
+                f"{stage.name} stage saturated: no room within"
+                f" {stage.queue_timeout_s:g} s; retry later") from None
+        finally:
+            if not waiter.future.done():  # (a shed one is out of the line and uncounted)
+                line.remove(waiter)
+                stage.waiting -= 1
+                self._kick()  # a new head asks at once
+        self._wait_hist[stage.name].observe(time.monotonic() - started)
+        return self._shared_ticket(need)
+
+    def _kick(self) -> None:
+        """Wake every request waiting for the shared budget on this replica."""
+        self._released.set()
+        self._released = asyncio.Event()
+
     def _limits(self) -> dict[str, int | None]:
         return {name: s.limit for name, s in self._stages.items()}
 
@@ -341,7 +399,7 @@ class Admission:
             return Ticket(self, need)
         blocked = blocked or self._blocking(need) or self._queue[-1].blocked_on
         stage = self._stages[blocked]
-        if stage.waiting >= stage.max_queue and not self._shed(stage, flow):
+        if stage.waiting >= stage.max_queue and not self._shed(stage, flow, self._queue):
             raise self._reject(blocked, "queue_full", 429,
                                f"{blocked} stage saturated and its wait queue is full"
                                f" ({stage.max_queue}); retry later")
@@ -374,10 +432,10 @@ class Admission:
         self._wait_hist[blocked].observe(time.monotonic() - started)
         return Ticket(self, need)
 
-    def _shed(self, stage: _Stage, flow: Flow | None) -> bool:
+    def _shed(self, stage: _Stage, flow: Flow | None,
+              line: deque[_Waiter] | FairQueue[_Waiter]) -> bool:
         """Make room in ``stage``'s full line for an arrival of ``flow`` by pushing out
         the waiter the fair line names (lb/tenants/fairqueue.py); False: nobody."""
-        line = self._queue
         if flow is None or not isinstance(line, FairQueue):
             return False
         victim = line.victim(flow, stage.name)
@@ -389,4 +447,6 @@ class Admission:
             victim.blocked_on, "shed", 429, f"{victim.blocked_on} stage saturated: this request"
             " was pushed out of the wait queue by one of a higher priority class or of a"
             " tenant under its fair share; retry later"))
+        if line is self._shared_line:
+            self._kick()  # the victim leaves its wait at once
         return True

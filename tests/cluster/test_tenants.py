@@ -76,3 +76,48 @@ async def test_limits_are_global_across_replicas(redis_server: RedisServer,
             local = [await post(http, a, "k-rps", 2) for _ in range(3)]
             assert [s for s, _ in local][-1] == 429
             assert local[0][1]["x-ratelimit-limit-requests"] == "2"
+
+
+async def test_shared_budget_line_is_fair(redis_server: RedisServer) -> None:
+    """With [cluster] budgets, a replica's line for the shared budget is the fair one: 4 of
+    `big` waiting, then 1 of `small`, then 1 interactive of `app` over batch ones: small is
+    admitted second overall, and a full line sheds big's newest for another arrival."""
+    from lb.admission import Admission
+    from lb.backends.cluster import RedisBudgets
+    from lb.config import ClusterConfig
+    from lb.errors import Overloaded
+    from lb.metrics import Metrics
+    from lb.tenants.fairqueue import Flow
+
+    config = make_config(["http://127.0.0.1:1"], ["http://127.0.0.1:2"], pools={
+        "decode": {"max_inflight_tokens": 100, "max_queue": 5, "queue_timeout_s": 5.0}},
+        tenants={"big": {}, "small": {}})
+    metrics = Metrics()
+    store = RedisBudgets(ClusterConfig(redis_url=redis_server.url, poll_ms=10.0), metrics)
+    await store.start()
+    try:
+        a = Admission(config.pools, metrics, store, config.tenancy)
+        first = await a.admit(0, 100, Flow("big"))
+        order: list[str] = []
+
+        async def one(name: str, flow: Flow) -> str:
+            try:
+                with await a.admit(0, 100, flow):
+                    order.append(name)
+                    await asyncio.sleep(0.02)
+                return "ok"
+            except Overloaded as exc:
+                return exc.reason
+
+        tasks = [asyncio.create_task(one(f"b{i}", Flow("big"))) for i in range(5)]
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(one("s0", Flow("small"))))  # full: sheds b4
+        await asyncio.sleep(0.05)
+        first.release()
+        results = await asyncio.gather(*tasks)
+        assert results == ["ok", "ok", "ok", "ok", "shed", "ok"]
+        assert order == ["b0", "s0", "b1", "b2", "b3"]
+        await asyncio.sleep(0.1)
+        assert a.admitted_tokens("decode") == 0
+    finally:
+        await store.stop()
