@@ -163,6 +163,8 @@ async def contend(url: str, big: str, small: str, ticks: int = 6, gap_s: float =
         async with http.get(url + "/metrics") as r:
             text = await r.text()
     reasons = Counter(a[1].get("x-pdlb-reject-reason", "") for a in big_answers if a[0] != 200)
+    limited = {a[1].get("x-ratelimit-limit-requests") for a in big_answers}
+    reasons.update(f"limit-header:{v}" for v in limited)
     return (Counter(a[0] for a in small_answers), Counter(a[0] for a in big_answers), reasons,
             text)
 
@@ -178,7 +180,9 @@ async def test_flooding_tenant_cannot_crowd_out_a_small_one(fleet, start_pdlb) -
     small, big, reasons, text = await contend(url, "k-big", "k-small")
     assert small == {200: 6}
     assert big[200] < 84 and big[429] > 0
-    assert reasons["shed"] >= 1 and set(reasons) <= {"shed", "queue_full"}
+    assert reasons["shed"] >= 1
+    assert set(reasons) <= {"shed", "queue_full", "limit-header:10000"}
+    assert reasons["limit-header:10000"] == 1  # on every answer, 200 and 429 alike
     waits = {t: metric(text, "pdlb_tenant_queue_wait_seconds_sum", tenant=t)
              / max(1.0, metric(text, "pdlb_tenant_queue_wait_seconds_count", tenant=t))
              for t in ("big", "small")}
