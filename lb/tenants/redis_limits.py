@@ -151,8 +151,11 @@ class RedisLimits:
         budgets = self._budgets
         if not budgets.shared or budgets.client is None:
             return self._fallback.take(tenant.name, tokens)
-        if tenant.tokens is not None and tokens > tenant.tokens:
-            return self._fallback.take(tenant.name, tokens)  # raises: never fits
+        if tenant.tokens is not None and tokens > tenant.tokens:  # never fits: no round trip
+            raise RateLimited(tenant.name, "tokens", f"this request needs {tokens} tokens but"
+                              f" tenant {tenant.name!r} may use at most {tenant.tokens} per"
+                              f" {tenant.tokens_window_s:g} s; lower max_tokens or shorten the"
+                              " prompt", tenant.tokens_window_s, {})
         id = f"{budgets.replica}:{next(self._ids)}"
         args = [id, tokens,
                 -1 if tenant.requests is None else tenant.requests,
