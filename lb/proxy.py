@@ -201,9 +201,9 @@ class Proxy:
                 or self.config.server.max_prompt_tokens is not None
                 or self.resilience.direct_decode_below_tokens > 0
                 or self.admission.has_budget()
-                or self.tenants is not None  # tokens limits count prompt + max_tokens
                 or self.prefill_pool.has_token_limits
-                or self.decode_pool.has_token_limits)
+                or self.decode_pool.has_token_limits
+                or (self.tenants is not None and self.tenants.counts_tokens))
 
     def _skip_prefill(self, prompt_tokens: int) -> bool:
         """Conditional disaggregation: short prompts, or a dead prefill pool when allowed."""

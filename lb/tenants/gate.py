@@ -118,6 +118,8 @@ class Tenants:
         self._anonymous = config.tenant(ANONYMOUS)
         self._levels = {c: i for i, c in enumerate(config.classes)}
         self._local = LocalLimits(config.tenants)
+        self.counts_tokens = any(t.tokens is not None for t in config.tenants.values())
+        """Whether a tenant has a tokens limit (then the proxy counts prompts exactly)."""
         self._shared = None
         if budgets is not None and any(t.limited for t in config.tenants.values()):
             from lb.tenants.redis_limits import RedisLimits
