@@ -80,9 +80,9 @@ class Proxy:
         self.config = config
         self.tracing = tracing
         self.sessions = sessions
+        """``[cluster] share_sessions``: each session's backends, shared by the replicas."""
         self.tenants = tenants
         """``[tenants]``: identity, limits and metrics per tenant (lb/tenants/gate.py)."""
-        """``[cluster] share_sessions``: each session's backends, shared by the replicas."""
         self.prefill_pool = pools["prefill"]
         self.decode_pool = pools["decode"]
         self.admission = admission
