@@ -20,18 +20,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from lb.accesslog import RequestRecord
 from lb.errors import InvalidRequest, Overloaded, PayloadTooLarge, PdlbError
 from lb.metrics import LATENCY_BUCKETS, Counter, CounterChild, Histogram, Metrics
-from lb.serve.auth import bearer
-from lb.stream.port import ClientSide
 from lb.tenants.config import ANONYMOUS, TenancyConfig, TenantConfig
 from lb.tenants.fairqueue import Flow
 from lb.tenants.limits import LocalLimits, RateLimited
+from lb.tenants.redis_limits import Budgets, RedisLimits
 
-if TYPE_CHECKING:
-    from lb.backends.cluster import RedisBudgets
+
+class Client(Protocol):
+    """What the gate uses of the proxy's :class:`lb.stream.port.ClientSide`."""
+
+    headers: Mapping[str, str]
+    record: RequestRecord
+    answer_headers: Mapping[str, str] | None
+
+
+def bearer_key(authorization: str) -> str:
+    """The token of ``Bearer <token>`` (lb/serve/auth.py's rule; "" for anything else)."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 class Forbidden(PdlbError):
@@ -53,7 +64,7 @@ class Grant:
 
     __slots__ = ("_client", "_done", "_held", "_tenants", "admitted_tokens", "flow")
 
-    def __init__(self, tenants: Tenants, flow: Flow, held: Held, client: ClientSide,
+    def __init__(self, tenants: Tenants, flow: Flow, held: Held, client: Client,
                  tokens: int) -> None:
         self._tenants = tenants
         self.flow = flow
@@ -112,7 +123,7 @@ class _TenantMetrics:
 
 class Tenants:
     def __init__(self, config: TenancyConfig, metrics: Metrics,
-                 budgets: RedisBudgets | None = None) -> None:
+                 budgets: Budgets | None = None) -> None:
         self.config = config
         self._by_key = {key: t.name for t in config.tenants.values() for key in t.api_keys}
         self._anonymous = config.tenant(ANONYMOUS)
@@ -122,7 +133,6 @@ class Tenants:
         """Whether a tenant has a tokens limit (then the proxy counts prompts exactly)."""
         self._shared = None
         if budgets is not None and any(t.limited for t in config.tenants.values()):
-            from lb.tenants.redis_limits import RedisLimits
             self._shared = RedisLimits(config.tenants, budgets)
         r = metrics.registry
         self.admitted_family = Counter("pdlb_tenant_admitted", "Requests admitted, by tenant"
@@ -150,7 +160,7 @@ class Tenants:
         if self._by_key:
             authorization = headers.get("authorization")
             if authorization:
-                name = self._by_key.get(bearer(authorization))
+                name = self._by_key.get(bearer_key(authorization))
         if name is None and self.config.header is not None:
             given = headers.get(self.config.header)
             if given is not None and given.strip() in self.config.tenants:
@@ -174,7 +184,7 @@ class Tenants:
             level = wanted
         return tenant, Flow(tenant.name, level, tenant.weight)
 
-    async def enter(self, client: ClientSide, tokens: int) -> Grant:
+    async def enter(self, client: Client, tokens: int) -> Grant:
         """Identify the request, take it from its tenant's limits (429 over one), and put
         the ``x-ratelimit-*`` headers on ``client`` for whatever answer it gets."""
         tenant, flow = self.identify(client.headers)

@@ -12,7 +12,8 @@ request ids by time), ``:tok`` (the same for tokens) with ``:tokn`` (id → toke
 leaves its in-flight count behind until its lease (lb/backends/cluster.py) expires; the next
 check then drops it.
 
-The connection is the budgets' (:class:`lb.backends.cluster.RedisBudgets`); while it is down
+The connection is the budgets' (:class:`lb.backends.cluster.RedisBudgets`, seen through
+the :class:`Budgets` protocol); while it is down
 each replica enforces ``limit / replicas`` on its own (:class:`LocalLimits`), as for budgets.
 """
 
@@ -22,9 +23,8 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
-from lb.backends.cluster import RedisBudgets
 from lb.tenants.config import TenantConfig
 from lb.tenants.limits import LocalLimits, RateLimited, Taken, duration
 
@@ -110,6 +110,25 @@ return 1
 """
 
 
+class Budgets(Protocol):
+    """What these limits use of :class:`lb.backends.cluster.RedisBudgets` (a Protocol: the
+    shared concepts import no wing, tests/test_architecture.py)."""
+
+    @property
+    def shared(self) -> bool: ...
+    @property
+    def replicas(self) -> int: ...
+    @property
+    def client(self) -> Any: ...
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def cluster_name(self) -> str: ...
+
+    replica: str
+    lease_key: str
+
+
 class _Shared:
     """What one request took on Redis."""
 
@@ -127,10 +146,10 @@ class _Shared:
 
 
 class RedisLimits:
-    def __init__(self, tenants: Mapping[str, TenantConfig], budgets: RedisBudgets) -> None:
+    def __init__(self, tenants: Mapping[str, TenantConfig], budgets: Budgets) -> None:
         self._budgets = budgets
         self._fallback = LocalLimits(tenants, budgets.replicas)
-        self._prefix = f"pdlb:{{{budgets.config.name}}}:tenant:"
+        self._prefix = f"pdlb:{{{budgets.cluster_name}}}:tenant:"
         self._ids = itertools.count()
         self._scripts: dict[str, Any] = {}
         self._pending: set[asyncio.Task[None]] = set()
