@@ -230,3 +230,35 @@ async def test_anonymous_tenant_and_trusted_header(fleet, start_pdlb) -> None:
         team = [await post(http, url, None, {"X-Tenant": "team"}, 2) for _ in range(3)]
         assert [s for s, _, _ in team] == [200, 200, 429]
     assert time.monotonic() - started < 25  # the windows were never waited out
+
+
+async def test_client_leaving_gives_the_tenant_its_slot_back(fleet, start_pdlb) -> None:
+    """A tenant limited to 1 request in flight: its client leaving while queued in
+    admission, or mid-stream, frees the slot (the next request is admitted, not 429), and
+    pdlb's counters return to zero (the fixture checks)."""
+    url, _ = await start_pdlb(make_config([fleet[0]], [fleet[1]], pools={
+        "decode": {"max_inflight_tokens": 600, "max_queue": 4, "queue_timeout_s": 10.0}},
+        tokenizer={"kind": "emulator"}, tenants={
+            "one": {"api_keys": ["k-one"], "concurrent": 1}, "hog": {"api_keys": ["k-hog"]}}))
+    body = {"model": "emulated-model", "prompt": PROMPT, "max_tokens": 400, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        async def hold() -> None:  # takes the whole decode budget for a while
+            async with http.post(url + "/v1/completions", json=body,
+                                 headers={"Authorization": "Bearer k-hog"}) as r:
+                await r.read()
+
+        hog = asyncio.create_task(hold())
+        await asyncio.sleep(0.1)
+        queued = asyncio.create_task(post(http, url, "k-one"))
+        await asyncio.sleep(0.2)
+        assert not queued.done()  # waiting in admission's line
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
+        await hog
+        async with http.post(url + "/v1/completions", json=body,
+                             headers={"Authorization": "Bearer k-one"}) as r:
+            assert r.status == 200
+            await r.content.readany()  # first bytes, then leave mid-stream
+        await asyncio.sleep(0.2)
+        status, headers, _ = await post(http, url, "k-one", max_tokens=2)
+        assert status == 200, headers
