@@ -32,6 +32,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -106,11 +107,16 @@ class _Waiter:
 class Ticket:
     """What an admitted request holds; releasing it (stage by stage, or all) admits others."""
 
-    __slots__ = ("_admission", "_held")
+    __slots__ = ("_admission", "_held", "_then")
 
     def __init__(self, admission: Admission, need: dict[str, int]) -> None:
         self._admission = admission
         self._held = dict(need)
+        self._then: AbstractContextManager[object] | None = None
+
+    def then(self, done: AbstractContextManager[object]) -> None:
+        """Exit ``done`` too when this ticket is exited (a tenant's grant, lb/tenants/)."""
+        self._then = done
 
     def resize(self, stage: str, tokens: int) -> None:
         """Correct a stage's charge (e.g. the prefill's real prompt_tokens); may exceed budget
@@ -142,6 +148,8 @@ class Ticket:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+        if self._then is not None:
+            self._then.__exit__(et, e, tb)
 
 
 class Admission:

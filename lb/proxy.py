@@ -59,7 +59,6 @@ log = logging.getLogger("pdlb.proxy")
 
 # Tokens budgeted for a request that names no max_tokens (vLLM would allow up to the context).
 DEFAULT_ASSUMED_MAX_TOKENS = 1024
-_NO_TENANTS = contextlib.nullcontext()
 
 
 class Proxy:
@@ -178,7 +177,9 @@ class Proxy:
                 grant.refused(exc)
             raise
         record.queue_s = time.monotonic() - queued
-        with ticket, grant or _NO_TENANTS:
+        if grant is not None:
+            ticket.then(grant.admitted())
+        with ticket:
             if lookup is not None:
                 route = dataclasses.replace(route, shared_session=await lookup)
             if direct:

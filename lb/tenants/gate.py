@@ -4,9 +4,9 @@ Per request, only when ``[tenants]`` is configured (otherwise the proxy holds No
 one attribute test): :meth:`Tenants.enter` finds the tenant and class, takes one request and
 its tokens from the tenant's limits (429 :class:`~lb.tenants.limits.RateLimited` over one)
 and puts the ``x-ratelimit-*`` headers on the client side, so that every answer carries them,
-errors included. The :class:`Grant` it returns is entered once admission let the request in
-and exited when the request ends: the tokens are trued up with the answer's usage and the
-in-flight count goes down. :meth:`Grant.refused` is the other ending (admission said no).
+errors included. The :class:`Grant` it returns is marked :meth:`~Grant.admitted` once
+admission let the request in and exited with the admission ticket when the request ends:
+the tokens are trued up with the answer's usage and the in-flight count goes down. :meth:`Grant.refused` is the other ending (admission said no).
 
 Metrics, labelled with configured tenant names plus ``anonymous`` (bounded cardinality):
 ``pdlb_tenant_admitted_total{tenant,class}``, ``pdlb_tenant_rejected_total{tenant,reason}``
@@ -59,8 +59,8 @@ class Held(Protocol):
 
 
 class Grant:
-    """One request's tenant, class and what it took; a context manager for its admitted
-    life (``with ticket, grant:`` in the proxy)."""
+    """One request's tenant, class and what it took; once admitted, its exit (with the
+    admission ticket's, :meth:`lb.admission.Ticket.then`) ends it."""
 
     __slots__ = ("_client", "_done", "_held", "_tenants", "admitted_tokens", "flow")
 
@@ -73,12 +73,16 @@ class Grant:
         self.admitted_tokens = tokens
         self._done = False
 
-    def __enter__(self) -> Grant:
+    def admitted(self) -> Grant:
+        """Admission let the request in: count it; exit this when it ends."""
         m = self._tenants.metrics_of(self.flow.tenant)
         m.admitted[self.flow.level].inc()
         wait = self._client.record.queue_s
         if wait is not None:
             m.queue_wait.observe(wait)
+        return self
+
+    def __enter__(self) -> Grant:
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
