@@ -6,7 +6,8 @@ its tokens from the tenant's limits (429 :class:`~lb.tenants.limits.RateLimited`
 and puts the ``x-ratelimit-*`` headers on the client side, so that every answer carries them,
 errors included. The :class:`Grant` it returns is marked :meth:`~Grant.admitted` once
 admission let the request in and exited with the admission ticket when the request ends:
-the tokens are trued up with the answer's usage and the in-flight count goes down. :meth:`Grant.refused` is the other ending (admission said no).
+the tokens are trued up with the answer's usage and the in-flight count goes down.
+:meth:`Grant.refused` is the other ending (admission said no).
 
 Metrics, labelled with configured tenant names plus ``anonymous`` (bounded cardinality):
 ``pdlb_tenant_admitted_total{tenant,class}``, ``pdlb_tenant_rejected_total{tenant,reason}``
