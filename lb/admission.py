@@ -7,6 +7,9 @@ prefills wait instead of piling up finished prefills whose KV leases expire whil
 a decode slot.
 
 Waiting is FIFO across stages (a small request never overtakes a big one, so nothing starves),
+or — with ``[tenants]`` — ordered by priority class, aging and tenants' fair shares
+(lb/tenants/fairqueue.py: same head-of-line rule, and a full line may shed a lower class's
+or an over-share tenant's newest waiter, 429 ``shed``, to make room),
 bounded by the blocking stage's ``max_queue`` (beyond it: 429 at once) and by its
 ``queue_timeout_s`` (then: 503). Both answers carry Retry-After and name the stage. A request
 larger than a stage's whole budget can never be admitted and gets 413 immediately.
@@ -29,6 +32,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -36,6 +40,8 @@ from typing import Protocol
 from lb.config import PoolConfig
 from lb.errors import Overloaded, PayloadTooLarge
 from lb.metrics import Metrics
+from lb.tenants.config import TenancyConfig
+from lb.tenants.fairqueue import FairQueue, Flow
 
 STAGES = ("prefill", "decode")
 
@@ -92,6 +98,7 @@ class _Stage:
 class _Waiter:
     need: dict[str, int]
     blocked_on: str
+    flow: Flow | None = None
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -100,11 +107,16 @@ class _Waiter:
 class Ticket:
     """What an admitted request holds; releasing it (stage by stage, or all) admits others."""
 
-    __slots__ = ("_admission", "_held")
+    __slots__ = ("_admission", "_held", "_then")
 
     def __init__(self, admission: Admission, need: dict[str, int]) -> None:
         self._admission = admission
         self._held = dict(need)
+        self._then: AbstractContextManager[object] | None = None
+
+    def then(self, done: AbstractContextManager[object]) -> None:
+        """Exit ``done`` too when this ticket is exited (a tenant's grant, lb/tenants/)."""
+        self._then = done
 
     def resize(self, stage: str, tokens: int) -> None:
         """Correct a stage's charge (e.g. the prefill's real prompt_tokens); may exceed budget
@@ -136,11 +148,13 @@ class Ticket:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+        if self._then is not None:
+            self._then.__exit__(et, e, tb)
 
 
 class Admission:
     def __init__(self, pools: Mapping[str, PoolConfig], metrics: Metrics,
-                 store: BudgetStore | None = None) -> None:
+                 store: BudgetStore | None = None, tenancy: TenancyConfig | None = None) -> None:
         self._stages = {
             name: _Stage(name, pools[name].max_inflight_tokens, pools[name].max_queue,
                          pools[name].queue_timeout_s)
@@ -149,7 +163,9 @@ class Admission:
         self._labels = {name: pools[name].name for name in STAGES}
         """Each stage's ``stage`` label: its pool's name (``<model>/prefill`` for a
         ``[models]`` model's admission)."""
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_Waiter] | FairQueue[_Waiter] = (
+            FairQueue(len(tenancy.classes), tenancy.aging_s)
+            if tenancy is not None and tenancy.enabled else deque())
         self._auto = any(pools[name].auto_budget for name in STAGES)
         self._metrics = metrics
         for name, stage in self._stages.items():
@@ -170,6 +186,10 @@ class Admission:
         is FIFO)."""
         self._shared_blocked: str | None = None
         """The stage the head of that line last found full."""
+        self._shared_line: FairQueue[_Waiter] | None = (
+            FairQueue(len(tenancy.classes), tenancy.aging_s)
+            if store is not None and tenancy is not None and tenancy.enabled else None)
+        """With tenants, this replica's line for the shared budget, ordered as the local one."""
         if store is not None:
             store.follow(lambda: {n: s.admitted for n, s in self._stages.items()})
 
@@ -211,8 +231,7 @@ class Admission:
             return  # no shared budget: no shared waiters to wake, nothing to tell
         self._store.adjust(deltas)
         if any(d < 0 for d in deltas.values()):
-            self._released.set()
-            self._released = asyncio.Event()
+            self._kick()
 
     def _take(self, need: dict[str, int]) -> None:
         for name, tokens in need.items():
@@ -241,7 +260,9 @@ class Admission:
         return Overloaded(message, stage=self._labels[stage], reason=reason, status=status,
                           retry_after_s=max(1.0, self._stages[stage].queue_timeout_s / 4))
 
-    async def admit(self, prefill_tokens: int, decode_tokens: int) -> Ticket:
+    async def admit(self, prefill_tokens: int, decode_tokens: int,
+                    flow: Flow | None = None) -> Ticket:
+        """``flow``: whose request it is (``[tenants]``), for the fair line's order."""
         need = {"prefill": prefill_tokens, "decode": decode_tokens}
         for name, tokens in need.items():
             limit = self._stages[name].limit
@@ -256,10 +277,13 @@ class Admission:
         while True:
             if store is not None and store.shared:
                 try:
+                    if self._shared_line is not None and flow is not None:
+                        return await self._admit_shared_fair(store, need, flow,
+                                                             self._shared_line)
                     return await self._admit_shared(store, need)
                 except StoreUnavailable:
                     pass  # the store said so (metric, one log line): this replica's share
-            ticket = await self._admit_local(need)
+            ticket = await self._admit_local(need, flow)
             if store is None or not store.shared:
                 if store is not None:
                     store.adjust(need)  # kept for when the store answers again
@@ -307,6 +331,58 @@ class Admission:
         self._wait_hist[stage.name].observe(time.monotonic() - started)
         return self._shared_ticket(need)
 
+    async def _admit_shared_fair(self, store: BudgetStore, need: dict[str, int], flow: Flow,
+                                 line: FairQueue[_Waiter]) -> Ticket:
+        """:meth:`_admit_shared` with tenants: the line is the fair one (classes, aging,
+        shares; a full one may shed), and only its head asks the store — when this replica
+        releases tokens, when the line changes, or every ``poll_s``."""
+        blocked: str | None = self._shared_blocked
+        if not line:
+            blocked = await self._reserve(store, need, self._limits())
+            if blocked is None:
+                return self._shared_ticket(need)
+        stage = self._stages[blocked or "decode"]
+        if stage.waiting >= stage.max_queue and not self._shed(stage, flow, line):
+            raise self._reject(stage.name, "queue_full", 429,
+                               f"{stage.name} stage saturated and its wait queue is full"
+                               f" ({stage.max_queue}); retry later")
+        waiter = _Waiter(need, stage.name, flow)
+        line.append(waiter)
+        stage.waiting += 1
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(stage.queue_timeout_s):
+                while True:
+                    if waiter.future.done():
+                        waiter.future.result()  # shed by a later arrival: raises its 429
+                    kick = self._released
+                    if line[0] is waiter:
+                        blocked = await self._reserve(store, need, self._limits())
+                        if blocked is None:
+                            break
+                        self._shared_blocked = blocked
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(kick.wait(), store.poll_s)
+            if waiter.future.done():  # shed while its reservation went through: it is in
+                waiter.future.exception()
+        except TimeoutError:
+            raise self._reject(
+                stage.name, "queue_timeout", 503,
+                f"{stage.name} stage saturated: no room within"
+                f" {stage.queue_timeout_s:g} s; retry later") from None
+        finally:
+            if not waiter.future.done():  # (a shed one is out of the line and uncounted)
+                line.remove(waiter)
+                stage.waiting -= 1
+                self._kick()  # a new head asks at once
+        self._wait_hist[stage.name].observe(time.monotonic() - started)
+        return self._shared_ticket(need)
+
+    def _kick(self) -> None:
+        """Wake every request waiting for the shared budget on this replica."""
+        self._released.set()
+        self._released = asyncio.Event()
+
     def _limits(self) -> dict[str, int | None]:
         return {name: s.limit for name, s in self._stages.items()}
 
@@ -328,24 +404,29 @@ class Admission:
         self._take(need)  # this replica's view; the store already counts it
         return Ticket(self, need)
 
-    async def _admit_local(self, need: dict[str, int]) -> Ticket:
+    async def _admit_local(self, need: dict[str, int], flow: Flow | None = None) -> Ticket:
         blocked = None if self._queue else self._blocking(need)
         if blocked is None and not self._queue:
             self._take(need)
             return Ticket(self, need)
         blocked = blocked or self._blocking(need) or self._queue[-1].blocked_on
         stage = self._stages[blocked]
-        if stage.waiting >= stage.max_queue:
+        if stage.waiting >= stage.max_queue and not self._shed(stage, flow, self._queue):
             raise self._reject(blocked, "queue_full", 429,
                                f"{blocked} stage saturated and its wait queue is full"
                                f" ({stage.max_queue}); retry later")
-        waiter = _Waiter(need, blocked)
+        waiter = _Waiter(need, blocked, flow)
         self._queue.append(waiter)
         stage.waiting += 1
+        if flow is not None:
+            self._wake()  # a higher class may fit where the head did not
         started = time.monotonic()
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), stage.queue_timeout_s)
         except BaseException as exc:
+            if waiter.future.done() and not waiter.future.cancelled() and isinstance(
+                    exc, Overloaded) and exc is waiter.future.exception():
+                raise  # shed by a later arrival: already out of the line and uncounted
             if waiter.future.done() and not waiter.future.cancelled():
                 # Admitted at the very moment we gave up: hand the tokens back.
                 Ticket(self, need).release()
@@ -362,3 +443,22 @@ class Admission:
             raise
         self._wait_hist[blocked].observe(time.monotonic() - started)
         return Ticket(self, need)
+
+    def _shed(self, stage: _Stage, flow: Flow | None,
+              line: deque[_Waiter] | FairQueue[_Waiter]) -> bool:
+        """Make room in ``stage``'s full line for an arrival of ``flow`` by pushing out
+        the waiter the fair line names (lb/tenants/fairqueue.py); False: nobody."""
+        if flow is None or not isinstance(line, FairQueue):
+            return False
+        victim = line.victim(flow, stage.name)
+        if victim is None:
+            return False
+        line.remove(victim)
+        self._stages[victim.blocked_on].waiting -= 1
+        victim.future.set_exception(self._reject(
+            victim.blocked_on, "shed", 429, f"{victim.blocked_on} stage saturated: this request"
+            " was pushed out of the wait queue by one of a higher priority class or of a"
+            " tenant under its fair share; retry later"))
+        if line is self._shared_line:
+            self._kick()  # the victim leaves its wait at once
+        return True

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lb.errors import ConfigError
+from lb.tenants.config import TenancyConfig, read_tenancy
 from policies.options import OptionError, Options
 
 POOL_NAMES = ("prefill", "decode")
@@ -383,6 +384,8 @@ class Config:
     top-level pools serve): ``[aliases]`` plus every model's ``aliases``."""
     default_model: str | None = None
     """``[server] default_model``: used for a request that names no ``model``."""
+    tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    """``[tenancy]`` + ``[tenants.<name>]`` (lb/tenants/config.py); off with no tenants."""
     source: str = "<flags>"
 
     @property
@@ -689,6 +692,9 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
     tr.done()
     kv_events = _read_kv_events(root.sub("kv_events"), pools)
     cluster = _read_cluster(root.sub("cluster"))
+    tenancy = read_tenancy(root)
+    if auth.api_keys and tenancy.all_keys:  # a tenant's key is a client key too
+        auth = replace(auth, api_keys=auth.api_keys + tenancy.all_keys)
     root.done()
     return Config(
         pools=pools,
@@ -707,6 +713,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         models=models,
         aliases=aliases,
         default_model=default_model,
+        tenancy=tenancy,
         source=source,
     )
 

@@ -55,6 +55,7 @@ from lb.request import Endpoint, ProxyRequest, dumps, parse_request
 from lb.stream.answer import PendingPrefill
 from lb.stream.migrate import Migrator
 from lb.stream.port import ClientSide
+from lb.tenants.gate import Tenants
 from lb.tokens import PromptTokenizer
 from lb.tracing import OFF, Tracing
 from policies.base import Leg, RouteRequest, SessionKeyed
@@ -82,11 +83,14 @@ class Proxy:
         health: HealthChecker,
         tracing: Tracing = OFF,
         sessions: SharedSessions | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.config = config
         self.tracing = tracing
         self.sessions = sessions
         """``[cluster] share_sessions``: each session's backends, shared by the replicas."""
+        self.tenants = tenants
+        """``[tenants]``: identity, limits and metrics per tenant (lb/tenants/gate.py)."""
         self.prefill_pool = pools["prefill"]
         self.decode_pool = pools["decode"]
         self.admission = admission
@@ -202,15 +206,27 @@ class Proxy:
         prefill_need = 0 if direct else prompt_tokens
         record.prompt_tokens = prompt_tokens
         queued = time.monotonic()
+        grant = flow = None
+        if self.tenants is not None:
+            if resumed:  # a migrated stream's continuation: counted once, on arrival
+                flow = self.tenants.identify(headers)[1]
+            else:
+                grant = await self.tenants.enter(client, prompt_tokens + max_new)  # 429 over
+                flow = grant.flow
         lookup = self._session_lookup(route)  # overlaps admission's round trip
         try:
             with self.tracing.stage("pdlb.admission"):
-                ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new)
-        except BaseException:
+                ticket = await self.admission.admit(prefill_need, prompt_tokens + max_new,
+                                                    flow)
+        except BaseException as exc:
             if lookup is not None:
                 lookup.cancel()
+            if grant is not None:
+                grant.refused(exc)
             raise
         record.queue_s = time.monotonic() - queued
+        if grant is not None:
+            ticket.then(grant.admitted())
         with ticket:
             if lookup is not None:
                 route = dataclasses.replace(route, shared_session=await lookup)
@@ -235,7 +251,8 @@ class Proxy:
                 or self.resilience.direct_decode_below_tokens > 0
                 or self.admission.has_budget()
                 or self.prefill_pool.has_token_limits
-                or self.decode_pool.has_token_limits)
+                or self.decode_pool.has_token_limits
+                or (self.tenants is not None and self.tenants.counts_tokens))
 
     def _skip_prefill(self, prompt_tokens: int) -> bool:
         """Conditional disaggregation: short prompts, or a dead prefill pool when allowed."""

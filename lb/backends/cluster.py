@@ -186,6 +186,11 @@ class RedisBudgets:
     def timeout_s(self) -> float:
         return self._timeout_s
 
+    @property
+    def cluster_name(self) -> str:
+        """``[cluster] name``: the hash tag of every key (lb/tenants/redis_limits.py too)."""
+        return self.config.name
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:

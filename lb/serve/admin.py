@@ -73,7 +73,7 @@ def apply_reload(
     ignored = [section for section in ("server", "kv_transfer", "tokenizer", "health", "scrape",
                                        "resilience", "auth", "admin", "log", "kv_events",
                                        "tracing", "cluster", "models", "aliases",
-                                       "default_model")
+                                       "default_model", "tenancy")
                if getattr(current, section) != getattr(new, section)]
     report["needs_restart_to_apply"] = ignored
     log.info("%s", describe_reload(new.source, report))

@@ -42,6 +42,7 @@ from lb.serve.models import ModelGroup, ModelRouter
 from lb.serve.passthrough import PassThrough
 from lb.serve.routes import GUARDED_PATHS, ROUTES
 from lb.serve.workers import Siblings, merge_metrics
+from lb.tenants.gate import Tenants
 from lb.tokens import PromptTokenizer, make_counter
 from lb.tracing import make_tracing
 from policies.registry import PolicyLoadError, build_policy
@@ -313,6 +314,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
     # the parent made (missing: an error at start-up, never a worker alone on the whole).
     worker_budgets = (WorkerBudgets(siblings.folder / local_budgets.FILE_NAME, siblings.index)
                       if budgets is None and siblings is not None else None)
+    # One tenant registry for every model group: a tenant's limits hold across models.
+    tenants = Tenants(config.tenancy, metrics, budgets) if config.tenancy.enabled else None
     all_backends = [b for pool in pools.values() for b in pool.backends]
     checker = HealthChecker(all_backends, upstream, config.health)
     tracing = make_tracing(config.tracing)
@@ -329,11 +332,12 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                                     decode=[b.url for b in group_config.decode.backends])
         tokenizer = PromptTokenizer(make_counter(group_config.tokenizer),
                                     group_config.tokenizer.offload_chars)
-        admission = Admission(group_config.pools, metrics, budgets or worker_budgets)
+        admission = Admission(group_config.pools, metrics, budgets or worker_budgets,
+                              config.tenancy)
         admissions.append((admission, {leg: p.name for leg, p in group_config.pools.items()}))
         connectors.append((connector, group_pools))
         proxy = Proxy(group_config, group_pools, admission, upstream, connector, tokenizer,
-                      metrics, checker, tracing, sessions)
+                      metrics, checker, tracing, sessions, tenants)
         groups.append(ModelGroup(name, served, group_pools, proxy))
     router = ModelRouter(config, groups, metrics)
     proxy = router.proxy

@@ -177,7 +177,11 @@ class Guard:
                         log.warning("POST %s -> %d: %s", ENDPOINT_PATHS[endpoint], exc.status,
                                     exc.message)
                     record.reason = exc.code
-                    client.send_error(error_answer(exc))
+                    answer = error_answer(exc)
+                    if client.answer_headers is not None:  # [tenants]: x-ratelimit-*
+                        answer = answer._replace(headers={**client.answer_headers,
+                                                          **answer.headers})
+                    client.send_error(answer)
                 except asyncio.CancelledError:
                     if record.delivered:  # it read [DONE], left before the last chunk: 200
                         self._metrics.client_disconnects.labels(phase="stream_end").inc()

@@ -119,7 +119,8 @@ def share(config: Config, workers: int) -> Config:
     share them — through Redis with ``[cluster]`` (whose fallback share while Redis is down
     is ``budget / [cluster] replicas``, counting every worker), else through one file
     (lb/backends/local_budgets.py). Dividing them here as well would make the shared total
-    ``budget / workers``."""
+    ``budget / workers``. Tenants' limits (``[tenants]``) are divided too, unless they live
+    in Redis (``[cluster]``)."""
 
     def part(value: int | None) -> int | None:
         return None if value is None else max(1, -(-value // workers))
@@ -134,7 +135,13 @@ def share(config: Config, workers: int) -> Config:
         )
     server = dataclasses.replace(
         config.server, max_concurrent_requests=part(config.server.max_concurrent_requests))
-    return dataclasses.replace(config, pools=pools, server=server)
+    tenancy = config.tenancy
+    if config.cluster.redis_url is None:  # with [cluster] tenants' limits are whole in Redis
+        tenancy = dataclasses.replace(tenancy, tenants={
+            name: dataclasses.replace(t, requests=part(t.requests), tokens=part(t.tokens),
+                                      concurrent=part(t.concurrent))
+            for name, t in tenancy.tenants.items()})
+    return dataclasses.replace(config, pools=pools, server=server, tenancy=tenancy)
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:

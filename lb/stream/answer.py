@@ -94,7 +94,9 @@ class Answer:
         usage = data.get("usage")
         if isinstance(usage, dict):
             record.usage = usage
-        await client.send_json(200, orjson.dumps(data), {"X-Request-Id": request.request_id})
+        extra = client.answer_headers
+        await client.send_json(200, orjson.dumps(data), {"X-Request-Id": request.request_id}
+                               if extra is None else {"X-Request-Id": request.request_id, **extra})
         record.ttft_s = ttft = time.monotonic() - started
         self._ttft[request.endpoint].observe(ttft)
 
@@ -113,7 +115,9 @@ class Answer:
             record.handoff_s = handoff = time.monotonic() - sent
             self.metrics.handoff.observe(handoff)
             if not resumed:
-                await client.start_stream({"X-Request-Id": request.request_id})
+                extra = client.answer_headers
+                await client.start_stream({"X-Request-Id": request.request_id} if extra is None
+                                          else {"X-Request-Id": request.request_id, **extra})
                 if transcript is not None:
                     transcript.started = True  # the 200 is committed: a break migrates
             if pending is not None:

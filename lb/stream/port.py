@@ -37,6 +37,9 @@ class ClientSide(ABC):
     """The body, when it was read with the head (else :meth:`body` waits for it)."""
     record: RequestRecord
     """The request's access-log record: each stage sets its own timings on it."""
+    answer_headers: Mapping[str, str] | None = None
+    """Headers every answer to this request carries, errors included (``[tenants]``'
+    ``x-ratelimit-*``); None: none (no cost when tenants are off)."""
 
     @abstractmethod
     async def body(self) -> bytes:
