@@ -39,6 +39,9 @@ class ProxyRequest:
     max_tokens: int | None
     model: str | None
     session_key: str | None
+    prompt_logprobs: bool = False
+    """vLLM computes logprobs over the prompt (see :func:`wants_prompt_logprobs`): the decode
+    recomputes the prompt itself, so the request skips the prefill leg."""
 
     @property
     def path(self) -> str:
@@ -150,7 +153,29 @@ def parse_request(
         max_tokens=max_tokens,
         model=model,
         session_key=session_key,
+        prompt_logprobs=wants_prompt_logprobs(body, endpoint),
     )
+
+
+def wants_prompt_logprobs(body: Mapping[str, Any], endpoint: Endpoint) -> bool:
+    """Whether vLLM (0.32) computes logprobs over this request's prompt.
+
+    It does for ``prompt_logprobs`` set, and for ``echo`` with logprobs: completions' ``echo``
+    with ``logprobs`` set; chat's ``echo`` (a vLLM extension) unless ``top_logprobs`` is
+    explicitly null, since vLLM's default ``top_logprobs`` is 0, not None
+    (``to_sampling_params`` in vllm/entrypoints/openai/{completion,chat_completion}/
+    protocol.py). Such a request never reads KV it did not compute: vLLM sets
+    ``skip_reading_prefix_cache`` and its scheduler then takes no external tokens from the KV
+    connector, so the decode computes the whole prompt (and tells the prefill to free its
+    blocks). A prefill leg would be pure waste; pdlb sends it to the decode pool alone.
+    """
+    if body.get("prompt_logprobs") is not None:
+        return True
+    if not body.get("echo"):
+        return False
+    if endpoint == "completions":
+        return body.get("logprobs") is not None
+    return body.get("top_logprobs", 0) is not None
 
 
 _ID_PREFIX = ""
