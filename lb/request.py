@@ -161,21 +161,19 @@ def wants_prompt_logprobs(body: Mapping[str, Any], endpoint: Endpoint) -> bool:
     """Whether vLLM (0.32) computes logprobs over this request's prompt.
 
     It does for ``prompt_logprobs`` set, and for ``echo`` with logprobs: completions' ``echo``
-    with ``logprobs`` set; chat's ``echo`` (a vLLM extension) unless ``top_logprobs`` is
-    explicitly null, since vLLM's default ``top_logprobs`` is 0, not None
-    (``to_sampling_params`` in vllm/entrypoints/openai/{completion,chat_completion}/
-    protocol.py). Such a request never reads KV it did not compute: vLLM sets
-    ``skip_reading_prefix_cache`` and its scheduler then takes no external tokens from the KV
-    connector, so the decode computes the whole prompt (and tells the prefill to free its
-    blocks). A prefill leg would be pure waste; pdlb sends it to the decode pool alone.
+    with ``logprobs`` set; chat's ``echo`` (a vLLM extension) always, since its
+    ``top_logprobs`` is never None (default 0; a null becomes 0) (``to_sampling_params`` in
+    vllm/entrypoints/openai/{completion,chat_completion}/protocol.py). Such a request never
+    reads KV it did not compute: vLLM sets ``skip_reading_prefix_cache`` and its scheduler
+    then takes no external tokens from the KV connector, so the decode computes the whole
+    prompt (and tells the prefill to free its blocks). A prefill leg would be pure waste;
+    pdlb sends it to the decode pool alone.
     """
     if body.get("prompt_logprobs") is not None:
         return True
     if not body.get("echo"):
         return False
-    if endpoint == "completions":
-        return body.get("logprobs") is not None
-    return body.get("top_logprobs", 0) is not None
+    return endpoint == "chat" or body.get("logprobs") is not None
 
 
 _ID_PREFIX = ""

@@ -26,7 +26,8 @@ from tests.conftest import make_config
     ("completions", {"logprobs": 2}, False),
     ("chat", {"prompt_logprobs": 1}, True),
     ("chat", {"echo": True}, True),  # vLLM's top_logprobs defaults to 0, not None
-    ("chat", {"echo": True, "top_logprobs": None}, False),
+    ("chat", {"echo": True, "top_logprobs": None}, True),  # and a null becomes 0
+    ("chat", {"echo": False}, False),
     ("chat", {"echo": True, "top_logprobs": 2}, True),
     ("chat", {"logprobs": True, "top_logprobs": 2}, False),
     ("chat", {}, False),

@@ -283,13 +283,13 @@ def test_completion_logprobs_and_echo(pdlb_url, decode_url, extra, kv):
 
 @pytest.mark.parametrize("extra,kv", [
     ({"logprobs": True, "top_logprobs": 3}, "pulled"),
-    ({"echo": True, "top_logprobs": None}, "pulled"),
     ({"prompt_logprobs": 2}, "computed"),
     ({"echo": True}, "computed"),
-], ids=["logprobs", "echo-no-logprobs", "prompt_logprobs", "echo"])
+    ({"echo": True, "top_logprobs": None}, "computed"),
+], ids=["logprobs", "prompt_logprobs", "echo", "echo-null-top_logprobs"])
 def test_chat_logprobs_and_echo(pdlb_url, decode_url, extra, kv):
-    """As for completions; chat's ``echo`` (vLLM's extension) asks for prompt logprobs
-    unless ``top_logprobs`` is null (vLLM's default is 0)."""
+    """As for completions; chat's ``echo`` (vLLM's extension) always asks for prompt
+    logprobs (vLLM's ``top_logprobs`` is 0 by default, and a null becomes 0)."""
     through_pd(pdlb_url, decode_url, CHAT, {**GREEDY, "messages": MESSAGES, **extra}, kv=kv)
 
 
@@ -438,3 +438,68 @@ def _prompt(path: str) -> dict[str, Any]:
 # A 1x1 PNG.
 _PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
         "YPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+
+
+# -- /v1/responses ----------------------------------------------------------------------------
+
+RESPONSES = "/v1/responses"
+
+
+def output_text(answer: dict[str, Any]) -> str:
+    return "".join(part.get("text", "") for item in answer["output"]
+                   if item.get("type") == "message" for part in item["content"])
+
+
+def test_responses_kv_transfer_works_in_vllm_by_hand(vllm_pair, decode_url):
+    """What vLLM 0.32 does with kv_transfer_params on /v1/responses (no pdlb): the prefill
+    returns them, and a decode given them pulls the prompt's KV — the same two-leg handshake
+    as the completion routes. pdlb does not drive it yet (docs/api.md)."""
+    prefill_url = vllm_pair.prefill_urls[0]
+    body = {"model": MODEL, "input": PROMPT, "temperature": 0, "max_output_tokens": 8}
+    status, prefilled = post(prefill_url, RESPONSES, {
+        **body, "max_output_tokens": 1, "ignore_eos": True,
+        "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}})
+    assert status == 200, prefilled
+    params = prefilled["kv_transfer_params"]
+    assert params["do_remote_prefill"] is True and params["remote_engine_id"], params
+    before = kv_sources(decode_url)
+    status, pulled = post(decode_url, RESPONSES, {**body, "kv_transfer_params": params})
+    assert status == 200, pulled
+    prompt_tokens = pulled["usage"]["input_tokens"]
+    wait_for(lambda: kv_sources(decode_url)["external_kv_transfer"]
+             - before["external_kv_transfer"] >= prompt_tokens, 5, "the decode's pull counted")
+    after = kv_sources(decode_url)
+    assert after["local_compute"] == before["local_compute"]
+    status, direct = post(decode_url, RESPONSES, body)
+    assert status == 200 and output_text(pulled) == output_text(direct)
+
+
+def test_responses_through_pdlb_go_to_the_decode_alone(pdlb_url, vllm_pair, decode_url):
+    """pdlb passes /v1/responses to the decode pool: the same answer as the decode's own,
+    streamed or not, and the prefill never sees it."""
+    prefill_url = vllm_pair.prefill_urls[0]
+    prefill_before = metric(prefill_url, "vllm:request_success_total")
+    body = {"model": MODEL, "input": PROMPT, "temperature": 0, "max_output_tokens": 8}
+    status, via = post(pdlb_url, RESPONSES, body)
+    assert status == 200, via
+    status, direct = post(decode_url, RESPONSES, body)
+    assert status == 200 and output_text(via) == output_text(direct) != ""
+    assert via["usage"]["input_tokens"] == direct["usage"]["input_tokens"]
+    req = urllib.request.Request(pdlb_url + RESPONSES,
+                                 data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = [json.loads(line[len(b"data: "):]) for line in resp
+                  if line.startswith(b"data: ")]
+    assert events[-1]["type"] == "response.completed"
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == output_text(direct)
+    assert metric(prefill_url, "vllm:request_success_total") == prefill_before
+
+
+def test_responses_with_openai_client(client, decode_url):
+    r = client.responses.create(model=MODEL, input=PROMPT, temperature=0, max_output_tokens=8)
+    status, direct = post(decode_url, RESPONSES, {"model": MODEL, "input": PROMPT,
+                                                  "temperature": 0, "max_output_tokens": 8})
+    assert status == 200 and r.output_text == output_text(direct)
