@@ -281,7 +281,8 @@ class Metrics:
         )
         self.direct_decode = Counter(
             "pdlb_direct_decode", "Requests served by the decode pool alone (short prompt,"
-            " prompt logprobs, or prefill pool down with prefill_fallback = decode_only).",
+            " prompt logprobs or beam search, or prefill pool down with"
+            " prefill_fallback = decode_only).",
             registry=r,
         )
         self.stream_errors = Counter(

@@ -150,8 +150,8 @@ class Proxy:
             headers={k: v for k, v in headers.items() if k != "authorization"},
             prompt_token_ids=ids,
         )
-        # A prompt-logprobs request reads no pulled KV in vLLM: the decode computes it all.
-        direct = request.prompt_logprobs or self._skip_prefill(prompt_tokens)
+        # Prompt logprobs, beam search: vLLM's decode reads no pulled KV, it computes it all.
+        direct = request.decode_alone or self._skip_prefill(prompt_tokens)
         holder = None
         if not direct:
             holder = self.kv.direct(route)

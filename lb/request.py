@@ -39,9 +39,9 @@ class ProxyRequest:
     max_tokens: int | None
     model: str | None
     session_key: str | None
-    prompt_logprobs: bool = False
-    """vLLM computes logprobs over the prompt (see :func:`wants_prompt_logprobs`): the decode
-    recomputes the prompt itself, so the request skips the prefill leg."""
+    decode_alone: bool = False
+    """vLLM's decode would not read pulled KV for this request (:func:`reads_no_pulled_kv`):
+    it computes the prompt itself, so the request skips the prefill leg."""
 
     @property
     def path(self) -> str:
@@ -153,8 +153,17 @@ def parse_request(
         max_tokens=max_tokens,
         model=model,
         session_key=session_key,
-        prompt_logprobs=wants_prompt_logprobs(body, endpoint),
+        decode_alone=reads_no_pulled_kv(body, endpoint),
     )
+
+
+def reads_no_pulled_kv(body: Mapping[str, Any], endpoint: Endpoint) -> bool:
+    """Whether vLLM (0.32) would compute this request's prompt on the decode whatever KV a
+    prefill made for it: prompt logprobs (:func:`wants_prompt_logprobs`), or beam search
+    (``use_beam_search``: vLLM's beam search builds its own sampling parameters, without the
+    request's ``kv_transfer_params``, so the decode never pulls, and the prefill would hold
+    its blocks until NIXL's abort timeout, 480 s by default)."""
+    return bool(body.get("use_beam_search")) or wants_prompt_logprobs(body, endpoint)
 
 
 def wants_prompt_logprobs(body: Mapping[str, Any], endpoint: Endpoint) -> bool:
@@ -166,8 +175,7 @@ def wants_prompt_logprobs(body: Mapping[str, Any], endpoint: Endpoint) -> bool:
     vllm/entrypoints/openai/{completion,chat_completion}/protocol.py). Such a request never
     reads KV it did not compute: vLLM sets ``skip_reading_prefix_cache`` and its scheduler
     then takes no external tokens from the KV connector, so the decode computes the whole
-    prompt (and tells the prefill to free its blocks). A prefill leg would be pure waste;
-    pdlb sends it to the decode pool alone.
+    prompt (and tells the prefill to free its blocks). A prefill leg would be pure waste.
     """
     if body.get("prompt_logprobs") is not None:
         return True

@@ -1,6 +1,6 @@
-"""Requests that ask vLLM for prompt logprobs skip the prefill leg (lb/request.py,
-``wants_prompt_logprobs``): vLLM's decode reads no pulled KV for them and computes the whole
-prompt itself (tests/vllm/test_vllm_features.py shows it on real vLLM), so a prefill leg
+"""Requests that ask vLLM for prompt logprobs, or for beam search, skip the prefill leg
+(lb/request.py, ``reads_no_pulled_kv``): vLLM's decode reads no pulled KV for them and
+computes the whole prompt itself (tests/vllm/test_vllm_features.py shows it on real vLLM), so a prefill leg
 would only cost a prefill backend a forward pass and hold KV blocks nobody reads."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from emulator import EmulatorConfig, EmulatorServer
 from emulator.app import state_of
-from lb.request import wants_prompt_logprobs
+from lb.request import reads_no_pulled_kv, wants_prompt_logprobs
 from tests.conftest import make_config
 
 
@@ -34,6 +34,14 @@ from tests.conftest import make_config
 ])
 def test_which_requests_want_prompt_logprobs(endpoint, body, wanted):
     assert wants_prompt_logprobs(body, endpoint) is wanted
+
+
+def test_beam_search_reads_no_pulled_kv():
+    assert reads_no_pulled_kv({"use_beam_search": True}, "completions")
+    assert reads_no_pulled_kv({"use_beam_search": True}, "chat")
+    assert not reads_no_pulled_kv({"use_beam_search": False}, "chat")
+    assert reads_no_pulled_kv({"prompt_logprobs": 1}, "chat")
+    assert not reads_no_pulled_kv({"logprobs": 1}, "completions")
 
 
 @pytest.fixture

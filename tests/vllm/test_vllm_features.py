@@ -171,16 +171,22 @@ def kv_sources(decode_url: str) -> dict[str, float]:
 
 
 def through_pd(pdlb_url: str, decode_url: str, path: str, body: dict[str, Any],
-               kv: str = "pulled") -> dict[str, Any]:
+               kv: str | None = "pulled") -> dict[str, Any]:
     """The request through pdlb and straight to the decode: both 200, the same answer.
 
     ``kv`` says how the decode got the prompt's KV for pdlb's request: ``"pulled"`` (none of
     it computed on the decode: pulled over NIXL from the prefill, or whole 128-token blocks
     the decode already cached) or ``"computed"`` (the decode computed it all: no prefill
-    leg). vLLM counts the prompt once per choice (``n``). Returns pdlb's answer."""
+    leg); None: not checked. vLLM counts the prompt once per choice (``n``). Returns pdlb's
+    answer."""
     before = kv_sources(decode_url)
     status, via = post(pdlb_url, path, body)
     assert status == 200, via
+    if kv is None:
+        status, direct = post(decode_url, path, body)
+        assert status == 200, direct
+        assert_same(normalized(via), normalized(direct))
+        return via
     prompt_tokens = via["usage"]["prompt_tokens"] * body.get("n", 1)
     # vLLM counts a request's prompt tokens when it logs its stats: give it a moment.
     deadline = time.monotonic() + 5
@@ -291,6 +297,20 @@ def test_chat_logprobs_and_echo(pdlb_url, decode_url, extra, kv):
     """As for completions; chat's ``echo`` (vLLM's extension) always asks for prompt
     logprobs (vLLM's ``top_logprobs`` is 0 by default, and a null becomes 0)."""
     through_pd(pdlb_url, decode_url, CHAT, {**GREEDY, "messages": MESSAGES, **extra}, kv=kv)
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_beam_search(pdlb_url, vllm_pair, decode_url, path):
+    """``use_beam_search``: vLLM's beam search drops the request's kv_transfer_params, so the
+    decode would never pull (and the prefill would hold its blocks for minutes): pdlb sends
+    it to the decode alone — the same beams as directly."""
+    prefill_url = vllm_pair.prefill_urls[0]
+    prefill_before = metric(prefill_url, "vllm:request_success_total")
+    body = {**GREEDY, **_prompt(path), "use_beam_search": True, "n": 2}
+    # Beam search runs one engine request per step and beam: no per-request KV count.
+    answer = through_pd(pdlb_url, decode_url, path, body, kv=None)
+    assert len(answer["choices"]) == 2
+    assert metric(prefill_url, "vllm:request_success_total") == prefill_before
 
 
 def test_logprobs_streamed(pdlb_url, decode_url):
