@@ -47,6 +47,9 @@ LOGPROB_TOLERANCE = 1e-3
 """Logprobs of the same token computed by different batch shapes (the decode computes the
 last prompt position alone after a pull; directly, with the whole prompt) differ by float
 rounding only."""
+_slow: list[str] = []
+"""pdlb requests that took over 5 s (tiny model: normally well under 1 s), reported at the
+end of the session with vLLM's and pdlb's logs for a look."""
 _largest_float_difference = [0.0]
 """The largest float difference assert_same accepted, reported at the end of the session."""
 
@@ -71,6 +74,7 @@ def _module_clock(vllm_timings: list[str]) -> Iterator[None]:
     vllm_timings.append(f"test_vllm_features.py: {time.monotonic() - started:.1f} s in all "
                         "(pair start-up included); largest float difference pdlb vs direct: "
                         f"{_largest_float_difference[0]:.2g}")
+    vllm_timings.extend(_slow)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +188,10 @@ def through_pd(pdlb_url: str, decode_url: str, path: str, body: dict[str, Any],
     leg); None: not checked. vLLM counts the prompt once per choice (``n``). Returns pdlb's
     answer."""
     before = kv_sources(decode_url)
+    started = time.monotonic()
     status, via = post(pdlb_url, path, body)
+    if (took := time.monotonic() - started) > 5:
+        _slow.append(f"slow through pdlb ({took:.1f} s): {path} {json.dumps(body)[:200]}")
     assert status == 200, via
     if kv is None:
         status, direct = post(decode_url, path, body)
