@@ -286,8 +286,10 @@ class Metrics:
             ["leg", "reason"], registry=r,
         )
         self.direct_decode = Counter(
-            "pdlb_direct_decode", "Requests served by the decode pool alone (short prompt, or"
-            " prefill pool down with prefill_fallback = decode_only).", registry=r,
+            "pdlb_direct_decode", "Requests served by the decode pool alone (short prompt,"
+            " prompt logprobs or beam search, or prefill pool down with"
+            " prefill_fallback = decode_only).",
+            registry=r,
         )
         self.stream_errors = Counter(
             "pdlb_stream_errors", "Streams that ended with an SSE error event, by code.",

@@ -197,7 +197,8 @@ class Proxy:
             prompt_token_ids=ids,
             lora=lora,
         )
-        direct = self._skip_prefill(prompt_tokens)
+        # Prompt logprobs, beam search: vLLM's decode reads no pulled KV, it computes it all.
+        direct = request.decode_alone or self._skip_prefill(prompt_tokens)
         holder = None
         if not direct:
             holder = self.kv.direct(route)

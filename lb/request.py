@@ -42,6 +42,9 @@ class ProxyRequest:
     session_key: str | None
     transcript: Transcript | None = None
     """Set when a broken stream may be continued (lb/migration.py): what the client got."""
+    decode_alone: bool = False
+    """vLLM's decode would not read pulled KV for this request (:func:`reads_no_pulled_kv`):
+    it computes the prompt itself, so the request skips the prefill leg."""
 
     @property
     def path(self) -> str:
@@ -153,7 +156,35 @@ def parse_request(
         max_tokens=max_tokens,
         model=model,
         session_key=session_key,
+        decode_alone=reads_no_pulled_kv(body, endpoint),
     )
+
+
+def reads_no_pulled_kv(body: Mapping[str, Any], endpoint: Endpoint) -> bool:
+    """Whether vLLM (0.32) would compute this request's prompt on the decode whatever KV a
+    prefill made for it: prompt logprobs (:func:`wants_prompt_logprobs`), or beam search
+    (``use_beam_search``: vLLM's beam search builds its own sampling parameters, without the
+    request's ``kv_transfer_params``, so the decode never pulls, and the prefill would hold
+    its blocks until NIXL's abort timeout, 480 s by default)."""
+    return bool(body.get("use_beam_search")) or wants_prompt_logprobs(body, endpoint)
+
+
+def wants_prompt_logprobs(body: Mapping[str, Any], endpoint: Endpoint) -> bool:
+    """Whether vLLM (0.32) computes logprobs over this request's prompt.
+
+    It does for ``prompt_logprobs`` set, and for ``echo`` with logprobs: completions' ``echo``
+    with ``logprobs`` set; chat's ``echo`` (a vLLM extension) always, since its
+    ``top_logprobs`` is never None (default 0; a null becomes 0) (``to_sampling_params`` in
+    vllm/entrypoints/openai/{completion,chat_completion}/protocol.py). Such a request never
+    reads KV it did not compute: vLLM sets ``skip_reading_prefix_cache`` and its scheduler
+    then takes no external tokens from the KV connector, so the decode computes the whole
+    prompt (and tells the prefill to free its blocks). A prefill leg would be pure waste.
+    """
+    if body.get("prompt_logprobs") is not None:
+        return True
+    if not body.get("echo"):
+        return False
+    return endpoint == "chat" or body.get("logprobs") is not None
 
 
 _ID_PREFIX = ""

@@ -130,7 +130,8 @@ def tokenize_requests(server: EmulatorServer) -> list[dict[str, Any]]:
 def test_the_table_has_vllms_pooling_paths_and_pools() -> None:
     pools = {r.path: r.pool for r in ROUTES if r.pool is not None}
     assert pools == {"/tokenize": "prefill", "/detokenize": "prefill",
-                     **dict.fromkeys(POOLING_PATHS, "decode")}
+                     **dict.fromkeys(POOLING_PATHS, "decode"), "/v1/responses": "decode"}
+    assert [r.path for r in ROUTES if r.streams] == ["/v1/responses"]
     assert all(r.method == "POST" and r.access == "key" for r in ROUTES if r.pool)
 
 
@@ -284,7 +285,7 @@ async def test_api_key_size_limit_and_content_type(start_pdlb):
         status, _, answer = await post(url + "/v1/embeddings", {"input": "a"}, key)
         assert status == 200 and answer["data"][0]["embedding"] == [1.0, 0.0, 0.5]
         assert "authorization" not in seen[0]["headers"]  # the client's key stays here
-        status, _, answer = await post(url + "/v1/responses", {"input": "a"}, key)
+        status, _, answer = await post(url + "/v1/audio/speech", {"input": "a"}, key)
         assert status == 404 and answer["error"]["code"] == "unknown_route"
         async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
             text = await r.text()
@@ -320,7 +321,8 @@ async def test_no_usable_backend_is_503_and_an_unreachable_one_502(start_pdlb):
 
 async def test_unknown_routes_stay_404_and_wrong_methods_405(emulated):
     url, _, _ = emulated
-    for path in ("/v1/responses", "/v1/audio/transcriptions", "/invocations", "/tokenizer"):
+    for path in ("/v1/responses/resp_1", "/v1/audio/transcriptions", "/invocations",
+                 "/tokenizer"):
         status, _, answer = await post(url + path, {"x": 1})
         assert status == 404 and answer["error"]["code"] == "unknown_route", path
     async with aiohttp.ClientSession() as http, http.get(url + "/tokenize") as r:
@@ -354,4 +356,109 @@ async def test_a_client_gone_mid_call_is_499_and_frees_the_backend(start_pdlb):
             await asyncio.sleep(0.02)
         assert 'pdlb_requests_total{endpoint="rerank",status="499"} 1.0' in text
         assert [s["path"] for s in seen] == ["/rerank"]
+        # the fixture checks every in-flight counter is back to zero
+
+
+# -- /v1/responses: the decode pool alone, streams relayed as they come --------------------
+
+class ResponsesFake:
+    """A decode backend's ``/v1/responses`` as vLLM shapes it: JSON, or (``stream: true``)
+    SSE events ``response.created`` … ``response.completed``, the last one held back until
+    the test calls :meth:`release` — a pdlb that buffered the stream would never deliver the
+    first. ``cut: true`` drops the connection after the first event. Records what it got,
+    and whether each stream ran to its end."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.finished: list[bool] = []
+        self._release = asyncio.Event()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def app(self) -> web.Application:
+        async def responses(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            self.seen.append(body)
+            if not body.get("stream"):
+                return web.json_response({"id": "resp_1", "object": "response",
+                                          "status": "completed", "output": [],
+                                          "echo": body})
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream; charset=utf-8"})
+            await response.prepare(request)
+            await response.write(b'event: response.created\ndata: {"type": '
+                                 b'"response.created","sequence_number":0}\n\n')
+            if body.get("cut"):
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            self.finished.append(False)
+            await self._release.wait()
+            await response.write(b'event: response.completed\ndata: {"type": '
+                                 b'"response.completed","sequence_number":1}\n\n')
+            self.finished[-1] = True
+            await response.write_eof()
+            return response
+
+        async def health(request: web.Request) -> web.Response:
+            return web.Response()
+
+        app = web.Application()
+        app.router.add_post("/v1/responses", responses)
+        app.router.add_get("/health", health)
+        return app
+
+
+async def test_responses_go_to_the_decode_pool_and_stream_as_they_come(start_pdlb):
+    fake = ResponsesFake()
+    seen: list[dict[str, Any]] = []
+    async with run_app(pooling_fake("prefill", seen)) as p, run_app(fake.app()) as d:
+        url, _ = await start_pdlb(make_config([p], [d]))
+        # "embedder": what the fleet lists in /v1/models (pdlb 404s a model nobody serves)
+        status, headers, answer = await post(url + "/v1/responses",
+                                             {"model": "embedder", "input": "hi"},
+                                             {"X-Request-Id": "resp-req-1"})
+        assert status == 200 and answer["echo"] == {"model": "embedder", "input": "hi"}
+        assert headers["x-request-id"] == "resp-req-1"
+        async with aiohttp.ClientSession() as http, \
+                http.post(url + "/v1/responses", json={"input": "hi", "stream": True}) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            async with asyncio.timeout(5):
+                first = await r.content.readuntil(b"\n\n")
+            assert b"response.created" in first and fake.finished == [False]
+            fake.release()
+            rest = await r.content.read()
+        assert b"response.completed" in rest and fake.finished == [True]
+        assert seen == []  # the prefill pool never saw a thing
+        async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+            text = await r.text()
+        assert 'pdlb_requests_total{endpoint="responses",status="200"} 2.0' in text
+
+
+async def test_responses_stream_a_client_leaves_or_the_backend_cuts(start_pdlb):
+    """A client gone mid-stream closes the backend connection (vLLM aborts on that); a
+    backend that drops mid-stream ends the client's stream (the head is already sent)."""
+    fake = ResponsesFake()
+    async with run_app(pooling_fake("prefill", [])) as p, run_app(fake.app()) as d:
+        url, _ = await start_pdlb(make_config([p], [d]))
+        async with aiohttp.ClientSession() as http:
+            r = await http.post(url + "/v1/responses", json={"input": "hi", "stream": True})
+            await r.content.readuntil(b"\n\n")
+            r.close()
+        for _ in range(100):
+            async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as m:
+                text = await m.text()
+            if 'pdlb_requests_total{endpoint="responses",status="499"} 1.0' in text:
+                break
+            await asyncio.sleep(0.02)
+        assert 'pdlb_requests_total{endpoint="responses",status="499"} 1.0' in text
+        fake.release()
+        assert fake.finished == [False]  # the fake's write failed: pdlb closed it
+        async with aiohttp.ClientSession() as http, \
+                http.post(url + "/v1/responses", json={"stream": True, "cut": True}) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.content.read()
         # the fixture checks every in-flight counter is back to zero

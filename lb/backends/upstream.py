@@ -20,7 +20,8 @@ KV the prefill is holding for it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import aiohttp
@@ -102,6 +103,26 @@ class WholeAnswer(NamedTuple):
     content_type: str
     """The ``Content-Type`` header as sent ("" when absent)."""
     body: bytes
+
+
+class OpenAnswer(NamedTuple):
+    """A backend's answer whose head arrived, any status; its body comes as it arrives."""
+
+    status: int
+    content_type: str
+    chunks: AsyncIterator[bytes]
+    """The body, piece by piece; each wait is bounded by the idle timeout (lb.errors)."""
+
+
+async def _chunks(resp: aiohttp.ClientResponse, idle_s: float, what: str
+                  ) -> AsyncIterator[bytes]:
+    while True:
+        with translate_errors(what):
+            async with asyncio.timeout(idle_s):
+                chunk = await resp.content.readany()
+        if not chunk:
+            return
+        yield chunk
 
 
 async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> BackendHTTPError:
@@ -222,6 +243,26 @@ class Upstream:
             async with asyncio.timeout(timeout_s):
                 async with self.session.get(url) as resp:
                     return resp.status, await resp.text()
+
+    @contextlib.asynccontextmanager
+    async def request_open(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, what: str,
+    ) -> AsyncIterator[OpenAnswer]:
+        """POST; the answer once its head arrived (within ``first_byte_s``), any status, its
+        body relayed as it comes (each read within ``idle_s``) — a pass-through route whose
+        answer may be a stream. Leaving the block closes the connection unless the body was
+        read to its end: an abandoned vLLM stream is aborted, not left generating."""
+        with translate_errors(what):
+            async with asyncio.timeout(self.timeouts.first_byte_s):
+                resp = await self.session.post(url, data=body, headers=headers)
+        try:
+            yield OpenAnswer(resp.status, resp.headers.get("Content-Type", ""),
+                             _chunks(resp, self.timeouts.idle_s, what))
+        finally:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
 
     async def request_whole(
         self, method: str, url: str, body: bytes | None, headers: Mapping[str, str], *,

@@ -15,6 +15,10 @@ Around it, the same guard as a completion request (lb/serve/guard.py): client AP
 access line. A backend that cannot be reached is reported to the health checker and the
 request goes to another usable backend of the pool, once (nothing reached the first).
 
+A route that ``streams`` (``/v1/responses``) relays an SSE answer as it comes (the head
+within ``first_byte_s``, each read within ``idle_s``); a client that leaves closes the
+backend connection, which makes vLLM abort the request.
+
 ``GET /version`` is pdlb's own: its version and each backend's ``/version`` answer.
 """
 
@@ -84,7 +88,7 @@ class PassThrough:
             try:
                 self._guard.check_completion(client.headers)
                 body = await client.body()
-                response = await self._forward(route, body, client.headers, record)
+                response = await self._forward(route, body, client.headers, record, request)
             except PdlbError as exc:
                 if exc.status >= 500:
                     log.warning("POST %s -> %d: %s", route.path, exc.status, exc.message)
@@ -110,7 +114,7 @@ class PassThrough:
                               status=status)
 
     async def _forward(self, route: Route, body: bytes, client: Mapping[str, str],
-                       record: RequestRecord) -> web.Response:
+                       record: RequestRecord, request: web.Request) -> web.StreamResponse:
         assert route.pool is not None and record.request_id is not None
         pool, body, lora = self._router.pools_for_body(body, route.pool)
         headers = self._headers(pool, client, record.request_id)
@@ -134,6 +138,9 @@ class PassThrough:
             else:
                 record.decode_backend = backend.url
             try:
+                if route.streams:
+                    return await self._relay(request, pool, backend, route.path, body,
+                                             headers, record.request_id)
                 answer = await self._call(pool, backend, route.path, body, headers)
                 break
             except BackendConnectError:
@@ -164,6 +171,51 @@ class PassThrough:
         else:
             self._health.report_success(backend)
         return answer
+
+    async def _relay(self, request: web.Request, pool: Pool, backend: Backend, path: str,
+                     body: bytes, headers: Mapping[str, str], request_id: str
+                     ) -> web.StreamResponse:
+        """One attempt on ``backend`` whose answer may be an SSE stream: relayed as it
+        comes; any other answer is read whole. Charged to its in-flight count until the
+        last byte; health reported on the head."""
+        what = f"POST {backend.url}{path}"
+        with pool.lease(backend, 0):
+            try:
+                async with self._upstream.request_open(backend.url + path, body, headers,
+                                                       what=what) as answer:
+                    if answer.status >= 500:
+                        self._health.report_failure(backend)
+                    else:
+                        self._health.report_success(backend)
+                    out = {"X-Request-Id": request_id}
+                    if answer.content_type:
+                        out["Content-Type"] = answer.content_type
+                    if not answer.content_type.startswith("text/event-stream"):
+                        whole = b"".join([chunk async for chunk in answer.chunks])
+                        return web.Response(body=whole, status=answer.status, headers=out)
+                    response = web.StreamResponse(status=answer.status, headers=out)
+                    await response.prepare(request)
+                    try:
+                        async for chunk in answer.chunks:
+                            await response.write(chunk)
+                    except PdlbError as exc:
+                        # The head is gone: cut the client's connection too, so it sees a
+                        # truncated body (no last chunk), not a stream that merely ended.
+                        log.warning("POST %s: stream cut: %s", path, exc.message)
+                        self._metrics.upstream_errors.labels(
+                            pool=pool.name, backend=backend.url, kind=exc.code or "error").inc()
+                        response.force_close()
+                        if request.transport is not None:
+                            request.transport.close()
+                        return response
+                    await response.write_eof()
+                    return response
+            except PdlbError as exc:
+                self._metrics.upstream_errors.labels(
+                    pool=pool.name, backend=backend.url, kind=exc.code or "error").inc()
+                if isinstance(exc, BackendConnectError):
+                    self._health.report_failure(backend)
+                raise
 
     def _pick(self, pool: Pool, exclude: list[Backend]) -> Backend:
         """The usable backend with the fewest requests in flight; ties in turn."""

@@ -37,10 +37,13 @@ class Route:
     pool: str | None = None
     """For a pass-through route: the pool one of whose backends answers it (no PD hop);
     ``name`` is its ``endpoint`` metric label."""
+    streams: bool = False
+    """For a pass-through route: the backend may answer with an SSE stream, relayed to the
+    client as it comes (any other answer is still read whole)."""
 
 
-def _passthrough(path: str, name: str, pool: str) -> Route:
-    return Route("POST", path, name, "key", pool=pool)
+def _passthrough(path: str, name: str, pool: str, streams: bool = False) -> Route:
+    return Route("POST", path, name, "key", pool=pool, streams=streams)
 
 
 ROUTES: tuple[Route, ...] = (
@@ -60,6 +63,9 @@ ROUTES: tuple[Route, ...] = (
     _passthrough("/rerank", "rerank", "decode"),
     _passthrough("/v1/rerank", "rerank", "decode"),
     _passthrough("/v2/rerank", "rerank", "decode"),
+    # vLLM 0.32 takes kv_transfer_params on /v1/responses too, but pdlb's PD path does not
+    # speak its request and event shapes yet: the decode pool answers it alone (docs/api.md).
+    _passthrough("/v1/responses", "responses", "decode", streams=True),
     Route("GET", "/version", "version", "key"),
     Route("GET", "/health", "health", "public"),
     Route("GET", "/health/live", "health_live", "public"),

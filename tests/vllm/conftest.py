@@ -10,7 +10,8 @@
   ``max_model_len`` (32768) tokens, past the tiny model's 2048 positions (``--hf-overrides``),
   so one answer can keep the decode busy for tens of seconds. A module that sets
   ``KV_EVENTS = True`` gets a pair publishing KV-cache events (``launch-vllm --kv-events``,
-  free ports).
+  free ports); a module's ``VLLM_ARGS`` (a tuple) is added to both servers' ``vllm serve``
+  arguments.
 * ``pdlb_url``: pdlb itself as a real subprocess (``python -m lb.cli serve``) in front of
   that pair.
 
@@ -106,6 +107,7 @@ def vllm_pair(request: pytest.FixtureRequest, vllm_env: Path, tiny_model: Path,
     """One real prefill + decode vLLM pair (CPU, NIXL) for the whole module; with KV-cache
     events when the module sets ``KV_EVENTS = True``."""
     kv_events = bool(getattr(request.module, "KV_EVENTS", False))
+    module_args = tuple(getattr(request.module, "VLLM_ARGS", ()))
     config = LaunchConfig(
         model=str(tiny_model),
         vllm=(str(vllm_env / "bin" / "vllm"),),
@@ -116,7 +118,8 @@ def vllm_pair(request: pytest.FixtureRequest, vllm_env: Path, tiny_model: Path,
         # The tiny model has 2048 positions; its RoPE extrapolates (to more gibberish), and a
         # long answer lets a test disconnect while the decode is surely still generating.
         extra_vllm_args=("--hf-overrides",
-                         json.dumps({"max_position_embeddings": MAX_MODEL_LEN})),
+                         json.dumps({"max_position_embeddings": MAX_MODEL_LEN}),
+                         *module_args),
         run_dir=tmp_path_factory.mktemp("vllm-run"),
         kv_events=kv_events,
         kv_events_port=0,
