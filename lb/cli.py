@@ -26,7 +26,7 @@ pdlb: one OpenAI-compatible server in front of vLLM prefill and decode pools.
   pdlb emulate --role prefill|decode|both  a vLLM emulator
   pdlb loadgen ...                         the load generator
   pdlb launch-vllm ...                     start local vLLM prefill/decode pools
-  pdlb plan ...                            how many prefill and decode servers (plan profile: measure)
+  pdlb plan ...                            how many prefill and decode servers to run
   pdlb --version                           the installed version
 
 pdlb COMMAND --help for a command's options.

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lb.errors import ConfigError
+from lb.planner.settings import PlannerConfig, read_planner
 from policies.options import OptionError, Options
 
 POOL_NAMES = ("prefill", "decode")
@@ -343,6 +344,7 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     source: str = "<flags>"
 
     @property
@@ -646,6 +648,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
     tr.done()
     kv_events = _read_kv_events(root.sub("kv_events"), pools)
     cluster = _read_cluster(root.sub("cluster"))
+    planner = read_planner(root.sub("planner"))
     root.done()
     return Config(
         pools=pools,
@@ -661,6 +664,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         tracing=tracing,
         kv_events=kv_events,
         cluster=cluster,
+        planner=planner,
         source=source,
     )
 

@@ -47,7 +47,7 @@ def _rates(args: argparse.Namespace, observed: float | None) -> list[float]:
     if args.rates:
         rates = [float(x) for x in args.rates.split(",") if x.strip()]
     elif args.rate_range:
-        lo_s, hi_s, n_s = (args.rate_range.split(":") + ["5"])[:3]
+        lo_s, hi_s, n_s = [*args.rate_range.split(":"), "5"][:3]
         lo, hi, n = float(lo_s), float(hi_s), int(n_s)
         if n < 2 or not hi > lo:
             raise ValueError("--rate-range LO:HI[:N] needs HI > LO and N >= 2")
@@ -250,7 +250,8 @@ async def _plan(args: argparse.Namespace) -> int:
                   f" {_fmt(pl.pd.ttft_ms, ' ms')}, error {_err(pl.pd.ttft_ms, sim.ttft_ms)}),"
                   f" TPOT {_fmt(sim.tpot_ms, ' ms', 1)} (predicted {_fmt(pl.pd.tpot_ms, ' ms', 1)},"
                   f" error {_err(pl.pd.tpot_ms, sim.tpot_ms)}); {sim.requests} requests,"
-                  f" {sim.failed + sim.unfinished} failed/unfinished, {sim.wall_s:.0f} s -> {verdict}")
+                  f" {sim.failed + sim.unfinished} failed/unfinished, {sim.wall_s:.0f} s"
+                  f" -> {verdict}")
             entry: dict[str, Any] = {"rate": pl.rate, "prefill": pl.prefill,
                                      "decode": pl.decode, "sim": sim.__dict__,
                                      "predicted": {"ttft_ms": pl.pd.ttft_ms,
@@ -289,7 +290,7 @@ async def _plan(args: argparse.Namespace) -> int:
         out = plot(plans, args.plot, f"{wl.source}; {slo}")
         print(f"plot: {out}")
     if args.json:
-        Path(args.json).write_bytes(orjson.dumps(
+        Path(args.json).write_bytes(orjson.dumps(  # noqa: ASYNC240 - once, at the end
             {"slo": slo.__dict__, "workload": wl.describe(), "profile": prof.source,
              "plans": [_plan_dict(p) for p in plans], "checks": checks},
             option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))

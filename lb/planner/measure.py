@@ -20,6 +20,7 @@ Transfer latency/bandwidth are not measured (they need a pair and the NIC): flag
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 import statistics
@@ -133,10 +134,10 @@ async def measure_decode(session: aiohttp.ClientSession, url: str, model: str, s
                                    " 4 token events")
             start = max(s[0] for s in streams)  # every stream past its prefill
             end = min(s[-1] for s in streams)   # none finished yet
-            gaps = [b - a for s in streams for a, b in zip(s, s[1:], strict=False)
+            gaps = [b - a for s in streams for a, b in itertools.pairwise(s)
                     if a >= start and b <= end]
             if len(gaps) < 3:  # the streams hardly overlapped: use every gap after prefill
-                gaps = [b - a for s in streams for a, b in zip(s[1:], s[2:], strict=False)]
+                gaps = [b - a for s in streams for a, b in itertools.pairwise(s[1:])]
             itl = statistics.median(gaps) * sweep.time_scale
             points.append({"concurrency": n, "context": context + m / 2,
                            "itl_ms": itl * 1e3})

@@ -153,6 +153,13 @@ class Model:
             return math.inf
         return a * b / (1.0 - a * k)
 
+    def decode_load(self, per_server_rate: float) -> float:
+        """``A k`` of one decode server: the share of its step time that grows with the
+        batch (1 = unstable)."""
+        d = self.profile.decode
+        k = d.per_seq_ms / 1e3 + d.per_kv_token_us * self.context / 1e6
+        return per_server_rate * self.mean_out * k
+
     def _step_s(self, running: float) -> float:
         return self.profile.decode.itl_s(running, self.context)
 
@@ -231,7 +238,7 @@ class Model:
         n_draws = len(self._draws)
         s1 = math.fsum((p - c) / pf.tokens_per_s for p, c, _ in self._draws) / n_draws
         s2 = math.fsum(((p - c) / pf.tokens_per_s) ** 2 for p, c, _ in self._draws) / n_draws
-        for (p, c, o), work in zip(self._draws, works, strict=True):
+        for (_p, _c, o), work in zip(self._draws, works, strict=True):
             ttfts.append(waits.sample(rng) + work)
             n = max(1.0, 1.0 + running + rng.gauss(0.0, 1.0) * spread)
             life = o * mean_itl

@@ -3,6 +3,7 @@ colocated. matplotlib comes with ``pdlb[plots]``."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def plot(plans: Sequence[Plan], path: str | Path, title: str) -> Path:
     pre = [p.prefill or 0 for p in plans]
     dec = [p.decode or 0 for p in plans]
     co = [p.colocated if p.colocated is not None else float("nan") for p in plans]
-    width = (min(b - a for a, b in zip(rates, rates[1:], strict=False)) * 0.35
+    width = (min(b - a for a, b in itertools.pairwise(rates)) * 0.35
              if len(rates) > 1 else max(rates[0] * 0.2, 0.1))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     xs = [r - width / 2 for r in rates]

@@ -304,6 +304,10 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         metrics.registry.register(kv_events.collector())
 
     guard = Guard(config, proxy, metrics)
+    if config.planner.enabled:
+        from lb.planner.online import attach
+
+        guard.observer = attach(config.planner, metrics, pools)
     passthrough = PassThrough(config, pools, upstream, checker, metrics, guard)
     app = web.Application(middlewares=[guard_middleware],
                           client_max_size=config.server.max_body_bytes)
