@@ -28,16 +28,20 @@ Hysteresis, for what the seed documents warn about:
   need (``ceil(in flight / (0.9 x kv_capacity_tokens))``): a replica removed while holding
   sequences would drop or recompute them.
 
-Nothing runs per request beyond appending one tuple to a bounded deque; the model runs at
-most every ``interval_s`` when /metrics is read.
+Nothing runs per request beyond appending one tuple to a bounded deque; every
+``interval_s`` a background task copies the window and runs the model in a worker thread;
+/metrics only reads the last result.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -50,6 +54,8 @@ from lb.planner.profile import Profile, ProfileError, load
 from lb.planner.search import smallest_decode, smallest_prefill
 from lb.planner.settings import PlannerConfig
 from lb.planner.workload import from_lengths
+
+log = logging.getLogger("pdlb.planner")
 
 POOLS = ("prefill", "decode")
 KV_FILL = 0.9
@@ -115,20 +121,33 @@ class Recommender:
             return
         self._events.append((self._clock(), prompt, min(cached, max(prompt - 1, 0)), output))
 
-    # -- at scrape time --------------------------------------------------------------------
+    # -- every interval_s ------------------------------------------------------------------
     def refresh(self) -> None:
+        """Recompute now if ``interval_s`` passed (all in the caller's thread)."""
         now = self._clock()
         if now - self._evaluated < self.config.interval_s:
             return
+        snap = self.snapshot(now)
+        self.apply(now, *self.compute(*snap))
+
+    def snapshot(self, now: float) -> tuple[list[tuple[float, int, int, int]], float,
+                                            dict[str, int], int]:
+        """What the model needs, taken on the event loop (the deque is appended there)."""
         self._evaluated = now
-        window = self.config.window_s
         events = self._events
-        while events and events[0][0] < now - window:
+        while events and events[0][0] < now - self.config.window_s:
             events.popleft()
-        span = min(window, max(now - self.started, 1e-9))
+        span = min(self.config.window_s, max(now - self.started, 1e-9))
+        current = {name: max(1, self._replicas(name)) for name in POOLS}
+        return list(events), span, current, self._outstanding_kv()
+
+    def compute(self, events: list[tuple[float, int, int, int]], span: float,
+                current: dict[str, int], outstanding_kv: int
+                ) -> tuple[dict[str, float], dict[str, int], dict[str, dict[str, float]], int]:
+        """The model's counts and the current pools' load (pure: may run in a thread)."""
         n = len(events)
         rate = n / span
-        self.rates = {
+        rates = {
             "requests": rate,
             "prompt_tokens": sum(e[1] for e in events) / span,
             "uncached_prompt_tokens": sum(e[1] - e[2] for e in events) / span,
@@ -136,10 +155,9 @@ class Recommender:
         }
         cfg = self.config
         raw = {name: cfg.min_replicas for name in POOLS}
-        current = {name: max(1, self._replicas(name)) for name in POOLS}
         util: dict[str, dict[str, float]] = {name: {} for name in POOLS}
         if n and rate > 0:
-            recent = list(events)[-cfg.samples:]
+            recent = events[-cfg.samples:]
             wl = from_lengths("pdlb traffic", [e[1] for e in recent], [e[3] for e in recent],
                               [e[2] for e in recent])
             model = Model(self.profile, wl, self.slo, samples=cfg.samples)
@@ -153,12 +171,39 @@ class Recommender:
             util["decode"]["compute"] = model.decode_load(rate / current["decode"])
             util["decode"]["kv"] = now_pred.utilisation.get("kv", 0.0)
             util["decode"]["kv_link"] = now_pred.utilisation.get("kv_link", 0.0)
-        kv_floor = math.ceil(self._outstanding_kv()
-                             / (KV_FILL * self.profile.decode.kv_capacity_tokens))
+        kv_floor = math.ceil(outstanding_kv / (KV_FILL * self.profile.decode.kv_capacity_tokens))
+        return rates, raw, util, kv_floor
+
+    def apply(self, now: float, rates: dict[str, float], raw: dict[str, int],
+              util: dict[str, dict[str, float]], kv_floor: int) -> None:
+        self.rates = rates
         for name in POOLS:
             floor = kv_floor if name == "decode" else 0
-            self._step(self.pools[name], min(cfg.max_replicas, raw[name]), floor, now)
+            self._step(self.pools[name], min(self.config.max_replicas, raw[name]), floor, now)
             self.pools[name].utilisation = util[name]
+
+    async def running(self, _app: object) -> AsyncIterator[None]:
+        """An aiohttp cleanup context: recompute every ``interval_s`` (the model in a worker
+        thread, so the event loop only copies the window)."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.config.interval_s)
+                now = self._clock()
+                try:
+                    result = await asyncio.to_thread(self.compute, *self.snapshot(now))
+                except Exception:  # a model bug must not stop the loop: log, keep the last
+                    log.exception("planner: recomputing the recommendation failed")
+                    continue
+                self.apply(now, *result)
+
+        task = asyncio.ensure_future(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _step(self, st: _PoolState, raw: int, floor: int, now: float) -> None:
         cfg = self.config
@@ -185,19 +230,15 @@ class Recommender:
             st.lower_since = None
 
     def recommended(self, pool: str) -> float:
-        self.refresh()
         return float(self.pools[pool].recommended)
 
     def raw(self, pool: str) -> float:
-        self.refresh()
         return float(self.pools[pool].raw)
 
     def utilisation(self, pool: str, resource: str) -> float:
-        self.refresh()
         return self.pools[pool].utilisation.get(resource, 0.0)
 
     def rate(self, kind: str) -> float:
-        self.refresh()
         return self.rates[kind]
 
     def current(self, pool: str) -> float:
@@ -235,10 +276,9 @@ class Recommender:
 
 
 def attach(config: PlannerConfig, metrics: Metrics, pools: Mapping[str, PoolView]
-           ) -> Callable[[RequestRecord, int], None] | None:
-    """Build the recommender when ``[planner] enabled``; returns the guard's observer."""
-    if not config.enabled:
-        return None
+           ) -> Recommender:
+    """Build the recommender (``[planner] enabled``) and register its gauges; the app sets
+    ``guard.observer = rec.observe`` and runs ``rec.running`` as a cleanup context."""
     if config.profile is None:
         raise ConfigError("planner: enabled without a profile")
     try:
@@ -248,4 +288,4 @@ def attach(config: PlannerConfig, metrics: Metrics, pools: Mapping[str, PoolView
     rec = Recommender(config, profile, lambda name: len(pools[name].backends),
                       lambda: pools["decode"].inflight_tokens)
     rec.export(metrics)
-    return rec.observe
+    return rec
