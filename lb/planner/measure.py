@@ -69,14 +69,17 @@ def _ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(1000, 30000) for _ in range(n)]
 
 
-async def _model(session: aiohttp.ClientSession, url: str) -> str:
+async def _model(session: aiohttp.ClientSession, url: str) -> tuple[str, int]:
+    """The served model and its context length (vLLM's ``max_model_len``; 8192 if absent)."""
     async with session.get(url + "/v1/models") as resp:
         if resp.status != 200:
             raise ProfileError(f"{url}/v1/models answered {resp.status}")
         data = await resp.json()
     try:
-        return str(data["data"][0]["id"])
-    except (KeyError, IndexError, TypeError) as exc:
+        card = data["data"][0]
+        length = card.get("max_model_len")
+        return str(card["id"]), int(length) if isinstance(length, int) and length > 0 else 8192
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ProfileError(f"{url}/v1/models lists no model") from exc
 
 
@@ -179,13 +182,11 @@ async def profile_servers(prefill_url: str, decode_url: str, sweep: Sweep,
     rng = random.Random(19)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         try:
-            model = await _model(session, prefill_url)
-            d_model = await _model(session, decode_url)
-            max_prompt = 8192
-            p_points = await measure_prefill(session, prefill_url, model, sweep, max_prompt - 2,
-                                             rng)
-            d_points = await measure_decode(session, decode_url, d_model, sweep,
-                                            max_prompt - 2, rng)
+            model, p_len = await _model(session, prefill_url)
+            d_model, d_len = await _model(session, decode_url)
+            p_points = await measure_prefill(session, prefill_url, model, sweep, p_len - 2, rng)
+            d_points = await measure_decode(session, decode_url, d_model, sweep, d_len - 2,
+                                            rng)
             capacity = await kv_capacity(session, decode_url, sweep)
         except aiohttp.ClientError as exc:
             raise ProfileError(f"cannot measure: {exc}") from exc
