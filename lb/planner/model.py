@@ -14,7 +14,9 @@ Disaggregated, ``n_p`` prefill + ``n_d`` decode servers
     step, ``k`` = per-sequence + per-KV-token x mean context (output-weighted); ``A k >= 1``
     is an unstable decode (ITL grows without bound).
   * TTFT_i = wait + ``alone_s(uncached_i)`` + KV transfer (latency + bytes / bandwidth,
-    stretched by 1 / (1 - link utilisation)) + one decode step.
+    stretched by 1 / (1 - link utilisation)) + 2 decode steps: the decode's scheduler sees
+    the request at a step boundary (half a step on average), starts the pull, takes the
+    pulled request in at the next boundary (half a step) and runs its step.
   * TPOT_i = one decode step with ``1 + N + z sqrt(2/3 N)`` sequences (an arrival sees a
     Poisson(N) batch, PASTA; averaged over its own lifetime the variance shrinks by ~2/3).
   * KV: ``(N + 3 sqrt(N)) x context <= kv_capacity_tokens`` and ``<= max_num_seqs``
@@ -27,7 +29,8 @@ Colocated, ``n`` servers each doing both
     ``N = A' b / (1 - A' k)``, ``A' = A / (1 - rho)``.
   * TPOT_i = d_i + (prefill seconds of the prompts that arrive on its server during its
     lifetime) / output_i — the prefill stalls disaggregation removes;
-  * TTFT_i = M/G/c wait on prefill work ``S_j = u_j / R + ceil(u_j / B) d`` + its own S_i.
+  * TTFT_i = M/G/c wait on prefill work ``S_j = u_j / R + ceil(u_j / B) d`` + its own S_i
+    + half a decode step (the step in progress when it arrives).
 
 Percentiles come from a seeded Monte Carlo over the workload's samples (``samples``
 draws), so they reflect the length distribution, not just its mean. pdlb's own overhead
@@ -200,7 +203,7 @@ class Model:
         spread = math.sqrt(2.0 / 3.0 * running)
         for p, c, _o in self._draws:
             xfer = tr.time_s(p) / (1.0 - link) if link < 1.0 else math.inf
-            ttfts.append(waits.sample(rng) + pf.alone_s(p - c) + xfer + step)
+            ttfts.append(waits.sample(rng) + pf.alone_s(p - c) + xfer + 2.0 * step)
             n = max(1.0, 1.0 + running + rng.gauss(0.0, 1.0) * spread)
             tpots.append(self._step_s(n))
         return self._finish(ttfts, tpots, util, failed, running, PREFILL_COMPUTE, DECODE_ITL)
@@ -239,7 +242,7 @@ class Model:
         s1 = math.fsum((p - c) / pf.tokens_per_s for p, c, _ in self._draws) / n_draws
         s2 = math.fsum(((p - c) / pf.tokens_per_s) ** 2 for p, c, _ in self._draws) / n_draws
         for (_p, _c, o), work in zip(self._draws, works, strict=True):
-            ttfts.append(waits.sample(rng) + work)
+            ttfts.append(waits.sample(rng) + work + 0.5 * d)
             n = max(1.0, 1.0 + running + rng.gauss(0.0, 1.0) * spread)
             life = o * mean_itl
             expect = per_server * life

@@ -68,7 +68,7 @@ async def pdlb_process(config_path: Path) -> AsyncIterator[str]:
     """pdlb as a child process; yields its URL."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "lb.cli", "serve", "--config", str(config_path),
-        "--log-level", "warning", stdout=asyncio.subprocess.PIPE)
+        "--log-level", "error", stdout=asyncio.subprocess.PIPE)
     try:
         if proc.stdout is None:
             raise RuntimeError("pdlb's stdout is not a pipe")
