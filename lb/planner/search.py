@@ -11,6 +11,7 @@ what fails first just above that rate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.planner.model import (
@@ -81,17 +82,16 @@ def smallest_colocated(model: Model, rate: float, limit: int) -> int | None:
     return None
 
 
-def max_rate(ok: object, rate: float) -> float:
-    """The largest rate (bisection between 0 and 16 x ``rate``) at which ``ok(rate)``."""
-    check = ok  # a Callable[[float], bool]; typed loosely to keep the signature short
+def max_rate(check: Callable[[float], bool], rate: float) -> float:
+    """The largest rate (bisection between 0 and 16 x ``rate``) at which ``check(rate)``."""
     lo, hi = 0.0, rate
-    while check(hi):  # type: ignore[operator]
+    while check(hi):
         lo, hi = hi, hi * 2
         if hi > rate * 16:
             return hi
     for _ in range(12):
         mid = (lo + hi) / 2
-        if check(mid):  # type: ignore[operator]
+        if check(mid):
             lo = mid
         else:
             hi = mid
