@@ -136,7 +136,25 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-latency-ms", type=float, default=1.5)
     p.add_argument("--kv-bytes-per-token", type=int, default=131_072)
     p.add_argument("--quick", action="store_true", help="a smaller sweep (about half)")
+    p.add_argument("--prompt-lengths", help="prefill sweep, comma-separated tokens"
+                   " (default 128,512,2048,4096)")
+    p.add_argument("--batches", help="prefill batch sizes (default 1,4)")
+    p.add_argument("--concurrencies", help="decode sweep, streams (default 1,8,32,64)")
+    p.add_argument("--contexts", help="decode sweep, prompt tokens (default 128,1024)")
+    p.add_argument("--decode-tokens", type=int, help="tokens per decode stream (default 32)")
     return p
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated positive integers")
+    return values
 
 
 async def _profile(args: argparse.Namespace) -> int:
@@ -151,6 +169,15 @@ async def _profile(args: argparse.Namespace) -> int:
     if args.quick:
         sweep = Sweep(**{**sweep.__dict__, "prompt_lengths": (256, 2048),
                          "concurrencies": (1, 16, 48), "contexts": (128, 768)})
+    custom = {k: v for k, v in (
+        ("prompt_lengths", _ints(args.prompt_lengths, "--prompt-lengths")),
+        ("prefill_batches", _ints(args.batches, "--batches")),
+        ("concurrencies", _ints(args.concurrencies, "--concurrencies")),
+        ("contexts", _ints(args.contexts, "--contexts")),
+        ("decode_tokens", args.decode_tokens)) if v is not None}
+    if args.decode_tokens is not None and args.decode_tokens < 4:
+        raise ValueError("--decode-tokens must be >= 4")
+    sweep = Sweep(**{**sweep.__dict__, **custom})
     if args.emulate is not None:
         from emulator.cluster import EmulatorCluster
 
