@@ -63,3 +63,25 @@ def test_profile_against_a_server_that_is_not_there(tmp_path: Path, capsys):
                  "http://127.0.0.1:9", "--out", str(tmp_path / "p.json")]) == 2
     assert "cannot measure" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_profile_emulate_measures_and_writes(tmp_path: Path, capsys):
+    """``plan profile --emulate`` with a small sweep: the fit printed against each point,
+    the file loadable, the emulator's knobs kept for the simulation."""
+    out = tmp_path / "p.json"
+    knobs = [f"{k}={v}" for k, v in SLOW.items()]
+    assert main(["plan", "profile", "--emulate", *knobs, "time_scale=4", "--prompt-lengths",
+                 "256,1024", "--batches", "1,2", "--concurrencies", "1,8,16", "--contexts",
+                 "64,512", "--decode-tokens", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("measured") >= 6 and f"wrote {out}" in text
+    prof = profiles.load(out)
+    assert len(prof.prefill.points) == 4 and len(prof.decode.points) == 6
+    assert prof.emulator["prefill_tokens_per_s"] == 4000
+    assert 3000 < prof.prefill.tokens_per_s < 5000
+
+
+def test_profile_rejects_a_bad_sweep(tmp_path: Path, capsys):
+    assert main(["plan", "profile", "--emulate", "--concurrencies", "1,x", "--out",
+                 str(tmp_path / "p.json")]) == 2
+    assert "--concurrencies '1,x'" in capsys.readouterr().err

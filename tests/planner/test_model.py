@@ -158,3 +158,16 @@ def test_access_log_trace(tmp_path: Path):
     empty.write_text(lines[0] + "\n")
     with pytest.raises(workloads.WorkloadError, match="no access lines"):
         workloads.from_access_log(empty)
+
+
+def test_jsonl_dataset_lengths(tmp_path: Path):
+    """A loadgen JSONL: prompt tokens from the client tokenizer (or ``input_len``), output
+    from ``max_tokens``; a bad line names its file and line."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": " hello world again", "max_tokens": 7}\n'
+                    '{"prompt": "x", "input_len": 300, "max_tokens": 20}\n')
+    wl = workloads.from_dataset(data)
+    assert wl.prompts == (3, 300) and wl.outputs == (7, 20)
+    data.write_text('{"prompt": "a", "max_tokens": 0}\n')
+    with pytest.raises(workloads.WorkloadError, match=r"d\.jsonl:1"):
+        workloads.from_dataset(data)
