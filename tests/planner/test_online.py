@@ -177,6 +177,7 @@ async def _drive(url: str, lengths: dict[str, str], rate: float, seconds: float)
     assert result.summary["failed"] == 0
 
 
+@pytest.mark.slow
 async def test_pdlb_exports_the_recommendation_and_follows_a_shift(start_pdlb, tmp_path: Path):
     """pdlb in front of an emulated pair, with [planner] on: after steady input-heavy load
     its recommendation is the offline plan (±1 for the sampled mix), and after the shift to

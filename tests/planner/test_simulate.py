@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from lb.planner import profile as profiles
 from lb.planner import workload as workloads
 from lb.planner.model import Model, SLOTarget
@@ -15,6 +17,7 @@ from lb.planner.simulate import simulate
 from tests.planner.test_model import INPUT_HEAVY, SLOW
 
 
+@pytest.mark.slow
 async def test_the_recommended_fleet_meets_the_slo_and_one_fewer_does_not():
     """Input-heavy at 5 req/s: the plan is 2P:1D bound by prefill compute; simulated, it
     meets the SLO with TTFT/TPOT within 35 % of the model's; 1P:1D misses it."""
