@@ -65,8 +65,34 @@ class Sweep:
     timeout_s: float = 300.0
 
 
-def _ids(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(1000, 30000) for _ in range(n)]
+_WORDS = ("time year people way day man thing woman life child world school state family"
+          " student group country problem hand part place case week company system program"
+          " question work government number night point home water room mother area money"
+          " story fact month lot right study book eye job word business issue side kind head"
+          " house service friend father power hour game line end member law car city")
+
+_VOCAB: list[int] = [*range(1000, 30000)]
+"""Token ids prompts are drawn from: replaced by what the server's /tokenize gives for
+plain English words (a tiny test model's vocabulary can be far smaller than 30,000)."""
+
+
+async def _valid_ids(session: aiohttp.ClientSession, url: str, model: str) -> list[int]:
+    """Ids the server accepts: its own tokenization of common words (vLLM and the emulator
+    both serve /tokenize); the default range when it has no /tokenize."""
+    body = {"model": model, "prompt": " ".join(_WORDS.split() * 4)}
+    try:
+        async with session.post(url + "/tokenize", json=body) as resp:
+            if resp.status == 200:
+                ids = sorted({int(t) for t in (await resp.json()).get("tokens", [])})
+                if len(ids) >= 20:
+                    return ids
+    except (aiohttp.ClientError, ValueError, TypeError):
+        pass
+    return list(_VOCAB)
+
+
+def _ids(rng: random.Random, n: int, vocab: Sequence[int] = _VOCAB) -> list[int]:
+    return [vocab[rng.randrange(len(vocab))] for _ in range(n)]
 
 
 async def _model(session: aiohttp.ClientSession, url: str) -> tuple[str, int]:
@@ -109,11 +135,13 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: Mapping[str, A
 async def measure_prefill(session: aiohttp.ClientSession, url: str, model: str, sweep: Sweep,
                           max_prompt: int, rng: random.Random) -> list[dict[str, float]]:
     points = []
-    await _complete(session, url, {"model": model, "prompt": _ids(rng, 16), "max_tokens": 1})
+    vocab = await _valid_ids(session, url, model)
+    await _complete(session, url, {"model": model, "prompt": _ids(rng, 16, vocab),
+                                   "max_tokens": 1})
     for length in sweep.prompt_lengths:
         length = min(length, max_prompt)
         for batch in sweep.prefill_batches:
-            bodies = [{"model": model, "prompt": _ids(rng, length), "max_tokens": 1}
+            bodies = [{"model": model, "prompt": _ids(rng, length, vocab), "max_tokens": 1}
                       for _ in range(batch)]
             t0 = time.monotonic()
             await asyncio.gather(*(_complete(session, url, b) for b in bodies))
@@ -125,11 +153,12 @@ async def measure_prefill(session: aiohttp.ClientSession, url: str, model: str, 
 async def measure_decode(session: aiohttp.ClientSession, url: str, model: str, sweep: Sweep,
                          max_prompt: int, rng: random.Random) -> list[dict[str, float]]:
     points = []
+    vocab = await _valid_ids(session, url, model)
     m = sweep.decode_tokens
     for context in sweep.contexts:
         context = min(context, max_prompt - m)
         for n in sweep.concurrencies:
-            bodies = [{"model": model, "prompt": _ids(rng, context), "max_tokens": m,
+            bodies = [{"model": model, "prompt": _ids(rng, context, vocab), "max_tokens": m,
                        "ignore_eos": True, "stream": True} for _ in range(n)]
             streams = await asyncio.gather(*(_stream(session, url, b) for b in bodies))
             if any(len(s) < 4 for s in streams):
