@@ -331,12 +331,25 @@ def _plan_dict(p: Any) -> dict[str, Any]:
                                                        x.utilisation.items()}}
 
     return {"rate": p.rate, "prefill": p.prefill, "decode": p.decode,
-            "colocated": p.colocated, "headroom": p.headroom, "binding": p.binding,
-            "colocated_headroom": p.co_headroom, "pd": pred(p.pd), "co": pred(p.co)}
+            "colocated": p.colocated, "headroom": _finite_or_none(p.headroom),
+            "binding": p.binding, "colocated_headroom": _finite_or_none(p.co_headroom),
+            "pd": pred(p.pd), "co": pred(p.co)}
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return None if v is None else _finite(v)
 
 
 def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
+
+
+def _headroom(h: float | None) -> str:
+    from lb.planner.search import CAP
+
+    if h is None:
+        return "-"
+    return f"> {CAP}x" if math.isinf(h) else f"{h:+.0%}"
 
 
 def table(plans: Sequence[Any]) -> str:
@@ -356,8 +369,7 @@ def table(plans: Sequence[Any]) -> str:
             verdict = "no: colocated needs fewer"
         else:
             verdict = "same count"
-        hr = f"{p.headroom:+.0%}" if p.headroom is not None else "-"
-        chr_ = f"{p.co_headroom:+.0%}" if p.co_headroom is not None else "-"
+        hr, chr_ = _headroom(p.headroom), _headroom(p.co_headroom)
         lines.append(f"| {p.rate:g} | {pd} | {pdp} | {hr} | {p.binding or '-'} | {co} | {cop}"
                      f" | {chr_} | {verdict} |")
     return "\n".join(lines)

@@ -25,6 +25,8 @@ from lb.planner.model import (
 )
 
 DECODE_REASONS = (DECODE_ITL, DECODE_KV, KV_TRANSFER)
+CAP = 16
+"""Headroom is searched up to this multiple of the asked rate."""
 
 
 @dataclass
@@ -83,12 +85,13 @@ def smallest_colocated(model: Model, rate: float, limit: int) -> int | None:
 
 
 def max_rate(check: Callable[[float], bool], rate: float) -> float:
-    """The largest rate (bisection between 0 and 16 x ``rate``) at which ``check(rate)``."""
+    """The largest rate (bisection between 0 and CAP x ``rate``) at which ``check(rate)``;
+    inf when it still holds past CAP x ``rate``."""
     lo, hi = 0.0, rate
     while check(hi):
         lo, hi = hi, hi * 2
-        if hi > rate * 16:
-            return hi
+        if hi > rate * CAP:
+            return math.inf  # meets the SLO at every rate tried: no binding constraint in sight
     for _ in range(12):
         mid = (lo + hi) / 2
         if check(mid):
@@ -108,8 +111,9 @@ def plan(model: Model, rate: float, limit: int = 64) -> Plan:
     if n_p and n_d:
         top = max_rate(lambda r: r > 0 and model.disaggregated(r, n_p, n_d).ok, rate)
         headroom = top / rate - 1.0
-        over = model.disaggregated(top * 1.02 + 1e-9, n_p, n_d)
-        binding = _first(over.failed)
+        if math.isfinite(top):
+            over = model.disaggregated(top * 1.02 + 1e-9, n_p, n_d)
+            binding = _first(over.failed)
     if n_c:
         top_c = max_rate(lambda r: r > 0 and model.colocated(r, n_c).ok, rate)
         co_headroom = top_c / rate - 1.0
