@@ -26,6 +26,7 @@ pdlb: one OpenAI-compatible server in front of vLLM prefill and decode pools.
   pdlb emulate --role prefill|decode|both  a vLLM emulator
   pdlb loadgen ...                         the load generator
   pdlb launch-vllm ...                     start local vLLM prefill/decode pools
+  pdlb plan ...                            how many prefill and decode servers to run
   pdlb --version                           the installed version
 
 pdlb COMMAND --help for a command's options.
@@ -46,6 +47,7 @@ DELEGATED = {
     "emulate": "emulator.cli",
     "loadgen": "loadgen.cli",
     "launch-vllm": "lb.tools.launch_vllm",
+    "plan": "lb.planner.cli",
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lb.errors import ConfigError
+from lb.planner.settings import PlannerConfig, read_planner
 from lb.tenants.config import TenancyConfig, read_tenancy
 from policies.options import OptionError, Options
 
@@ -386,6 +387,7 @@ class Config:
     """``[server] default_model``: used for a request that names no ``model``."""
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
     """``[tenancy]`` + ``[tenants.<name>]`` (lb/tenants/config.py); off with no tenants."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     source: str = "<flags>"
 
     @property
@@ -695,6 +697,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
     tenancy = read_tenancy(root)
     if auth.api_keys and tenancy.all_keys:  # a tenant's key is a client key too
         auth = replace(auth, api_keys=auth.api_keys + tenancy.all_keys)
+    planner = read_planner(root.sub("planner"))
     root.done()
     return Config(
         pools=pools,
@@ -714,6 +717,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Config:
         aliases=aliases,
         default_model=default_model,
         tenancy=tenancy,
+        planner=planner,
         source=source,
     )
 

@@ -361,6 +361,15 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
         metrics.registry.register(kv_events.collector())
 
     guard = Guard(config, router, metrics)
+    planner = None
+    if config.planner.enabled:
+        from lb.planner.online import attach
+
+        if len(groups) > 1:
+            raise ConfigError(f"{config.source}: [planner] recommends replicas for one model"
+                              " group; this configuration has several ([models])")
+        planner = attach(config.planner, metrics, dict(groups[0].pools))
+        guard.observer = planner.observe
     passthrough = PassThrough(config, pools, upstream, checker, metrics, guard, router)
     app = web.Application(middlewares=[guard_middleware],
                           client_max_size=config.server.max_body_bytes)
@@ -463,6 +472,8 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
             await asyncio.to_thread(tracing.shutdown)
 
     app.cleanup_ctx.append(resources)
+    if planner is not None:
+        app.cleanup_ctx.append(planner.running)
     handlers: dict[str, Handler] = {"models": models, "health": health,
                                     "health_live": health_live, "health_ready": health_ready,
                                     "metrics": metrics_endpoint, "version": passthrough.version}

@@ -95,7 +95,7 @@ class Guard:
     """Access, request checks, errors, counting and body timeouts for both fronts."""
 
     __slots__ = ("_access", "_api_keys", "_body_timeout_s", "_metrics", "_proxy", "_requests",
-                 "_tracing")
+                 "_tracing", "observer")
 
     def __init__(self, config: Config, proxy: ModelRouter, metrics: Metrics) -> None:
         self._api_keys = tuple(config.auth.api_keys)
@@ -105,6 +105,8 @@ class Guard:
         self._requests = metrics.requests
         self._access = AccessLog(config.log.access, config.log.format)
         self._tracing = OFF if proxy is None else proxy.tracing
+        self.observer: Callable[[RequestRecord, int], None] | None = None
+        """Sees every finished request's record (``[planner]``, lb/planner/online.py)."""
 
     @property
     def body_timeout_s(self) -> float:
@@ -209,6 +211,8 @@ class Guard:
     def _log(self, client: ServedClient, record: RequestRecord, endpoint: Endpoint,
              status: int) -> None:
         self._tracing.finish(record, status)
+        if self.observer is not None:
+            self.observer(record, status)
         if self._access.enabled:
             self._access.emit(record, client=client.peer(), endpoint=endpoint, status=status)
 
