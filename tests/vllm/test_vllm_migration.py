@@ -37,7 +37,7 @@ from tests.vllm.pdlb_process import running_pdlb
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 MODEL_NAME = "tiny"
-MAX_TOKENS = 768  # seconds of decoding on 2 cores: the killer (polling the decodes'
+MAX_TOKENS = 384  # seconds of decoding on 2 cores: the killer (polling the decodes'
 # /metrics) surely sees the request running; with 128 it once finished between two polls
 KILL_AFTER = 24  # tokens the decode generated before it is killed
 
