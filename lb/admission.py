@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from lb.config import PoolConfig
 from lb.errors import Overloaded, PayloadTooLarge
@@ -79,6 +79,45 @@ class BudgetStore(Protocol):
 
     def adjust(self, deltas: Mapping[str, int]) -> None:
         """Add (or, negative, give back) tokens outside :meth:`reserve`; never blocks."""
+
+
+class _PoolNamedStore:
+    """A ``[models]`` group's view of the shared store: its stages are named there by its
+    pools' names (``<model>/prefill``), so several model groups share one store (one Redis)
+    without mixing their budgets. The top-level pools' admission uses the store as it is."""
+
+    __slots__ = ("_back", "_names", "_store")
+
+    def __init__(self, store: BudgetStore, names: Mapping[str, str]) -> None:
+        self._store = store
+        self._names = dict(names)
+        self._back = {v: k for k, v in names.items()}
+
+    @property
+    def shared(self) -> bool:
+        return self._store.shared
+
+    @property
+    def replicas(self) -> int:
+        return self._store.replicas
+
+    @property
+    def poll_s(self) -> float:
+        return self._store.poll_s
+
+    def _named(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        return {self._names[k]: v for k, v in values.items()}
+
+    def follow(self, held: Callable[[], Mapping[str, int]]) -> None:
+        self._store.follow(lambda: self._named(held()))
+
+    async def reserve(self, need: Mapping[str, int],
+                      limits: Mapping[str, int | None]) -> str | None:
+        full = await self._store.reserve(self._named(need), self._named(limits))
+        return None if full is None else self._back.get(full, full)
+
+    def adjust(self, deltas: Mapping[str, int]) -> None:
+        self._store.adjust(self._named(deltas))
 
 
 @dataclass(slots=True)
@@ -178,6 +217,8 @@ class Admission:
                           " unlimited).", {"stage": label},
                           lambda s=stage: -1 if s.limit is None else s.limit)  # type: ignore[misc]
         self._wait_hist = {n: metrics.queue_wait.labels(stage=self._labels[n]) for n in STAGES}
+        if store is not None and any(k != v for k, v in self._labels.items()):
+            store = _PoolNamedStore(store, self._labels)
         self._store = store
         self._released = asyncio.Event()
         """Set (and replaced) whenever this replica gives tokens back: shared waiters retry."""
@@ -269,7 +310,8 @@ class Admission:
             if limit is not None and tokens > limit:
                 self._metrics.rejections.labels(stage=self._labels[name], reason="too_large").inc()
                 raise PayloadTooLarge(
-                    f"request needs {tokens} {name} tokens but the {name} pool's budget is"
+                    f"request needs {tokens} {name} tokens but the {self._labels[name]} pool's"
+                    " budget is"
                     f" {limit} (max_inflight_tokens); shorten the prompt or max_tokens",
                     code="request_too_large",
                 )
@@ -307,7 +349,8 @@ class Admission:
         stage = self._stages[blocked or "decode"]
         if stage.waiting >= stage.max_queue:
             raise self._reject(stage.name, "queue_full", 429,
-                               f"{stage.name} stage saturated and its wait queue is full"
+                               f"{self._labels[stage.name]} stage saturated and its wait"
+                               " queue is full"
                                f" ({stage.max_queue}); retry later")
         stage.waiting += 1
         started = time.monotonic()
@@ -324,7 +367,7 @@ class Admission:
         except TimeoutError:
             raise self._reject(
                 stage.name, "queue_timeout", 503,
-                f"{stage.name} stage saturated: no room within"
+                f"{self._labels[stage.name]} stage saturated: no room within"
                 f" {stage.queue_timeout_s:g} s; retry later") from None
         finally:
             stage.waiting -= 1
@@ -344,7 +387,8 @@ class Admission:
         stage = self._stages[blocked or "decode"]
         if stage.waiting >= stage.max_queue and not self._shed(stage, flow, line):
             raise self._reject(stage.name, "queue_full", 429,
-                               f"{stage.name} stage saturated and its wait queue is full"
+                               f"{self._labels[stage.name]} stage saturated and its wait"
+                               " queue is full"
                                f" ({stage.max_queue}); retry later")
         waiter = _Waiter(need, stage.name, flow)
         line.append(waiter)
@@ -368,7 +412,7 @@ class Admission:
         except TimeoutError:
             raise self._reject(
                 stage.name, "queue_timeout", 503,
-                f"{stage.name} stage saturated: no room within"
+                f"{self._labels[stage.name]} stage saturated: no room within"
                 f" {stage.queue_timeout_s:g} s; retry later") from None
         finally:
             if not waiter.future.done():  # (a shed one is out of the line and uncounted)
@@ -413,7 +457,7 @@ class Admission:
         stage = self._stages[blocked]
         if stage.waiting >= stage.max_queue and not self._shed(stage, flow, self._queue):
             raise self._reject(blocked, "queue_full", 429,
-                               f"{blocked} stage saturated and its wait queue is full"
+                               f"{self._labels[blocked]} stage saturated and its wait queue is full"
                                f" ({stage.max_queue}); retry later")
         waiter = _Waiter(need, blocked, flow)
         self._queue.append(waiter)
@@ -437,7 +481,7 @@ class Admission:
             if isinstance(exc, TimeoutError):
                 raise self._reject(
                     waiter.blocked_on, "queue_timeout", 503,
-                    f"{waiter.blocked_on} stage saturated: no room within"
+                    f"{self._labels[waiter.blocked_on]} stage saturated: no room within"
                     f" {stage.queue_timeout_s:g} s; retry later",
                 ) from None
             raise
@@ -456,7 +500,8 @@ class Admission:
         line.remove(victim)
         self._stages[victim.blocked_on].waiting -= 1
         victim.future.set_exception(self._reject(
-            victim.blocked_on, "shed", 429, f"{victim.blocked_on} stage saturated: this request"
+            victim.blocked_on, "shed", 429,
+            f"{self._labels[victim.blocked_on]} stage saturated: this request"
             " was pushed out of the wait queue by one of a higher priority class or of a"
             " tenant under its fair share; retry later"))
         if line is self._shared_line:

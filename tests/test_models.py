@@ -250,15 +250,18 @@ def test_model_config_errors_name_the_problem(data, words):
     assert words in str(info.value)
 
 
-async def test_several_groups_refuse_a_shared_budget_store():
+async def test_several_groups_need_a_cluster_to_run_as_workers(monkeypatch, tmp_path):
+    """--workers N shares budgets through one file laid out for one model group: several
+    groups need [cluster] (one Redis, each group's stages under its pools' names)."""
     from lb.serve.app import create_app
-    config = parse_config({"cluster": {"redis_url": "redis://127.0.0.1:1/0"},
-                           "pools": {"prefill": {"backends": ["http://a:1"]},
+    from lb.serve.workers import Siblings
+    config = parse_config({"pools": {"prefill": {"backends": ["http://a:1"]},
                                      "decode": {"backends": ["http://b:1"]}},
                            "models": {"m": {"pools": {"prefill": {"backends": ["http://c:1"]},
                                                       "decode": {"backends": ["http://d:1"]}}}}},
                           "t.toml")
-    with pytest.raises(ConfigError, match="cannot yet share budgets"):
+    monkeypatch.setattr(Siblings, "from_env", staticmethod(lambda: object()))
+    with pytest.raises(ConfigError, match="cannot yet share budgets across workers"):
         create_app(config)
 
 

@@ -120,7 +120,8 @@ class RedisBudgets:
         self._timeout_s = config.timeout_ms / 1000
         self._state = _DOWN
         self._said_down = False
-        self._held: Callable[[], Mapping[str, int]] = dict
+        self._helds: list[Callable[[], Mapping[str, int]]] = []
+        """What each admission on this replica holds (one per model group)."""
         self._pending: dict[str, int] = {}
         self._flushing: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -152,7 +153,15 @@ class RedisBudgets:
         return self.config.poll_ms / 1000
 
     def follow(self, held: Callable[[], Mapping[str, int]]) -> None:
-        self._held = held
+        """One more admission's holdings (each model group's stages have their own names)."""
+        self._helds.append(held)
+
+    def _held(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for held in self._helds:
+            for name, tokens in held().items():
+                out[name] = out.get(name, 0) + tokens
+        return out
 
     async def reserve(self, need: Mapping[str, int],
                       limits: Mapping[str, int | None]) -> str | None:

@@ -305,11 +305,11 @@ def create_app(config: Config, reloader: Reloader | None = None) -> web.Applicat
                else None)
     siblings = Siblings.from_env()
     specs = group_configs(config)
-    if len(specs) > 1 and (budgets is not None or siblings is not None):
+    if len(specs) > 1 and budgets is None and siblings is not None:
         raise ConfigError(f"{config.source}: several model groups ([models] beside [pools], or"
                           " more than one [models] table) cannot yet share budgets across"
-                          " replicas ([cluster]) or workers (--workers): run one model group"
-                          " per pdlb deployment, or one pdlb process per host")
+                          " workers (--workers) without [cluster]: give a [cluster] redis_url,"
+                          " or run one pdlb process per host")
     # --workers N without [cluster]: the workers share the budgets through one file, which
     # the parent made (missing: an error at start-up, never a worker alone on the whole).
     worker_budgets = (WorkerBudgets(siblings.folder / local_budgets.FILE_NAME, siblings.index)
