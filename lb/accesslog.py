@@ -34,7 +34,7 @@ class RequestRecord:
         "cached_tokens", "decode_backend", "decode_s", "delivered", "handoff_s", "model",
         "prefill_backend",
         "prefill_s", "prompt_tokens", "queue_s", "reason", "request_id", "started",
-        "tokenize_s", "ttft_s", "usage",
+        "tenant", "tokenize_s", "ttft_s", "usage",
     )
 
     def __init__(self, started: float) -> None:
@@ -42,6 +42,8 @@ class RequestRecord:
         """time.monotonic() when the guard took the request."""
         self.request_id: str | None = None
         self.model: str | None = None
+        self.tenant: str | None = None
+        """Its tenant (``[tenants]``; None when tenancy is off)."""
         self.prompt_tokens: int | None = None
         """pdlb's count (or estimate) until a backend's usage says otherwise."""
         self.cached_tokens: int | None = None
@@ -121,6 +123,7 @@ class AccessLog:
             "client": client,
             "endpoint": endpoint,
             "model": record.model,
+            "tenant": record.tenant,
             "status": status,
             "prompt_tokens": prompt if prompt is not None else record.prompt_tokens,
             "cached_tokens": cached if cached is not None else record.cached_tokens,

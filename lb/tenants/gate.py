@@ -193,6 +193,7 @@ class Tenants:
         """Identify the request, take it from its tenant's limits (429 over one), and put
         the ``x-ratelimit-*`` headers on ``client`` for whatever answer it gets."""
         tenant, flow = self.identify(client.headers)
+        client.record.tenant = tenant.name
         try:
             shared = self._shared
             if shared is not None and tenant.limited:

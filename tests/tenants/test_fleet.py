@@ -7,6 +7,7 @@ bound (bench/tenants.py has the timings)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections import Counter
@@ -216,8 +217,10 @@ async def test_batch_flood_does_not_hold_back_interactive(fleet, start_pdlb) -> 
         == batch[200]
 
 
-async def test_anonymous_tenant_and_trusted_header(fleet, start_pdlb) -> None:
-    """No key: the anonymous tenant's limits; a trusted header names a tenant."""
+async def test_anonymous_tenant_and_trusted_header(fleet, start_pdlb, caplog) -> None:
+    """No key: the anonymous tenant's limits; a trusted header names a tenant; the access
+    line names each request's tenant, refused ones too."""
+    caplog.set_level(logging.INFO, logger="pdlb.access")
     url, _ = await start_pdlb(pdlb_config(fleet, {
         "anonymous": {"requests": 1, "requests_window_s": 30.0},
         "team": {"requests": 2, "requests_window_s": 30.0}}, tenancy={"header": "X-Tenant"}))
@@ -230,6 +233,11 @@ async def test_anonymous_tenant_and_trusted_header(fleet, start_pdlb) -> None:
         team = [await post(http, url, None, {"X-Tenant": "team"}, 2) for _ in range(3)]
         assert [s for s, _, _ in team] == [200, 200, 429]
     assert time.monotonic() - started < 25  # the windows were never waited out
+    lines = [r.getMessage() for r in caplog.records if r.name == "pdlb.access"]
+    tenants = [re.search(r" tenant=(\S+) status=(\d+)", line).groups()  # type: ignore[union-attr]
+               for line in lines]
+    assert tenants == [("anonymous", "200"), ("anonymous", "429"), ("team", "200"),
+                       ("team", "200"), ("team", "429")]
 
 
 async def test_client_leaving_gives_the_tenant_its_slot_back(fleet, start_pdlb) -> None:
