@@ -225,7 +225,7 @@ class Metrics:
             ["endpoint", "status"], registry=r,
         )
         self.model_requests = Counter(
-            "pdlb_model_requests", "Completion and pass-through requests by the model"
+            "pdlb_model_requests", "Completion requests by the model"
             " the backends serve (configured, aliased or listed in /v1/models; else \"other\","
             " \"none\" when the request named none), endpoint and status.",
             ["model", "endpoint", "status"], registry=r,
