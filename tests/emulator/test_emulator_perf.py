@@ -127,4 +127,6 @@ async def test_time_scale_maps_model_time_to_wall_time(emulator, http):
     wall = loop.time() - t0
     model = (await state(http, s.url))["model_time_s"]
     assert 0.55 < model < 0.7  # 60 steps of ~10 ms
-    assert model / 4 * 0.9 < wall < model / 2  # never faster than modelled; clearly scaled
+    # never faster than modelled / 4; and faster than unscaled (the upper bound is loose: a
+    # loaded 2-core CI box once took 0.40 s for the ~0.15 s expected)
+    assert model / 4 * 0.9 < wall < model
