@@ -109,8 +109,20 @@ async def test_shared_budget_line_is_fair(redis_server: RedisServer) -> None:
             except Overloaded as exc:
                 return exc.reason
 
-        tasks = [asyncio.create_task(one(f"b{i}", Flow("big"))) for i in range(5)]
-        await asyncio.sleep(0.05)
+        async def queued(count: int) -> None:
+            """Wait (bounded) until ``count`` requests wait in the line: each arrival is in
+            it before the next starts, so the line's order is the tasks' (under load, two
+            that both found the line empty asked Redis at once and queued in either order)."""
+            for _ in range(500):
+                if a._stages["decode"].waiting == count:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{count} waiting expected, {a._stages['decode'].waiting}")
+
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(one(f"b{i}", Flow("big"))))
+            await queued(i + 1)
         tasks.append(asyncio.create_task(one("s0", Flow("small"))))  # full: sheds b4
         await asyncio.sleep(0.05)
         first.release()
